@@ -1,0 +1,88 @@
+"""What every command shares: the --config option, opening the node's database, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from node import config
+from node.db.database import Database
+from node.partitions import AdminError
+from node.service import ensure_bootstrap_partition, open_database
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar=config.ENV_CONFIG,
+                 help="TOML settings file (default: embedded defaults).", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+# Piped output (scripts, logs) gets full-width tables instead of 80 truncated columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[bold red]Error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def load_settings(path: Path | None) -> config.Settings:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        fail(str(exc))
+
+
+@contextlib.contextmanager
+def database(path: Path | None) -> Iterator[tuple[config.Settings, Database]]:
+    settings = load_settings(path)
+    try:
+        db = open_database(settings)
+        ensure_bootstrap_partition(db, settings)
+    except (SQLAlchemyError, OSError) as exc:
+        fail(f"cannot open the database {settings.database_url}: {exc}")
+    try:
+        yield settings, db
+    finally:
+        db.dispose()
+
+
+@contextlib.contextmanager
+def transaction(path: Path | None) -> Iterator[Session]:
+    """A write transaction; an AdminError becomes a CLI error naming the problem."""
+    with database(path) as (_settings, db):
+        try:
+            with db.transaction() as session:
+                yield session
+        except AdminError as exc:
+            fail(str(exc))
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    t = Table(title=title, title_justify="left")
+    for column in columns:
+        t.add_column(column)
+    for row in rows:
+        t.add_row(*["" if v is None else str(v) for v in row])
+    out.print(t)
+
+
+def fields(data: dict[str, Any]) -> None:
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        typer.echo(f"{key:<{width}}  {value}")

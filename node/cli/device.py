@@ -1,0 +1,229 @@
+"""`pacsnode device`: the device table (seed 002)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy import select
+
+from node import devices
+from node.cli.common import (
+    ConfigOption,
+    JsonOption,
+    database,
+    fail,
+    fields,
+    print_json,
+    table,
+    transaction,
+)
+from node.db.models import DeviceType, Partition
+from node.scu.echo import echo as send_echo
+
+app = typer.Typer(help="Device table: the DICOM peers this node knows.", no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(help="The device's id (unique label).")]
+AeTitle = Annotated[str | None, typer.Option("--ae-title", help="The device's AE title.")]
+Host = Annotated[str | None, typer.Option(help="Host name or IP address.")]
+Port = Annotated[int | None, typer.Option(help="The device's DICOM port (default 104).")]
+TlsPort = Annotated[int | None, typer.Option("--tls-port", help="DICOM TLS port (0: none).")]
+Type = Annotated[str | None, typer.Option(
+    "--type", help=" | ".join(t.value for t in DeviceType) + " (default DICOM).")]
+Partition_ = Annotated[str | None, typer.Option(
+    "--partition", help="AE title of the partition it belongs to ('' = every partition).")]
+Description = Annotated[str | None, typer.Option(help="Free text.")]
+Enabled = Annotated[bool | None, typer.Option("--enabled/--disabled")]
+Rule = Annotated[list[str] | None, typer.Option(
+    "--rule", help="A coercion rule, e.g. 'prefix AccessionNumber SITEA-' (repeatable, in order;"
+    " replaces the device's rules). See the README for the rule language.")]
+RulesFile = Annotated[Path | None, typer.Option(
+    "--rules-file", help="Read the coercion rules from a file, one per line.")]
+ClearRules = Annotated[bool, typer.Option("--clear-rules", help="Remove all coercion rules.")]
+Storage = Annotated[bool | None, typer.Option("--storage/--no-storage",
+                                              help="May store (C-STORE) to this node.")]
+Query = Annotated[bool | None, typer.Option("--query/--no-query",
+                                            help="May query (C-FIND) this node.")]
+Retrieve = Annotated[bool | None, typer.Option("--retrieve/--no-retrieve",
+                                               help="May retrieve (C-MOVE/C-GET) from this node.")]
+
+
+def _rules(rule: list[str] | None, rules_file: Path | None, clear: bool) -> str | None:
+    if clear:
+        return ""
+    if rules_file is not None:
+        try:
+            return rules_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot read {rules_file}: {exc.strerror}")
+    if rule:
+        return "\n".join(rule)
+    return None
+
+
+def _values(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def add(
+    name: NameArg,
+    ae_title: AeTitle = None,
+    host: Host = None,
+    port: Port = None,
+    tls_port: TlsPort = None,
+    device_type: Type = None,
+    partition: Partition_ = None,
+    description: Description = None,
+    enabled: Enabled = None,
+    rule: Rule = None,
+    rules_file: RulesFile = None,
+    storage: Storage = None,
+    query: Query = None,
+    retrieve: Retrieve = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a device (AE title defaults to the id)."""
+    values = _values(name=name, ae_title=ae_title if ae_title is not None else name, host=host,
+                     port=port, tls_port=tls_port, device_type=device_type, partition=partition,
+                     description=description, enabled=enabled,
+                     coercion_rules=_rules(rule, rules_file, False), allow_storage=storage,
+                     allow_query=query, allow_retrieve=retrieve)
+    with transaction(config) as session:
+        d = devices.add(session, **values)
+        typer.echo(f"added device {d.name} ({d.ae_title} at {d.host or '?'}:{d.port})")
+        if d.host and not d.ip:
+            typer.echo(f"warning: host {d.host} does not resolve now", err=True)
+
+
+@app.command("list")
+def list_(
+    partition: Annotated[str | None, typer.Option(help="Only this partition's devices.")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """List the device table."""
+    with database(config) as (_settings, db), db.session() as session:
+        try:
+            rows = devices.listing(session, partition)
+        except devices.AdminError as exc:
+            fail(str(exc))
+        if as_json:
+            print_json([devices.as_dict(d) for d in rows])
+            return
+        table("Devices", ["id", "AE title", "host", "ip", "port", "TLS", "type", "enabled",
+                          "partition", "rules", "description"],
+              [[d.name, d.ae_title, d.host, d.ip, d.port, d.tls_port or "", d.device_type,
+                d.enabled, d.partition.ae_title if d.partition else "(all)",
+                len([x for x in d.coercion_rules.splitlines() if x.strip()]), d.description]
+               for d in rows])
+
+
+@app.command()
+def show(name: NameArg, as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """Show a device, with its coercion rules."""
+    with database(config) as (_settings, db), db.session() as session:
+        try:
+            d = devices.get(session, name)
+        except devices.AdminError as exc:
+            fail(str(exc))
+        data = devices.as_dict(d)
+        if as_json:
+            print_json(data)
+            return
+        rules = data.pop("coercion_rules")
+        fields(data)
+        typer.echo("coercion rules:" + ("" if rules.strip() else " (none)"))
+        for line in rules.splitlines():
+            typer.echo(f"  {line}")
+
+
+@app.command()
+def edit(
+    name: NameArg,
+    new_name: Annotated[str | None, typer.Option("--name", help="Rename the device.")] = None,
+    ae_title: AeTitle = None,
+    host: Host = None,
+    port: Port = None,
+    tls_port: TlsPort = None,
+    device_type: Type = None,
+    partition: Partition_ = None,
+    description: Description = None,
+    enabled: Enabled = None,
+    rule: Rule = None,
+    rules_file: RulesFile = None,
+    clear_rules: ClearRules = False,
+    storage: Storage = None,
+    query: Query = None,
+    retrieve: Retrieve = None,
+    config: ConfigOption = None,
+) -> None:
+    """Change a device; a running node uses the change from the next association."""
+    values = _values(name=new_name, ae_title=ae_title, host=host, port=port, tls_port=tls_port,
+                     device_type=device_type, partition=partition, description=description,
+                     enabled=enabled, coercion_rules=_rules(rule, rules_file, clear_rules),
+                     allow_storage=storage, allow_query=query, allow_retrieve=retrieve)
+    if not values:
+        fail("nothing to change: give at least one option (see --help)")
+    with transaction(config) as session:
+        d = devices.edit(session, name, **values)
+        typer.echo(f"updated device {d.name}")
+
+
+@app.command()
+def enable(name: NameArg, config: ConfigOption = None) -> None:
+    """Enable a device."""
+    with transaction(config) as session:
+        devices.edit(session, name, enabled=True)
+        typer.echo(f"enabled device {name}")
+
+
+@app.command()
+def disable(name: NameArg, config: ConfigOption = None) -> None:
+    """Disable a device: its associations are rejected, its settings kept."""
+    with transaction(config) as session:
+        devices.edit(session, name, enabled=False)
+        typer.echo(f"disabled device {name}")
+
+
+@app.command()
+def delete(name: NameArg, config: ConfigOption = None) -> None:
+    """Delete a device and its settings."""
+    with transaction(config) as session:
+        devices.delete(session, name)
+        typer.echo(f"deleted device {name}")
+
+
+@app.command()
+def echo(
+    name: NameArg,
+    calling_ae: Annotated[str | None, typer.Option(
+        "--calling-ae", help="Calling AE title (default: the device's partition, or the first).")
+    ] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send a real C-ECHO to the device and print the result and round-trip time."""
+    with database(config) as (settings, db), db.session() as session:
+        try:
+            d = devices.get(session, name)
+        except devices.AdminError as exc:
+            fail(str(exc))
+        if calling_ae is None:
+            partition = d.partition or session.scalar(select(Partition).order_by(Partition.id))
+            calling_ae = partition.ae_title if partition else "PACSNODE"
+        address = d.ip or devices.resolve_ip(d.host)
+        if not address:
+            fail(f"device {name} has no resolvable host ({d.host!r})")
+        target = (d.ae_title, address, d.port)
+    result = send_echo(settings, address=target[1], port=target[2], called_ae=target[0],
+                       calling_ae=calling_ae)
+    if as_json:
+        print_json({"device": name, "ok": result.ok, "status": result.status,
+                    "round_trip_ms": round(result.round_trip_ms, 1), "detail": result.detail})
+    else:
+        typer.echo(f"C-ECHO {calling_ae} -> {target[0]}@{target[1]}:{target[2]}: "
+                   f"{result.detail} in {result.round_trip_ms:.1f} ms")
+    if not result.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,186 @@
+"""`pacsnode partition`: the node's virtual archives (seed 000)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from node import partitions
+from node.cli.common import (
+    ConfigOption,
+    JsonOption,
+    database,
+    fail,
+    fields,
+    print_json,
+    table,
+    transaction,
+)
+from node.scp.matching import MATCH_FIELDS
+
+app = typer.Typer(help="Partitions: AE title + port virtual archives.", no_args_is_help=True)
+
+AeArg = Annotated[str, typer.Argument(help="The partition's AE title.")]
+Port = Annotated[int | None, typer.Option(help="TCP listen port (may be shared).")]
+Folder = Annotated[str | None, typer.Option(help="Storage folder (default: the AE title).")]
+Description = Annotated[str | None, typer.Option(help="Free text shown in listings and logs.")]
+Enabled = Annotated[bool | None, typer.Option("--enabled/--disabled",
+                                              help="Accept associations (default: enabled).")]
+Duplicates = Annotated[str | None, typer.Option(
+    "--duplicate-policy", help="send-success | reject | compare (default: send-success).")]
+AcceptAny = Annotated[bool | None, typer.Option(
+    "--accept-any/--no-accept-any", help="Accept devices not in the device table (default: on).")]
+AutoInsert = Annotated[bool | None, typer.Option(
+    "--auto-insert/--no-auto-insert",
+    help="Add accepted unknown devices to the device table (default: off).")]
+RemotePort = Annotated[int | None, typer.Option(
+    "--default-remote-port", help="Port given to auto-inserted devices (default: 104).")]
+Match = Annotated[str | None, typer.Option(
+    "--match", help="Study-matching fields, comma separated: "
+    + ",".join(MATCH_FIELDS.values()) + ", or 'all' or 'none' (default: all).")]
+TrackDeleted = Annotated[bool | None, typer.Option(
+    "--track-deleted/--no-track-deleted",
+    help="Keep deleted studies in a deleted folder (default: off).")]
+NewAe = Annotated[str | None, typer.Option("--ae-title", help="Rename the AE title.")]
+
+
+def _match_values(spec: str) -> dict[str, bool]:
+    by_keyword = {kw.lower(): flag for flag, kw in MATCH_FIELDS.items()}
+    words = [w.strip().lower() for w in spec.split(",") if w.strip()]
+    if words == ["all"]:
+        chosen = set(MATCH_FIELDS)
+    elif words == ["none"]:
+        chosen = set()
+    else:
+        unknown = [w for w in words if w not in by_keyword]
+        if unknown:
+            fail(f"unknown study-matching field(s) {', '.join(unknown)}; use "
+                 f"{', '.join(MATCH_FIELDS.values())}, all or none")
+        chosen = {by_keyword[w] for w in words}
+    return {flag: flag in chosen for flag in MATCH_FIELDS}
+
+
+def _values(**options: Any) -> dict[str, Any]:
+    match = options.pop("match")
+    values = {k: v for k, v in options.items() if v is not None}
+    if match is not None:
+        values.update(_match_values(match))
+    return values
+
+
+def _show(p: Any, studies: int) -> None:
+    data = partitions.as_dict(p, studies)
+    data["match"] = ",".join(kw for flag, kw in MATCH_FIELDS.items() if data.pop(flag)) or "none"
+    fields(data)
+
+
+@app.command()
+def add(
+    ae_title: AeArg,
+    port: Port = None,
+    folder: Folder = None,
+    description: Description = None,
+    enabled: Enabled = None,
+    duplicate_policy: Duplicates = None,
+    accept_any: AcceptAny = None,
+    auto_insert: AutoInsert = None,
+    default_remote_port: RemotePort = None,
+    match: Match = None,
+    track_deleted: TrackDeleted = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a partition (port defaults to 11112)."""
+    values = _values(port=port if port is not None else 11112, folder=folder,
+                     description=description, enabled=enabled,
+                     duplicate_policy=duplicate_policy, accept_any_device=accept_any,
+                     auto_insert_devices=auto_insert, default_remote_port=default_remote_port,
+                     match=match, track_deleted_studies=track_deleted)
+    with transaction(config) as session:
+        p = partitions.add(session, ae_title=ae_title, **values)
+        typer.echo(f"added partition {p.ae_title} on port {p.port} (folder {p.folder})")
+
+
+@app.command("list")
+def list_(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """List partitions with the number of studies each holds."""
+    with database(config) as (_settings, db), db.session() as session:
+        rows = partitions.listing(session)
+        if as_json:
+            print_json([partitions.as_dict(r.partition, r.studies) for r in rows])
+            return
+        table("Partitions", ["AE title", "port", "enabled", "studies", "folder", "duplicates",
+                             "accept any", "auto insert", "description"],
+              [[r.partition.ae_title, r.partition.port, r.partition.enabled, r.studies,
+                r.partition.folder, r.partition.duplicate_policy, r.partition.accept_any_device,
+                r.partition.auto_insert_devices, r.partition.description] for r in rows])
+
+
+@app.command()
+def show(ae_title: AeArg, as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """Show every setting of a partition."""
+    with database(config) as (_settings, db), db.session() as session:
+        try:
+            p = partitions.get(session, ae_title)
+        except partitions.AdminError as exc:
+            fail(str(exc))
+        studies = partitions.study_counts(session).get(p.id, 0)
+        if as_json:
+            print_json(partitions.as_dict(p, studies))
+        else:
+            _show(p, studies)
+
+
+@app.command()
+def edit(
+    ae_title: AeArg,
+    new_ae_title: NewAe = None,
+    port: Port = None,
+    folder: Folder = None,
+    description: Description = None,
+    enabled: Enabled = None,
+    duplicate_policy: Duplicates = None,
+    accept_any: AcceptAny = None,
+    auto_insert: AutoInsert = None,
+    default_remote_port: RemotePort = None,
+    match: Match = None,
+    track_deleted: TrackDeleted = None,
+    config: ConfigOption = None,
+) -> None:
+    """Change a partition's settings; a running node applies them without a restart."""
+    values = _values(ae_title=new_ae_title, port=port, folder=folder, description=description,
+                     enabled=enabled, duplicate_policy=duplicate_policy,
+                     accept_any_device=accept_any, auto_insert_devices=auto_insert,
+                     default_remote_port=default_remote_port, match=match,
+                     track_deleted_studies=track_deleted)
+    if not values:
+        fail("nothing to change: give at least one option (see --help)")
+    with transaction(config) as session:
+        p = partitions.edit(session, ae_title, **values)
+        typer.echo(f"updated partition {p.ae_title}")
+        if folder is not None:
+            typer.echo("note: studies already stored keep their files in the old folder")
+
+
+@app.command()
+def enable(ae_title: AeArg, config: ConfigOption = None) -> None:
+    """Accept associations to the partition again."""
+    with transaction(config) as session:
+        partitions.edit(session, ae_title, enabled=True)
+        typer.echo(f"enabled partition {ae_title}")
+
+
+@app.command()
+def disable(ae_title: AeArg, config: ConfigOption = None) -> None:
+    """Stop accepting associations to the partition (a running node stops within seconds)."""
+    with transaction(config) as session:
+        partitions.edit(session, ae_title, enabled=False)
+        typer.echo(f"disabled partition {ae_title}")
+
+
+@app.command()
+def delete(ae_title: AeArg, config: ConfigOption = None) -> None:
+    """Delete a partition; refused while it holds studies."""
+    with transaction(config) as session:
+        partitions.delete(session, ae_title)
+        typer.echo(f"deleted partition {ae_title}")

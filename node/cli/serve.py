@@ -1,0 +1,24 @@
+"""`pacsnode serve`: run a node until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.cli.common import ConfigOption, fail, load_settings
+from node.service import Node
+
+
+def serve(config: ConfigOption = None) -> None:
+    """Start the node: migrate the database, open the DICOM listeners, serve until stopped."""
+    settings = load_settings(config)
+    logging.basicConfig(
+        level=settings.node.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        Node(settings).run_until_signalled()
+    except (OSError, SQLAlchemyError) as exc:
+        fail(str(exc))

@@ -1,0 +1,194 @@
+"""Node settings: a TOML file whose every key has a default.
+
+`pacsnode serve` with no file runs the embedded default: SQLite and storage under
+./pacsnode-data, one partition PACSNODE on port 11112 accepting any device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID, AllTransferSyntaxes, ImplicitVRLittleEndian
+
+ENV_CONFIG = "PACSNODE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A settings file that cannot be used; the message names the key and the problem."""
+
+
+def _default_transfer_syntaxes() -> list[str]:
+    """Uncompressed syntaxes first, then every compressed syntax pydicom knows.
+
+    The acceptor picks the first syntax of this list that the requestor offers, so compressed
+    data offered alone is still accepted (and stored as received).
+    """
+    first = [
+        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+        "1.2.840.10008.1.2",  # Implicit VR Little Endian
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    ]
+    return first + [str(uid) for uid in AllTransferSyntaxes if str(uid) not in first]
+
+
+@dataclass
+class NodeSettings:
+    name: str = "pacsnode"
+    data_dir: str = "./pacsnode-data"
+    database_url: str = ""  # empty: sqlite:///<data_dir>/pacsnode.db
+    storage_dir: str = ""  # empty: <data_dir>/storage
+    listen_host: str = "0.0.0.0"
+    partition_poll_seconds: float = 2.0
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+
+@dataclass
+class DicomSettings:
+    transfer_syntaxes: list[str] = field(default_factory=_default_transfer_syntaxes)
+    enforce_default_transfer_syntax: bool = False
+    max_pdu_size: int = 1_048_576
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    connection_timeout: float = 10.0
+    send_implementation_version_name: bool = True
+    maximum_associations: int = 64
+
+
+@dataclass
+class BootstrapPartition:
+    """Created when the database holds no partition at all (first start)."""
+
+    ae_title: str = "PACSNODE"
+    port: int = 11112
+    folder: str = "PACSNODE"
+    description: str = "Default partition"
+
+
+@dataclass
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    bootstrap_partition: BootstrapPartition = field(default_factory=BootstrapPartition)
+    source: Path | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return _resolve(self.node.data_dir, self.source)
+
+    @property
+    def storage_dir(self) -> Path:
+        if self.node.storage_dir:
+            return _resolve(self.node.storage_dir, self.source)
+        return self.data_dir / "storage"
+
+    @property
+    def database_url(self) -> str:
+        if self.node.database_url:
+            return self.node.database_url
+        return f"sqlite:///{self.data_dir / 'pacsnode.db'}"
+
+    @property
+    def accepted_transfer_syntaxes(self) -> list[str]:
+        if self.dicom.enforce_default_transfer_syntax:
+            return [str(ImplicitVRLittleEndian)]
+        return list(self.dicom.transfer_syntaxes)
+
+
+def _resolve(value: str, source: Path | None) -> Path:
+    """Relative paths in a settings file are relative to the file, not to the shell's cwd."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and source is not None:
+        path = source.parent / path
+    return path.absolute()
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "dicom": DicomSettings,
+    "bootstrap_partition": BootstrapPartition,
+}
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    default = cls()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting {name}.{key} (known: {', '.join(sorted(fields))})")
+        expected = type(getattr(default, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{name}.{key} must be {expected.__name__}, got {type(value).__name__}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def validate(settings: Settings) -> None:
+    d = settings.dicom
+    if d.max_pdu_size < 4096:
+        # 0 would mean "unlimited": a peer could make us buffer arbitrarily large PDUs.
+        raise ConfigError("dicom.max_pdu_size must be at least 4096 bytes")
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"dicom.{key} must be positive")
+    if d.maximum_associations < 1:
+        raise ConfigError("dicom.maximum_associations must be at least 1")
+    if not d.transfer_syntaxes:
+        raise ConfigError("dicom.transfer_syntaxes must name at least one transfer syntax")
+    known = {str(uid) for uid in AllTransferSyntaxes}
+    for i, uid in enumerate(d.transfer_syntaxes):
+        resolved = resolve_transfer_syntax(uid)
+        if resolved not in known:
+            raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a known transfer syntax")
+        d.transfer_syntaxes[i] = resolved
+    if not 0 < settings.bootstrap_partition.port < 65536:
+        raise ConfigError("bootstrap_partition.port must be between 1 and 65535")
+    if settings.node.partition_poll_seconds <= 0:
+        raise ConfigError("node.partition_poll_seconds must be positive")
+
+
+def resolve_transfer_syntax(value: str) -> str:
+    """Accept a UID or pydicom's keyword for it (e.g. ``ExplicitVRLittleEndian``)."""
+    for uid in AllTransferSyntaxes:
+        if value in (str(uid), uid.keyword, uid.name):
+            return str(uid)
+    return str(UID(value))
+
+
+def load(path: str | Path | None = None) -> Settings:
+    """Read settings from `path`, or $PACSNODE_CONFIG, or use the embedded default."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+    if path is None:
+        settings = Settings()
+        validate(settings)
+        return settings
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"settings file {file} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"settings file {file} is not valid TOML: {exc}") from exc
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(sorted(_SECTIONS))})")
+        sections[name] = _section(name, _SECTIONS[name], value)
+    settings = Settings(**sections, source=file.absolute())
+    validate(settings)
+    return settings

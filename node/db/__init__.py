@@ -1,0 +1,1 @@
+"""The index database: models, engine/session handling and migrations."""

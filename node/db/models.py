@@ -1,0 +1,209 @@
+"""The index: partitions, devices, the patient/study/series/instance hierarchy, integrity queue.
+
+The schema is created and changed only by the alembic migrations in alembic/; a test compares
+these models with the migrated database on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class DuplicatePolicy(enum.StrEnum):
+    """What a partition does with a SOP instance it already holds (seed 000)."""
+
+    SEND_SUCCESS = "send-success"  # answer success, keep the stored copy, drop the new one
+    REJECT = "reject"  # answer a failure status
+    COMPARE = "compare"  # answer success, record differences in the integrity queue
+
+
+class DeviceType(enum.StrEnum):
+    DICOM = "DICOM"
+    PARENT = "PARENT"
+    CHILD = "CHILD"
+    BACKUP_SOURCE = "BACKUP_SOURCE"
+    BACKUP_TARGET = "BACKUP_TARGET"
+    MEDIA_CREATOR = "MEDIA_CREATOR"
+    VIEWER = "VIEWER"
+    WEB_SERVICE = "WEB_SERVICE"
+
+
+class IntegrityKind(enum.StrEnum):
+    DUPLICATE_DIFFERS = "duplicate-differs"
+    DEMOGRAPHICS_MISMATCH = "demographics-mismatch"
+
+
+class Partition(Base):
+    __tablename__ = "partitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    port: Mapped[int] = mapped_column(Integer, index=True)
+    description: Mapped[str] = mapped_column(String(256), default="")
+    folder: Mapped[str] = mapped_column(String(64), unique=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    duplicate_policy: Mapped[str] = mapped_column(String(16), default=DuplicatePolicy.SEND_SUCCESS)
+    accept_any_device: Mapped[bool] = mapped_column(Boolean, default=True)
+    auto_insert_devices: Mapped[bool] = mapped_column(Boolean, default=False)
+    default_remote_port: Mapped[int] = mapped_column(Integer, default=104)
+    match_patient_name: Mapped[bool] = mapped_column(Boolean, default=True)
+    match_patient_id: Mapped[bool] = mapped_column(Boolean, default=True)
+    match_patient_sex: Mapped[bool] = mapped_column(Boolean, default=True)
+    match_patient_birth_date: Mapped[bool] = mapped_column(Boolean, default=True)
+    match_accession_number: Mapped[bool] = mapped_column(Boolean, default=True)
+    match_issuer_of_patient_id: Mapped[bool] = mapped_column(Boolean, default=True)
+    track_deleted_studies: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("partition_id", "ae_title"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    ip: Mapped[str] = mapped_column(String(64), default="")
+    port: Mapped[int] = mapped_column(Integer, default=104)
+    tls_port: Mapped[int] = mapped_column(Integer, default=0)
+    device_type: Mapped[str] = mapped_column(String(16), default=DeviceType.DICOM)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # NULL: the device may talk to every partition of the node.
+    partition_id: Mapped[int | None] = mapped_column(
+        ForeignKey("partitions.id", ondelete="CASCADE"), nullable=True
+    )
+    description: Mapped[str] = mapped_column(String(256), default="")
+    coercion_rules: Mapped[str] = mapped_column(Text, default="")
+    allow_storage: Mapped[bool] = mapped_column(Boolean, default=True)
+    allow_query: Mapped[bool] = mapped_column(Boolean, default=True)
+    allow_retrieve: Mapped[bool] = mapped_column(Boolean, default=True)
+    auto_inserted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    partition: Mapped[Partition | None] = relationship()
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("partition_id", "patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition_id: Mapped[int] = mapped_column(ForeignKey("partitions.id", ondelete="CASCADE"))
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    __table_args__ = (
+        UniqueConstraint("partition_id", "study_instance_uid"),
+        Index("ix_studies_partition_id_study_date", "partition_id", "study_date"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition_id: Mapped[int] = mapped_column(ForeignKey("partitions.id", ondelete="CASCADE"))
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"),
+                                            index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    # Demographics as the first instance of the study carried them: study matching compares
+    # every later instance against these (seed 000).
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("study_pk", "series_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[str] = mapped_column(String(12), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    series_date: Mapped[str] = mapped_column(String(8), default="")
+    series_time: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("partition_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition_id: Mapped[int] = mapped_column(ForeignKey("partitions.id", ondelete="CASCADE"))
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"),
+                                           index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    instance_number: Mapped[str] = mapped_column(String(12), default="")
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    # Relative to the storage root: <folder>/<study>/<series>/<sop>.dcm
+    path: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IntegrityItem(Base):
+    """A record that needs a person: the Study Integrity Queue of seed 000."""
+
+    __tablename__ = "integrity_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition_id: Mapped[int] = mapped_column(
+        ForeignKey("partitions.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    # JSON: a list of {"tag", "keyword", "stored", "received"} differences.
+    details: Mapped[str] = mapped_column(Text, default="[]")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

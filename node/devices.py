@@ -1,0 +1,125 @@
+"""Device table administration: validation and table changes behind `pacsnode device`."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.models import Device, DeviceType
+from node.partitions import AdminError, check_ae_title, check_port
+from node.partitions import get as get_partition
+from node.scp.coercion import CoercionError, parse_rules
+
+EDITABLE = (
+    "name", "ae_title", "host", "port", "tls_port", "device_type", "enabled", "partition",
+    "description", "coercion_rules", "allow_storage", "allow_query", "allow_retrieve",
+)
+
+
+def resolve_ip(host: str) -> str:
+    """The IP of `host` ('' if it does not resolve now; refresh-IP retries later)."""
+    if not host:
+        return ""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
+    except OSError:
+        return ""
+
+
+def _validate(session: Session, values: dict[str, Any], current: Device | None) -> None:
+    unknown = set(values) - set(EDITABLE)
+    if unknown:
+        raise AdminError(f"unknown device setting(s): {', '.join(sorted(unknown))}")
+    if "name" in values:
+        name = values["name"].strip()
+        if not name or len(name) > 64:
+            raise AdminError("device name must be 1 to 64 characters")
+        clash = session.scalar(select(Device).where(Device.name == name))
+        if clash is not None and clash is not current:
+            raise AdminError(f"a device named {name!r} already exists")
+        values["name"] = name
+    if "ae_title" in values:
+        values["ae_title"] = check_ae_title(values["ae_title"])
+    if "port" in values:
+        check_port(values["port"])
+    if "tls_port" in values:
+        check_port(values["tls_port"], "TLS port", allow_zero=True)
+    if "device_type" in values:
+        try:
+            values["device_type"] = DeviceType(values["device_type"].upper()).value
+        except ValueError:
+            known = ", ".join(t.value for t in DeviceType)
+            raise AdminError(f"device type {values['device_type']!r} is not one of {known}"
+                             ) from None
+    if "partition" in values:
+        partition = values.pop("partition")
+        values["partition_id"] = get_partition(session, partition).id if partition else None
+    if "coercion_rules" in values:
+        try:
+            parse_rules(values["coercion_rules"])
+        except CoercionError as exc:
+            raise AdminError(f"invalid coercion rule: {exc}") from None
+    if "host" in values:
+        values["host"] = values["host"].strip()
+        values["ip"] = resolve_ip(values["host"])
+    ae = values.get("ae_title", current.ae_title if current else None)
+    pid = values.get("partition_id", current.partition_id if current else None)
+    if ae is not None:
+        clash = session.scalar(select(Device).where(Device.ae_title == ae,
+                                                    Device.partition_id.is_(pid) if pid is None
+                                                    else Device.partition_id == pid))
+        if clash is not None and clash is not current:
+            scope = "node-wide" if pid is None else "in that partition"
+            raise AdminError(f"device {clash.name!r} already has AE title {ae} {scope}")
+
+
+def get(session: Session, name: str) -> Device:
+    device = session.scalar(select(Device).where(Device.name == name))
+    if device is None:
+        raise AdminError(f"no device named {name!r}")
+    return device
+
+
+def add(session: Session, **values: Any) -> Device:
+    values.setdefault("name", values.get("ae_title", ""))
+    _validate(session, values, None)
+    device = Device(**values)
+    session.add(device)
+    session.flush()
+    return device
+
+
+def edit(session: Session, name: str, **values: Any) -> Device:
+    device = get(session, name)
+    _validate(session, values, device)
+    for key, value in values.items():
+        setattr(device, key, value)
+    session.flush()
+    return device
+
+
+def delete(session: Session, name: str) -> None:
+    session.delete(get(session, name))
+
+
+def listing(session: Session, partition: str | None = None) -> list[Device]:
+    query = select(Device).order_by(Device.name)
+    if partition:
+        query = query.where(Device.partition_id == get_partition(session, partition).id)
+    return list(session.scalars(query))
+
+
+def as_dict(d: Device) -> dict[str, Any]:
+    out: dict[str, Any] = {key: getattr(d, key) for key in EDITABLE if key != "partition"}
+    out["ip"] = d.ip
+    out["partition"] = d.partition.ae_title if d.partition else None
+    out["auto_inserted"] = d.auto_inserted
+    return out

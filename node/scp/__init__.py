@@ -1,0 +1,1 @@
+"""The DICOM SCP: association admission, presentation contexts, C-ECHO and C-STORE."""

@@ -1,0 +1,67 @@
+"""Who may open an association with which partition: a pure decision over looked-up records."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class RejectReason(enum.Enum):
+    """A-ASSOCIATE-RJ (result, source, diagnostic) per PS3.8 9.3.4."""
+
+    CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+    CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+    LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
+
+@dataclass(frozen=True)
+class PartitionPolicy:
+    id: int
+    ae_title: str
+    port: int
+    folder: str
+    enabled: bool
+    accept_any_device: bool
+    auto_insert_devices: bool
+    default_remote_port: int
+    duplicate_policy: str
+    match_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    id: int
+    name: str
+    ae_title: str
+    enabled: bool
+    allow_storage: bool
+    coercion_rules: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    accepted: bool
+    reason: RejectReason | None = None
+    explanation: str = ""
+    auto_insert: bool = False
+
+
+def decide(
+    partition: PartitionPolicy | None, device: DeviceView | None, calling_ae: str, called_ae: str
+) -> Admission:
+    """Admission of an A-ASSOCIATE-RQ (seed 000: accept any device, auto insert)."""
+    if partition is None:
+        return Admission(False, RejectReason.CALLED_AE_NOT_RECOGNISED,
+                         f"no partition {called_ae!r} on this port")
+    if not partition.enabled:
+        return Admission(False, RejectReason.CALLED_AE_NOT_RECOGNISED,
+                         f"partition {called_ae!r} is disabled")
+    if device is not None:
+        if not device.enabled:
+            return Admission(False, RejectReason.CALLING_AE_NOT_RECOGNISED,
+                             f"device {device.name!r} ({calling_ae}) is disabled")
+        return Admission(True)
+    if not partition.accept_any_device:
+        return Admission(False, RejectReason.CALLING_AE_NOT_RECOGNISED,
+                         f"{calling_ae!r} is not in the device table of {called_ae!r}")
+    return Admission(True, auto_insert=partition.auto_insert_devices)

@@ -1,0 +1,80 @@
+"""Database look-ups behind admission: partitions by called AE, devices by calling AE."""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from node.db.database import Database
+from node.db.models import Device, DeviceType, Partition
+from node.scp.admission import DeviceView, PartitionPolicy
+from node.scp.matching import MATCH_FIELDS
+
+
+def policy_of(p: Partition) -> PartitionPolicy:
+    return PartitionPolicy(
+        id=p.id,
+        ae_title=p.ae_title,
+        port=p.port,
+        folder=p.folder,
+        enabled=p.enabled,
+        accept_any_device=p.accept_any_device,
+        auto_insert_devices=p.auto_insert_devices,
+        default_remote_port=p.default_remote_port,
+        duplicate_policy=p.duplicate_policy,
+        match_fields=tuple(kw for flag, kw in MATCH_FIELDS.items() if getattr(p, flag)),
+    )
+
+
+def view_of(d: Device) -> DeviceView:
+    return DeviceView(
+        id=d.id,
+        name=d.name,
+        ae_title=d.ae_title,
+        enabled=d.enabled,
+        allow_storage=d.allow_storage,
+        coercion_rules=d.coercion_rules,
+    )
+
+
+def partition_for(session: Session, called_ae: str, port: int) -> PartitionPolicy | None:
+    partition = session.scalar(
+        select(Partition).where(Partition.ae_title == called_ae, Partition.port == port)
+    )
+    return policy_of(partition) if partition else None
+
+
+def device_for(session: Session, partition_id: int, calling_ae: str) -> DeviceView | None:
+    """The partition's own entry for the AE wins over a node-wide one (partition NULL)."""
+    devices = session.scalars(
+        select(Device).where(
+            Device.ae_title == calling_ae,
+            or_(Device.partition_id == partition_id, Device.partition_id.is_(None)),
+        )
+    ).all()
+    devices = sorted(devices, key=lambda d: d.partition_id is None)
+    return view_of(devices[0]) if devices else None
+
+
+def auto_insert(db: Database, partition: PartitionPolicy, calling_ae: str, ip: str) -> None:
+    """Add the calling AE to the partition's device table (seed 000: auto insert devices)."""
+    try:
+        with db.transaction() as session:
+            if device_for(session, partition.id, calling_ae) is not None:
+                return
+            taken = set(session.scalars(
+                select(Device.name).where(Device.name.like(f"{calling_ae}%"))).all())
+            name = calling_ae
+            n = 2
+            while name in taken:
+                name = f"{calling_ae}-{n}"
+                n += 1
+            session.add(Device(
+                name=name, ae_title=calling_ae, host=ip, ip=ip,
+                port=partition.default_remote_port, device_type=DeviceType.DICOM,
+                partition_id=partition.id, auto_inserted=True,
+                description=f"auto-inserted on first association to {partition.ae_title}",
+            ))
+    except IntegrityError:
+        pass  # a concurrent association inserted it first

@@ -1,0 +1,127 @@
+"""The DICOM listeners: one per port that has an enabled partition, kept in step with the table."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pynetdicom import AE, AllStoragePresentationContexts, _config
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import __version__
+from node.config import Settings
+from node.db.database import Database
+from node.db.models import Partition
+from node.scp.handlers import ScpHandlers
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_VERSION_NAME = f"PACSNODE_{__version__.replace('.', '_')}"[:16]
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings the C-STORE hot path relies on."""
+    # Datasets are streamed to a temporary file as they arrive; we fsync and link it into place
+    # instead of decoding and re-encoding it.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # The standard handlers log every PDU under a lock shared by the whole AE.
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def build_ae(settings: Settings) -> AE:
+    d = settings.dicom
+    ae = AE(ae_title="PACSNODE")
+    # The called AE picks the partition in EVT_REQUESTED, so the AE itself accepts any title.
+    ae.require_called_aet = False
+    ae.maximum_pdu_size = d.max_pdu_size
+    ae.acse_timeout = d.acse_timeout
+    ae.dimse_timeout = d.dimse_timeout
+    ae.network_timeout = d.network_timeout
+    ae.connection_timeout = d.connection_timeout
+    ae.maximum_associations = d.maximum_associations
+    ae.implementation_version_name = (
+        IMPLEMENTATION_VERSION_NAME if d.send_implementation_version_name else None
+    )
+    syntaxes = settings.accepted_transfer_syntaxes
+    ae.add_supported_context(Verification, syntaxes)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, syntaxes)
+    return ae
+
+
+class DicomServer:
+    def __init__(self, settings: Settings, db: Database, handlers: ScpHandlers) -> None:
+        self.settings = settings
+        self.db = db
+        self.handlers = handlers
+        self.ae = build_ae(settings)
+        self.listeners: dict[int, ThreadedAssociationServer] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def desired_ports(self) -> set[int]:
+        with self.db.session() as session:
+            return set(session.scalars(
+                select(Partition.port).where(Partition.enabled.is_(True))).all())
+
+    def sync_listeners(self, *, strict: bool = False) -> None:
+        """Open a listener for each port with an enabled partition, close the others.
+
+        `strict` (at start-up) raises when a port cannot be opened; later a failure is logged
+        and retried at the next poll, so one bad partition never takes the node down.
+        """
+        desired = self.desired_ports()
+        for port in sorted(set(self.listeners) - desired):
+            log.info("closing DICOM listener on port %d (no enabled partition)", port)
+            self.listeners.pop(port).shutdown()
+        for port in sorted(desired - set(self.listeners)):
+            try:
+                server = self.ae.start_server(
+                    (self.settings.node.listen_host, port), block=False,
+                    evt_handlers=self.handlers.for_port(port))
+            except OSError as exc:
+                if strict:
+                    raise OSError(exc.errno, f"cannot listen on port {port}: {exc.strerror}"
+                                  ) from exc
+                log.error("cannot listen on port %d: %s", port, exc)
+                continue
+            assert server is not None
+            self.listeners[port] = server
+            log.info("DICOM listener on %s:%d", self.settings.node.listen_host, port)
+
+    def start(self) -> None:
+        self.sync_listeners(strict=True)
+        self._watcher = threading.Thread(target=self._watch, name="partition-watcher",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.node.partition_poll_seconds):
+            try:
+                self.sync_listeners()
+            except SQLAlchemyError as exc:
+                log.error("cannot read partitions: %s", exc)
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, let in-flight associations finish for `grace` seconds, abort the rest."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for server in self.listeners.values():
+            server.shutdown()  # closes the socket; running associations carry on
+        self.listeners.clear()
+        deadline = time.monotonic() + grace
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting association with %s:%s at shutdown",
+                        assoc.requestor.address, assoc.requestor.port)
+            assoc.abort()
+        for assoc in self.ae.active_associations:
+            assoc.join()

@@ -1,0 +1,227 @@
+"""Persist one received instance: validate, coerce, write durably, index, then answer.
+
+Success is answered only after the file is fsynced and renamed into place and the index
+transaction that covers it has committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from node.db.database import Database
+from node.db.indexer import INDEX_TAGS, InstanceAttributes, add_instance, extract, find_instance
+from node.db.models import DuplicatePolicy, IntegrityItem, IntegrityKind
+from node.scp.admission import DeviceView, PartitionPolicy
+from node.scp.coercion import Rule, apply_rules
+from node.scp.matching import Difference, demographic_differences
+from node.storage import compare, files
+from node.storage.paths import instance_relpath, is_valid_uid
+from node.storage.rewrite import rewrite_header
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses pacsnode answers (documented in the README).
+SUCCESS = 0x0000
+REFUSED_NOT_AUTHORISED = 0x0124
+DUPLICATE_REJECTED = 0x0111
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
+CANNOT_PARSE = 0xC000
+INVALID_UID = 0xC001
+SOP_INSTANCE_MISMATCH = 0xC002
+
+_INDEX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is sending, resolved once when the association was accepted."""
+
+    partition: PartitionPolicy
+    device: DeviceView | None
+    rules: tuple[Rule, ...]
+    calling_ae: str
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.calling_ae}@{self.address} -> {self.partition.ae_title}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    comment: str = ""
+    integrity: list[Difference] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class Refused(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+class Ingest:
+    def __init__(self, db: Database, storage_root: Path) -> None:
+        self.db = db
+        self.root = storage_root
+        self.incoming = storage_root / files.INCOMING
+
+    def store(self, peer: Peer, received: Path, sop_class: str, sop_instance: str) -> Outcome:
+        """Handle one C-STORE whose dataset pynetdicom wrote to `received` (with file meta)."""
+        coerced: Path | None = None
+        try:
+            if peer.device is not None and not peer.device.allow_storage:
+                raise Refused(REFUSED_NOT_AUTHORISED,
+                              f"device {peer.device.name} may not store to this node")
+            if peer.rules:
+                coerced = self.incoming / f"{received.name}.coerced"
+                header = self._read(received, lambda: rewrite_header(
+                    received, coerced, lambda ds: apply_rules(list(peer.rules), ds)))
+                source = coerced
+            else:
+                header = self._read(received, lambda: dcmread(
+                    received, stop_before_pixels=True, specific_tags=INDEX_TAGS))
+                files.fsync_file(received)
+                source = received
+            attrs = extract(header)
+            _validate(attrs, sop_class, sop_instance)
+            return self._persist(peer, source, attrs, str(header.file_meta.TransferSyntaxUID))
+        except Refused as refused:
+            log.warning("C-STORE %s from %s refused (0x%04X): %s",
+                        sop_instance, peer, refused.status, refused.comment)
+            return Outcome(refused.status, refused.comment)
+        except OSError as exc:
+            status = OUT_OF_RESOURCES
+            comment = f"storage write failed: {os.strerror(exc.errno or errno.EIO)}"
+            log.error("C-STORE %s from %s failed: %s", sop_instance, peer, exc)
+            return Outcome(status, comment)
+        except SQLAlchemyError as exc:
+            log.error("C-STORE %s from %s: index unavailable: %s", sop_instance, peer, exc)
+            return Outcome(PROCESSING_FAILURE, "the index database is unavailable")
+        except Exception:
+            # Never let an exception reach pynetdicom: it would skip removing the temporary file.
+            log.exception("C-STORE %s from %s failed", sop_instance, peer)
+            return Outcome(PROCESSING_FAILURE, "internal error while storing")
+        finally:
+            if coerced is not None:
+                files.remove_quietly(coerced)
+
+    @staticmethod
+    def _read(path: Path, reader: object) -> Dataset:
+        try:
+            ds = reader()  # type: ignore[operator]
+        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError,
+                NotImplementedError, AttributeError, OverflowError) as exc:
+            raise Refused(CANNOT_PARSE, f"the dataset cannot be parsed: {exc}") from exc
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            raise Refused(CANNOT_PARSE, "the dataset has no transfer syntax")
+        return ds
+
+    def _persist(self, peer: Peer, source: Path, attrs: InstanceAttributes,
+                 transfer_syntax: str) -> Outcome:
+        partition = peer.partition
+        relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
+                                   attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
+        final = self.root / relpath
+        size = source.stat().st_size
+        for _ in range(_INDEX_ATTEMPTS):
+            placed = False
+            try:
+                with self.db.transaction() as session:
+                    existing = find_instance(session, partition.id, attrs["SOPInstanceUID"])
+                    if existing is not None:
+                        stored_path = self.root / existing.path
+                        break
+                    study = add_instance(session, partition.id, attrs, relpath=relpath,
+                                         size=size, transfer_syntax=transfer_syntax,
+                                         calling_ae=peer.calling_ae)
+                    # The index row is flushed (so this association owns the SOP instance)
+                    # before the file goes into place; an existing file is then an orphan of
+                    # an earlier crash and is replaced.
+                    if not files.place_new(source, final):
+                        files.replace(source, final)
+                    placed = True
+                    mismatch = [] if study.is_new else demographic_differences(
+                        study.demographics, attrs.demographics, partition.match_fields)
+                    if mismatch:
+                        session.add(_integrity(partition, attrs, peer,
+                                               IntegrityKind.DEMOGRAPHICS_MISMATCH, mismatch))
+                if mismatch:
+                    log.warning("C-STORE %s from %s: demographics differ from the stored study: %s",
+                                attrs["SOPInstanceUID"], peer,
+                                ", ".join(d.keyword for d in mismatch))
+                return Outcome(SUCCESS, integrity=mismatch)
+            except IntegrityError:
+                # Another association created the same patient/study/series/instance first.
+                if placed:
+                    files.remove_quietly(final)
+                continue
+            except BaseException:
+                if placed:
+                    files.remove_quietly(final)
+                raise
+        else:
+            raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
+        return self._duplicate(peer, source, stored_path, attrs)
+
+    def _duplicate(self, peer: Peer, received: Path, stored_path: Path,
+                   attrs: InstanceAttributes) -> Outcome:
+        policy = peer.partition.duplicate_policy
+        sop = attrs["SOPInstanceUID"]
+        if policy == DuplicatePolicy.REJECT:
+            raise Refused(DUPLICATE_REJECTED, f"duplicate SOP instance {sop} rejected by policy")
+        if policy == DuplicatePolicy.COMPARE:
+            diffs = compare.differences(stored_path, received)
+            if diffs:
+                with self.db.transaction() as session:
+                    session.add(_integrity(peer.partition, attrs, peer,
+                                           IntegrityKind.DUPLICATE_DIFFERS, diffs))
+                log.warning("duplicate %s from %s differs from the stored copy: %s",
+                            sop, peer, ", ".join(d.keyword for d in diffs))
+            return Outcome(SUCCESS, integrity=diffs)
+        log.info("duplicate %s from %s ignored (stored copy kept)", sop, peer)
+        return Outcome(SUCCESS)
+
+
+def _validate(attrs: InstanceAttributes, sop_class: str, sop_instance: str) -> None:
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not is_valid_uid(attrs[keyword]):
+            value = attrs[keyword]
+            raise Refused(INVALID_UID, f"{keyword} {value!r} is missing or not a valid UID"
+                          if value else f"{keyword} is missing")
+    if attrs["SOPClassUID"] != sop_class:
+        raise Refused(SOP_CLASS_MISMATCH,
+                      f"dataset SOP Class {attrs['SOPClassUID']} differs from the request's "
+                      f"{sop_class}")
+    if attrs["SOPInstanceUID"] != sop_instance:
+        raise Refused(SOP_INSTANCE_MISMATCH,
+                      f"dataset SOP Instance {attrs['SOPInstanceUID']} differs from the "
+                      f"request's {sop_instance}")
+
+
+def _integrity(partition: PartitionPolicy, attrs: InstanceAttributes, peer: Peer,
+               kind: IntegrityKind, diffs: list[Difference]) -> IntegrityItem:
+    return IntegrityItem(
+        partition_id=partition.id,
+        kind=kind.value,
+        study_instance_uid=attrs["StudyInstanceUID"],
+        sop_instance_uid=attrs["SOPInstanceUID"],
+        calling_ae_title=peer.calling_ae,
+        details=json.dumps([d.as_dict() for d in diffs]),
+    )

@@ -1,0 +1,1 @@
+"""Outbound associations (echo today; forwarding will use the same helpers)."""

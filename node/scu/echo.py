@@ -1,0 +1,55 @@
+"""C-ECHO to a device: the DICOM "ping" of the device table (seed 002)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from node.config import Settings
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    status: int | None
+    round_trip_ms: float
+    detail: str
+
+
+def echo(settings: Settings, *, address: str, port: int, called_ae: str,
+         calling_ae: str) -> EchoResult:
+    d = settings.dicom
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = d.acse_timeout
+    ae.dimse_timeout = d.dimse_timeout
+    ae.network_timeout = d.network_timeout
+    ae.connection_timeout = d.connection_timeout
+    ae.maximum_pdu_size = d.max_pdu_size
+    ae.add_requested_context(Verification)
+    started = time.perf_counter()
+    assoc = ae.associate(address, port, ae_title=called_ae)
+    if not assoc.is_established:
+        elapsed = (time.perf_counter() - started) * 1000
+        if assoc.is_rejected:
+            detail = "association rejected"
+            rsp = assoc.acceptor.primitive
+            if rsp is not None:
+                detail += f" ({rsp.reason_str})"
+        elif assoc.is_aborted:
+            detail = "association aborted by the peer"
+        else:
+            detail = f"no association with {address}:{port} (connection refused or timed out)"
+        return EchoResult(False, None, elapsed, detail)
+    try:
+        status = assoc.send_c_echo()
+        elapsed = (time.perf_counter() - started) * 1000
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        return EchoResult(False, None, elapsed, "no C-ECHO response (timeout or abort)")
+    code = int(status.Status)
+    return EchoResult(code == 0, code, elapsed,
+                      "success" if code == 0 else f"C-ECHO status 0x{code:04X}")

@@ -1,0 +1,95 @@
+"""A running node: database, storage, DICOM listeners; started and stopped as one."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import threading
+from types import FrameType
+
+from sqlalchemy import select
+
+from node.config import Settings
+from node.db import migrate
+from node.db.database import Database
+from node.db.models import Partition
+from node.scp.handlers import ScpHandlers
+from node.scp.server import DicomServer, configure_pynetdicom
+from node.scp.store import Ingest
+from node.storage import files
+
+log = logging.getLogger(__name__)
+
+
+def open_database(settings: Settings) -> Database:
+    """The node's database, migrated to the current schema."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    migrate.upgrade(db.engine)
+    return db
+
+
+def ensure_bootstrap_partition(db: Database, settings: Settings) -> None:
+    """First start: a node with no partition gets the default one, accepting any device."""
+    with db.transaction() as session:
+        if session.scalar(select(Partition.id).limit(1)) is not None:
+            return
+        b = settings.bootstrap_partition
+        session.add(Partition(ae_title=b.ae_title, port=b.port, folder=b.folder,
+                              description=b.description, accept_any_device=True))
+        log.info("created partition %s on port %d", b.ae_title, b.port)
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db: Database | None = None
+        self.server: DicomServer | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        settings = self.settings
+        self.db = open_database(settings)
+        ensure_bootstrap_partition(self.db, settings)
+        storage = settings.storage_dir
+        files.ensure_dir(storage / files.INCOMING)
+        swept = files.sweep_incoming(storage)
+        if swept:
+            log.warning("removed %d incomplete temporary file(s) from %s", swept,
+                        storage / files.INCOMING)
+        # pynetdicom streams each incoming dataset to a temporary file; on the storage
+        # filesystem, putting it into the archive is a link, not a copy.
+        tempfile.tempdir = str(storage / files.INCOMING)
+        configure_pynetdicom()
+        handlers = ScpHandlers(self.db, Ingest(self.db, storage))
+        self.server = DicomServer(settings, self.db, handlers)
+        self.server.start()
+        log.info("node %s ready: database %s, storage %s", settings.node.name,
+                 self.db.engine.url.render_as_string(hide_password=True), storage)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(self.settings.node.shutdown_grace_seconds)
+            self.server = None
+        if self.db is not None:
+            self.db.dispose()
+            self.db = None
+        self._stopped.set()
+
+    def run_until_signalled(self) -> None:
+        """Serve until SIGINT or SIGTERM, then stop cleanly."""
+        stop_requested = threading.Event()
+
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            stop_requested.set()
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            stop_requested.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

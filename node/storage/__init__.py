@@ -1,0 +1,1 @@
+"""The repository on disk: safe paths from UIDs and atomic, durable writes."""

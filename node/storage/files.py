@@ -1,0 +1,99 @@
+"""Durable file placement: an acknowledged instance is fsynced and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+
+INCOMING = ".incoming"
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create `path` and make each new directory entry durable in its parent."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o755)
+        fsync_dir(directory.parent)
+
+
+def place_new(source: Path, target: Path) -> bool:
+    """Durably put the already-fsynced `source` at `target` unless `target` exists.
+
+    Returns False (and changes nothing) when `target` already exists. A hard link is an atomic
+    create-if-absent, so two associations storing the same instance at once never overwrite
+    each other; `source` is left for the caller (pynetdicom) to remove.
+    """
+    ensure_dir(target.parent)
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
+            raise
+        _copy_new(source, target)
+    fsync_dir(target.parent)
+    return True
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    """Fallback when the temporary file is on another filesystem: copy beside, fsync, link."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with open(source, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.link(partial, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+
+
+def replace(source: Path, target: Path) -> None:
+    """Durably put `source` at `target`, replacing an orphan left by an earlier crash."""
+    ensure_dir(target.parent)
+    os.replace(source, target)
+    fsync_dir(target.parent)
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def sweep_incoming(storage_root: Path) -> int:
+    """Remove temporary files a crash or an aborted transfer left; returns how many."""
+    incoming = storage_root / INCOMING
+    if not incoming.is_dir():
+        return 0
+    removed = 0
+    for entry in incoming.iterdir():
+        if entry.is_file():
+            remove_quietly(entry)
+            removed += 1
+    return removed

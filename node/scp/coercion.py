@@ -1,7 +1,7 @@
 """Per-device coercion rules: a small language applied to every C-STORE from a device.
 
-One rule per line, applied in order (seed 002); `#` starts a comment. Arguments are split like a
-shell command line, so a value with spaces is quoted.
+One rule per line, applied in order (seed 002); a line starting with `#` is a comment. Arguments
+are separated by spaces; a value with spaces is quoted ("..." or '...'); backslashes are literal.
 
     set <attr> <value>                 set (or create) the element
     prefix <attr> <value>              prepend to a present, non-empty value
@@ -92,7 +92,7 @@ def parse_rules(text: str) -> list[Rule]:
         if not line or line.startswith("#"):
             continue
         try:
-            words = shlex.split(line, comments=True)
+            words = _split(line)
         except ValueError as exc:
             raise CoercionError(f"line {line_no}: {exc}") from exc
         if not words:
@@ -104,6 +104,15 @@ def parse_rules(text: str) -> list[Rule]:
             )
         rules.append(_rule(op, args, line_no))
     return rules
+
+
+def _split(line: str) -> list[str]:
+    """Split on spaces, honouring quotes; backslashes stay literal (regexes need them)."""
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split = True
+    lexer.escape = ""
+    lexer.commenters = ""
+    return list(lexer)
 
 
 def _rule(op: str, args: list[str], line_no: int) -> Rule:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian machine, start PostgreSQL, run the suite.
+# Usage: scripts/test.sh [pytest args...]      (e.g. scripts/test.sh -m "not slow")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+as_postgres() { if [ -z "$SUDO" ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
+
+# DCMTK (independent DICOM peers) and a PostgreSQL server, from Debian's packages.
+need=()
+[ -x /usr/bin/storescu ] || need+=(dcmtk)
+command -v pg_ctlcluster >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+  || need+=(postgresql)
+if [ ${#need[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Start the cluster and give the tests a role that may create databases.
+PG_VERSION=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+if ! pg_lsclusters -h | grep -q "^$PG_VERSION main"; then
+  $SUDO pg_createcluster "$PG_VERSION" main >/dev/null
+fi
+pg_lsclusters -h | grep "^$PG_VERSION main" | grep -q online \
+  || $SUDO pg_ctlcluster "$PG_VERSION" main start
+PG_PORT=$(pg_lsclusters -h | awk -v v="$PG_VERSION" '$1==v && $2=="main" {print $3}')
+as_postgres psql -q -p "$PG_PORT" -v ON_ERROR_STOP=1 <<SQL >/dev/null
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pacsnode_test') THEN
+    CREATE ROLE pacsnode_test LOGIN CREATEDB PASSWORD 'pacsnode_test';
+  END IF;
+END \$\$;
+SQL
+export PACSNODE_TEST_PG_URL="postgresql+psycopg://pacsnode_test:pacsnode_test@127.0.0.1:$PG_PORT/postgres"
+export PACSNODE_REQUIRE_POSTGRES=1 PACSNODE_REQUIRE_DCMTK=1
+
+# The project and its test dependencies in a virtual environment of its own.
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q -e ".[test]"
+
+"$VENV/bin/ruff" check .
+exec "$VENV/bin/python" -m pytest "$@"

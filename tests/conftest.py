@@ -1,0 +1,185 @@
+"""Shared fixtures: a real node on loopback, on SQLite and on PostgreSQL, and DICOM helpers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
+
+from node import config
+from node.cli import app
+from node.db.database import Database
+from node.service import Node
+
+PG_URL = os.environ.get("PACSNODE_TEST_PG_URL", "")
+REQUIRE_PG = os.environ.get("PACSNODE_REQUIRE_POSTGRES") == "1"
+REQUIRE_DCMTK = os.environ.get("PACSNODE_REQUIRE_DCMTK") == "1"
+DCMTK_BIN = Path("/usr/bin")  # never the venv's pynetdicom tools of the same names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_admin_ok() -> bool:
+    if not PG_URL:
+        return False
+    try:
+        engine = create_engine(PG_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+_PG_AVAILABLE: bool | None = None
+_counter = itertools.count()
+
+
+def _pg_available() -> bool:
+    global _PG_AVAILABLE
+    if _PG_AVAILABLE is None:
+        _PG_AVAILABLE = _pg_admin_ok()
+    return _PG_AVAILABLE
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'index.db'}"
+        return
+    if not _pg_available():
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL is required but not reachable at {PG_URL!r}")
+        pytest.skip("PostgreSQL not configured (set PACSNODE_TEST_PG_URL; scripts/test.sh does)")
+    name = f"pacsnode_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def write_config(path: Path, settings_toml: str) -> Path:
+    path.write_text(settings_toml, encoding="utf-8")
+    return path
+
+
+@dataclass
+class RunningNode:
+    node: Node
+    settings: config.Settings
+    config_path: Path
+    port: int
+
+    @property
+    def db(self) -> Database:
+        assert self.node.db is not None
+        return self.node.db
+
+    @property
+    def storage(self) -> Path:
+        return self.settings.storage_dir
+
+    def cli(self, *args: str) -> Result:
+        return run_cli(self.config_path, *args)
+
+
+def node_toml(data_dir: Path, db: str, port: int, extra: str = "") -> str:
+    return f"""
+[node]
+data_dir = "{data_dir}"
+database_url = "{db}"
+listen_host = "127.0.0.1"
+partition_poll_seconds = 0.2
+shutdown_grace_seconds = 5
+
+[bootstrap_partition]
+port = {port}
+
+{extra}
+"""
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, db_url: str) -> Iterator[object]:
+    """Start a node (in this process) on a free loopback port; stopped after the test."""
+    started: list[Node] = []
+
+    def start(extra: str = "", name: str = "node") -> RunningNode:
+        port = free_port()
+        path = write_config(tmp_path / f"{name}.toml",
+                            node_toml(tmp_path / name, db_url, port, extra))
+        settings = config.load(path)
+        node = Node(settings)
+        node.start()
+        started.append(node)
+        return RunningNode(node, settings, path, port)
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def node(make_node: object) -> RunningNode:
+    return make_node()  # type: ignore[operator]
+
+
+_runner = CliRunner()
+
+
+def run_cli(config_path: Path, *args: str) -> Result:
+    return _runner.invoke(app, [*args, "--config", str(config_path)])
+
+
+@pytest.fixture
+def dcmtk() -> Path:
+    if not (DCMTK_BIN / "storescu").exists():
+        if REQUIRE_DCMTK:
+            pytest.fail("DCMTK is required but /usr/bin/storescu is missing")
+        pytest.skip("DCMTK not installed (apt-get install dcmtk; scripts/test.sh does)")
+    return DCMTK_BIN
+
+
+def dcmtk_env() -> dict[str, str]:
+    # DCMTK stalls ~40 ms per small message on loopback without TCP_NODELAY.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def stored_files(storage: Path) -> list[Path]:
+    return sorted(p for p in storage.rglob("*") if p.is_file())
+
+
+def incoming_files(storage: Path) -> list[Path]:
+    incoming = storage / ".incoming"
+    return sorted(incoming.iterdir()) if incoming.is_dir() else []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_pacsnode_data() -> Iterator[None]:
+    yield
+    # A test that fell back to ./pacsnode-data would litter the checkout.
+    stray = Path.cwd() / "pacsnode-data"
+    if stray.exists() and os.environ.get("CI") == "true":
+        shutil.rmtree(stray)

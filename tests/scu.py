@@ -1,0 +1,45 @@
+"""A pynetdicom SCU for tests: send files and report each C-STORE status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+
+def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
+              contexts: Iterable[object] | None = None) -> Association:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 20
+    ae.network_timeout = 20
+    for cx in contexts or [*StoragePresentationContexts[:100], Verification]:
+        if isinstance(cx, str):
+            ae.add_requested_context(cx)
+        else:
+            ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)  # type: ignore[attr-defined]
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def store(port: int, items: Iterable[Path | Dataset], called: str = "PACSNODE",
+          calling: str = "TESTSCU") -> list[Dataset]:
+    """Send each item on one association; returns the response of each (Status, ErrorComment)."""
+    assoc = associate(port, called, calling)
+    assert assoc.is_established, f"association {calling}->{called} not established"
+    try:
+        out = []
+        for item in items:
+            ds = dcmread(item) if isinstance(item, Path) else item
+            out.append(assoc.send_c_store(ds))
+        return out
+    finally:
+        assoc.release()
+
+
+def statuses(responses: list[Dataset]) -> list[int]:
+    return [int(r.Status) for r in responses]

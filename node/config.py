@@ -151,6 +151,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("dicom.transfer_syntaxes must name at least one transfer syntax")
     known = {str(uid) for uid in AllTransferSyntaxes}
     for i, uid in enumerate(d.transfer_syntaxes):
+        if not isinstance(uid, str):
+            raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a string")
         resolved = resolve_transfer_syntax(uid)
         if resolved not in known:
             raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a known transfer syntax")
@@ -182,6 +184,8 @@ def load(path: str | Path | None = None) -> Settings:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"settings file {file} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read settings file {file}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"settings file {file} is not valid TOML: {exc}") from exc
     sections: dict[str, Any] = {}

@@ -7,15 +7,14 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import Result
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from node import config
 from node.cli import app
@@ -59,25 +58,36 @@ def _pg_available() -> bool:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'index.db'}"
-        return
-    if not _pg_available():
+def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Makes fresh, empty databases of each backend (one per node in multi-node tests)."""
+    created: list[str] = []
+    if request.param == "postgresql" and not _pg_available():
         if REQUIRE_PG:
             pytest.fail(f"PostgreSQL is required but not reachable at {PG_URL!r}")
         pytest.skip("PostgreSQL not configured (set PACSNODE_TEST_PG_URL; scripts/test.sh does)")
-    name = f"pacsnode_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT") if request.param != "sqlite" \
+        else None
+
+    def make(name: str = "index") -> str:
+        if admin is None:
+            return f"sqlite:///{tmp_path / (name + '.db')}"
+        db = f"pacsnode_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{db}"'))
+        created.append(db)
+        return make_url(PG_URL).set(database=db).render_as_string(hide_password=False)
+
+    yield make
+    if admin is not None:
+        with admin.connect() as conn:
+            for db in created:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def db_url(new_db: Callable[[str], str]) -> str:
+    return new_db("index")
 
 
 def write_config(path: Path, settings_toml: str) -> Path:
@@ -122,14 +132,14 @@ port = {port}
 
 
 @pytest.fixture
-def make_node(tmp_path: Path, db_url: str) -> Iterator[object]:
+def make_node(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[object]:
     """Start a node (in this process) on a free loopback port; stopped after the test."""
     started: list[Node] = []
 
     def start(extra: str = "", name: str = "node") -> RunningNode:
         port = free_port()
         path = write_config(tmp_path / f"{name}.toml",
-                            node_toml(tmp_path / name, db_url, port, extra))
+                            node_toml(tmp_path / name, new_db(name), port, extra))
         settings = config.load(path)
         node = Node(settings)
         node.start()

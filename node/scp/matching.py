@@ -29,7 +29,7 @@ class Difference:
 def demographic_differences(
     stored: Mapping[str, str], received: Mapping[str, str], keywords: Iterable[str]
 ) -> list[Difference]:
-    """Differences on the checked keywords; trailing spaces are padding, not a difference."""
+    """Differences on the checked keywords; surrounding spaces are not significant (PS3.5)."""
     out = []
     for keyword in keywords:
         a = (stored.get(keyword) or "").strip()

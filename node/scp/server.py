@@ -117,11 +117,19 @@ class DicomServer:
             server.shutdown()  # closes the socket; running associations carry on
         self.listeners.clear()
         deadline = time.monotonic() + grace
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Only established associations carry work worth waiting for; a connection still in
+        # negotiation (or one that never sent an A-ASSOCIATE-RQ) is simply aborted.
+        while (any(a.is_established for a in self.ae.active_associations)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
-        for assoc in self.ae.active_associations:
-            log.warning("aborting association with %s:%s at shutdown",
-                        assoc.requestor.address, assoc.requestor.port)
+        remaining = self.ae.active_associations
+        for assoc in remaining:
+            if assoc.is_established:
+                log.warning("aborting association with %s:%s at shutdown",
+                            assoc.requestor.address, assoc.requestor.port)
             assoc.abort()
-        for assoc in self.ae.active_associations:
-            assoc.join()
+        # An acceptor whose peer never sent an A-ASSOCIATE-RQ sits in pynetdicom's ACSE wait,
+        # which abort() does not interrupt; it is a daemon thread, so don't wait it out.
+        join_deadline = time.monotonic() + 2.0
+        for assoc in remaining:
+            assoc.join(timeout=max(0.0, join_deadline - time.monotonic()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.association import Association
@@ -34,8 +33,8 @@ def store(port: int, items: Iterable[Path | Dataset], called: str = "PACSNODE",
     try:
         out = []
         for item in items:
-            ds = dcmread(item) if isinstance(item, Path) else item
-            out.append(assoc.send_c_store(ds))
+            # A path goes to pynetdicom as it is, so a chunked send passes its bytes unparsed.
+            out.append(assoc.send_c_store(item))
         return out
     finally:
         assoc.release()

@@ -24,6 +24,8 @@ INDEX_KEYWORDS = ("SpecificCharacterSet", *PATIENT_KEYWORDS, *STUDY_KEYWORDS, *S
 # What dcmread reads when only indexing (no coercion): everything else is skipped unparsed.
 INDEX_TAGS = [Tag(kw) for kw in INDEX_KEYWORDS]
 
+_UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                           "SOPClassUID"})
 # Column widths (see models): a longer value is cut rather than failing the store.
 _WIDTH = {"PatientBirthDate": 8, "StudyDate": 8, "SeriesDate": 8, "AccessionNumber": 16,
           "StudyID": 16, "SeriesNumber": 12, "InstanceNumber": 12, "PatientSex": 16,
@@ -42,7 +44,10 @@ def text_of(ds: Dataset, keyword: str) -> str:
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value)
-    return text.strip()[: _WIDTH.get(keyword, 64)]
+    text = text.strip()
+    if keyword in _UID_KEYWORDS:
+        return text  # never cut: an over-long UID must fail validation, not be shortened
+    return text[: _WIDTH.get(keyword, 64)]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import time
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,6 +16,7 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
 from node.scp.handlers import ScpHandlers
+from node.scp.listener import ScreeningAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class DicomServer:
         self.db = db
         self.handlers = handlers
         self.ae = build_ae(settings)
-        self.listeners: dict[int, ThreadedAssociationServer] = {}
+        self.listeners: dict[int, ScreeningAssociationServer] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -82,18 +82,25 @@ class DicomServer:
             self.listeners.pop(port).shutdown()
         for port in sorted(desired - set(self.listeners)):
             try:
-                server = self.ae.start_server(
-                    (self.settings.node.listen_host, port), block=False,
-                    evt_handlers=self.handlers.for_port(port))
+                server = self._listen(port)
             except OSError as exc:
                 if strict:
                     raise OSError(exc.errno, f"cannot listen on port {port}: {exc.strerror}"
                                   ) from exc
                 log.error("cannot listen on port %d: %s", port, exc)
                 continue
-            assert server is not None
             self.listeners[port] = server
             log.info("DICOM listener on %s:%d", self.settings.node.listen_host, port)
+
+    def _listen(self, port: int) -> ScreeningAssociationServer:
+        server = self.ae.make_server(
+            (self.settings.node.listen_host, port),
+            evt_handlers=self.handlers.for_port(port),
+            server_class=ScreeningAssociationServer,
+        )
+        threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}",
+                         daemon=True).start()
+        return server
 
     def start(self) -> None:
         self.sync_listeners(strict=True)

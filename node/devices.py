@@ -97,8 +97,8 @@ def add(session: Session, **values: Any) -> Device:
     return device
 
 
-def edit(session: Session, name: str, **values: Any) -> Device:
-    device = get(session, name)
+def edit(session: Session, current_name: str, /, **values: Any) -> Device:
+    device = get(session, current_name)
     _validate(session, values, device)
     for key, value in values.items():
         setattr(device, key, value)

@@ -72,7 +72,7 @@ def _validate(session: Session, values: dict[str, Any], current: Partition | Non
         raise AdminError(f"unknown partition setting(s): {', '.join(sorted(unknown))}")
 
 
-def get(session: Session, ae_title: str) -> Partition:
+def get(session: Session, ae_title: str, /) -> Partition:
     partition = session.scalar(select(Partition).where(Partition.ae_title == ae_title.strip()))
     if partition is None:
         raise AdminError(f"no partition with AE title {ae_title!r}")
@@ -88,8 +88,8 @@ def add(session: Session, **values: Any) -> Partition:
     return partition
 
 
-def edit(session: Session, ae_title: str, **values: Any) -> Partition:
-    partition = get(session, ae_title)
+def edit(session: Session, current_ae_title: str, /, **values: Any) -> Partition:
+    partition = get(session, current_ae_title)
     _validate(session, values, partition)
     for key, value in values.items():
         setattr(partition, key, value)

@@ -29,7 +29,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 # Piped output (scripts, logs) gets full-width tables instead of 80 truncated columns.
 out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error message is one unbroken line
 
 
 def fail(message: str) -> NoReturn:

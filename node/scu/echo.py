@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,14 @@ def echo(settings: Settings, *, address: str, port: int, called_ae: str,
     ae.maximum_pdu_size = d.max_pdu_size
     ae.add_requested_context(Verification)
     started = time.perf_counter()
+    # pynetdicom reports a failed TCP connect as an abort; try the connection first so the
+    # administrator sees "connection refused" or "timed out", as a ping would show.
+    try:
+        socket.create_connection((address, port), timeout=d.connection_timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        return EchoResult(False, None, (time.perf_counter() - started) * 1000,
+                          f"TCP connection to {address}:{port} failed: {reason.lower()}")
     assoc = ae.associate(address, port, ae_title=called_ae)
     if not assoc.is_established:
         elapsed = (time.perf_counter() - started) * 1000

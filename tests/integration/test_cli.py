@@ -1,4 +1,4 @@
-"""The administrator's CLI: partitions, devices, echo, database, with errors that name the problem."""
+"""The administrator's CLI: partitions, devices, echo, database; errors name the problem."""
 
 from __future__ import annotations
 

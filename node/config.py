@@ -52,6 +52,10 @@ class NodeSettings:
 @dataclass
 class DicomSettings:
     transfer_syntaxes: list[str] = field(default_factory=_default_transfer_syntaxes)
+    # "requestor": in each presentation context accept the requestor's first proposed syntax
+    # that is in transfer_syntaxes (data arrives as the sender holds it); "node": the order of
+    # transfer_syntaxes decides (the "preferred transfer syntax" of seed 001).
+    transfer_syntax_preference: str = "requestor"
     enforce_default_transfer_syntax: bool = False
     max_pdu_size: int = 1_048_576
     acse_timeout: float = 30.0
@@ -147,6 +151,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"dicom.{key} must be positive")
     if d.maximum_associations < 1:
         raise ConfigError("dicom.maximum_associations must be at least 1")
+    if d.transfer_syntax_preference not in ("requestor", "node"):
+        raise ConfigError("dicom.transfer_syntax_preference must be 'requestor' or 'node'")
     if not d.transfer_syntaxes:
         raise ConfigError("dicom.transfer_syntaxes must name at least one transfer syntax")
     known = {str(uid) for uid in AllTransferSyntaxes}

@@ -6,22 +6,23 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 
 def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
-              contexts: Iterable[object] | None = None) -> Association:
+              contexts: Iterable[str] | None = None) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = 10
     ae.dimse_timeout = 20
     ae.network_timeout = 20
-    for cx in contexts or [*StoragePresentationContexts[:100], Verification]:
-        if isinstance(cx, str):
-            ae.add_requested_context(cx)
-        else:
-            ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)  # type: ignore[attr-defined]
+    # The node accepts the requestor's first syntax; the test data is Explicit VR Little Endian.
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    for cx in contexts or [*(c.abstract_syntax for c in StoragePresentationContexts[:100]),
+                           Verification]:
+        ae.add_requested_context(cx, syntaxes)  # type: ignore[arg-type]
     return ae.associate("127.0.0.1", port, ae_title=called)
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.db.database import Database
 from node.scp import admission, lookup
 from node.scp.coercion import CoercionError, parse_rules
+from node.scp.contexts import requestor_first
 from node.scp.store import PROCESSING_FAILURE, Ingest, Peer
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,13 @@ def _peer_address(assoc: Association) -> tuple[str, int]:
 class ScpHandlers:
     """One instance per node; the port a listener serves is bound as a handler argument."""
 
-    def __init__(self, db: Database, ingest: Ingest) -> None:
+    def __init__(self, db: Database, ingest: Ingest,
+                 requestor_order: Mapping[str, Sequence[str]] | None = None) -> None:
+        """`requestor_order`: the supported syntaxes per abstract syntax, when the requestor's
+        order of preference is to decide (dicom.transfer_syntax_preference = "requestor")."""
         self.db = db
         self.ingest = ingest
+        self.requestor_order = requestor_order
         self._peers: dict[Association, Peer] = {}
         self._lock = threading.Lock()
 
@@ -81,6 +87,13 @@ class ScpHandlers:
                 # Only reachable if the table was edited behind the CLI's back.
                 log.error("device %s has invalid coercion rules, none applied: %s",
                           device.name, exc)
+        if self.requestor_order is not None:
+            requested = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+                         for cx in primitive.presentation_context_definition_list]
+            assoc.acceptor.supported_contexts = [
+                build_context(abstract, syntaxes)
+                for abstract, syntaxes in requestor_first(requested, self.requestor_order)
+            ]
         with self._lock:
             self._peers[assoc] = Peer(partition, device, rules, calling, f"{ip}:{peer_port}")
         log.info("association from %s@%s:%s to %s accepted", calling, ip, peer_port, called)

@@ -17,6 +17,7 @@ from node.db.database import Database
 from node.db.models import Partition
 from node.scp.handlers import ScpHandlers
 from node.scp.listener import ScreeningAssociationServer
+from node.scp.store import Ingest
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,15 @@ def build_ae(settings: Settings) -> AE:
 
 
 class DicomServer:
-    def __init__(self, settings: Settings, db: Database, handlers: ScpHandlers) -> None:
+    def __init__(self, settings: Settings, db: Database, ingest: Ingest) -> None:
         self.settings = settings
         self.db = db
-        self.handlers = handlers
         self.ae = build_ae(settings)
+        by_requestor = (settings.dicom.transfer_syntax_preference == "requestor"
+                        and not settings.dicom.enforce_default_transfer_syntax)
+        supported = {str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax]
+                     for cx in self.ae.supported_contexts}
+        self.handlers = ScpHandlers(db, ingest, supported if by_requestor else None)
         self.listeners: dict[int, ScreeningAssociationServer] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -130,13 +135,16 @@ class DicomServer:
                and time.monotonic() < deadline):
             time.sleep(0.05)
         remaining = self.ae.active_associations
+        working = [a for a in remaining if a.is_established]
+        for assoc in working:
+            log.warning("aborting association with %s:%s at shutdown",
+                        assoc.requestor.address, assoc.requestor.port)
         for assoc in remaining:
-            if assoc.is_established:
-                log.warning("aborting association with %s:%s at shutdown",
-                            assoc.requestor.address, assoc.requestor.port)
             assoc.abort()
-        # An acceptor whose peer never sent an A-ASSOCIATE-RQ sits in pynetdicom's ACSE wait,
-        # which abort() does not interrupt; it is a daemon thread, so don't wait it out.
-        join_deadline = time.monotonic() + 2.0
-        for assoc in remaining:
+        # An aborted association's thread still finishes the C-STORE handler it is in (the file
+        # and its index row go together); wait for those. An acceptor whose peer never sent an
+        # A-ASSOCIATE-RQ sits in pynetdicom's ACSE wait, which abort() does not interrupt: it is
+        # a daemon thread holding nothing, so it is not waited for.
+        join_deadline = time.monotonic() + 10.0
+        for assoc in working:
             assoc.join(timeout=max(0.0, join_deadline - time.monotonic()))

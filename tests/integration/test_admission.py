@@ -125,20 +125,30 @@ def test_partition_on_another_port_is_refused_there(node: RunningNode) -> None:
     assert reject_reason(other, "PACSNODE", "CT1") == CALLED_NOT_RECOGNISED
 
 
-@pytest.mark.parametrize("enforce", [False, True])
-def test_transfer_syntax_preference(make_node: object, enforce: bool) -> None:
-    extra = ("[dicom]\nenforce_default_transfer_syntax = true\n" if enforce else
-             '[dicom]\ntransfer_syntaxes = ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]\n')
-    node = make_node(extra)  # type: ignore[operator]
+IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ("", IMPLICIT),  # default: the requestor's first proposal
+    ('transfer_syntax_preference = "node"\n'
+     'transfer_syntaxes = ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]\n', EXPLICIT),
+    ("enforce_default_transfer_syntax = true\n", IMPLICIT),
+], ids=["requestor", "node-order", "enforce-default"])
+def test_transfer_syntax_choice(make_node: object, settings: str, expected: str) -> None:
+    node = make_node("[dicom]\n" + settings)  # type: ignore[operator]
     from pynetdicom import AE
 
     ae = AE(ae_title="TSCHECK")
-    ae.add_requested_context(Verification, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    ae.add_requested_context(Verification, [IMPLICIT, EXPLICIT])
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [EXPLICIT, IMPLICIT])
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
     assert assoc.is_established
-    accepted = assoc.accepted_contexts[0].transfer_syntax[0]
+    accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
     assoc.release()
-    assert accepted == ("1.2.840.10008.1.2" if enforce else "1.2.840.10008.1.2.1")
+    assert accepted["1.2.840.10008.1.1"] == expected
+    # The CT context lists Explicit first: only "enforce" overrides the requestor there.
+    assert accepted["1.2.840.10008.5.1.4.1.1.2"] == (IMPLICIT if "enforce" in settings
+                                                     else EXPLICIT)
 
 
 def test_implementation_version_name_can_be_suppressed(make_node: object) -> None:

@@ -1,0 +1,109 @@
+"""DCMTK's echoscu and storescu as independent peers of a running node."""
+
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from node.db.models import Instance
+from tests.conftest import RunningNode, dcmtk_env
+from tests.dicomgen import make_instance, write_study
+
+pytestmark = pytest.mark.interop
+
+# storescu proposes one compressed syntax per run, first in a context with the uncompressed ones.
+COMPRESSED = {"JPEG2000.dcm": "-xw", "MR_small_RLE.dcm": "-xr", "SC_rgb_jpeg_gdcm.dcm": "-xs",
+              "MR_small_jp2klossless.dcm": "-xv"}
+
+
+def run(tool: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(tool), *args], env=dcmtk_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+def storescu(dcmtk: Path, node: RunningNode, *files: Path, calling: str = "STORESCU",
+             called: str = "PACSNODE", options: tuple[str, ...] = ()
+             ) -> subprocess.CompletedProcess[str]:
+    return run(dcmtk / "storescu", *options, "-aet", calling, "-aec", called, "127.0.0.1",
+               str(node.port), *map(str, files))
+
+
+def stored_path(node: RunningNode, original: Path) -> Path:
+    ds = dcmread(original, stop_before_pixels=True)
+    return (node.storage / "PACSNODE" / ds.StudyInstanceUID / ds.SeriesInstanceUID
+            / f"{ds.SOPInstanceUID}.dcm")
+
+
+def test_echoscu(node: RunningNode, dcmtk: Path) -> None:
+    assert run(dcmtk / "echoscu", "-aec", "PACSNODE", "127.0.0.1", str(node.port)).returncode == 0
+    wrong = run(dcmtk / "echoscu", "-aec", "NOBODY", "127.0.0.1", str(node.port))
+    assert wrong.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong.stderr + wrong.stdout
+
+
+@pytest.mark.parametrize(("name", "flag"), COMPRESSED.items())
+def test_compressed_data_is_stored_as_received(node: RunningNode, dcmtk: Path, name: str,
+                                               flag: str) -> None:
+    original = Path(get_testdata_file(name))  # type: ignore[arg-type]
+    result = storescu(dcmtk, node, original, options=(flag,))
+    assert result.returncode == 0, result.stderr
+    sent = dcmread(original)
+    kept = dcmread(stored_path(node, original))
+    assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert kept.PixelData == sent.PixelData  # never transcoded
+
+
+def test_calling_ae_not_recognised_by_a_closed_partition(node: RunningNode, dcmtk: Path,
+                                                         tmp_path: Path) -> None:
+    assert node.cli("partition", "edit", "PACSNODE", "--no-accept-any").exit_code == 0
+    [file] = write_study(tmp_path, 1)
+    refused = storescu(dcmtk, node, file, calling="UNKNOWN")
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+    assert node.cli("device", "add", "KNOWN", "--host", "127.0.0.1").exit_code == 0
+    assert storescu(dcmtk, node, file, calling="KNOWN").returncode == 0
+    assert stored_path(node, file).is_file()
+
+
+def test_storescu_sees_the_failure_status_for_a_hostile_uid(node: RunningNode, dcmtk: Path,
+                                                            tmp_path: Path) -> None:
+    ds = make_instance()
+    ds.StudyInstanceUID = "1.2.3.4.5/../../../evil"
+    path = tmp_path / "hostile.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = run(dcmtk / "storescu", "-d", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
+                 str(path))
+    output = result.stdout + result.stderr
+    assert "0xc001" in output.lower()
+    assert "StudyInstanceUID" in output  # the Error Comment says what was wrong
+    assert list(node.storage.rglob("*.dcm")) == []
+
+
+@pytest.mark.slow
+def test_four_parallel_storescu_associations(node: RunningNode, dcmtk: Path,
+                                             tmp_path: Path) -> None:
+    studies = [write_study(tmp_path / f"s{i}", 25, size=128) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda files: storescu(dcmtk, node, *files), studies))
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    with node.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 100
+    for files in studies:
+        for original in files:
+            assert dcmread(stored_path(node, original)).PixelData == dcmread(original).PixelData
+
+
+def test_node_order_when_configured(make_node: object, dcmtk: Path) -> None:
+    """transfer_syntax_preference = "node": the node's list decides; the sender converts."""
+    node = make_node('[dicom]\ntransfer_syntax_preference = "node"\n')  # type: ignore[operator]
+    original = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    # -xr proposes [RLE, uncompressed...]; DCMTK can compress to RLE, so both orders work here.
+    assert storescu(dcmtk, node, original, options=("-xr",)).returncode == 0
+    kept = dcmread(stored_path(node, original))
+    assert kept.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"

@@ -1,0 +1,109 @@
+"""`pacsnode serve` as a real process: embedded defaults, DCMTK peers, clean stop on signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import dcmtk_env, free_port
+from tests.dicomgen import write_study
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+PACSNODE = [sys.executable, "-m", "node.cli"]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"pacsnode serve exited early:\n{proc.stdout.read()}")  # type: ignore[union-attr]
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listening on {port} after {timeout}s")
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*PACSNODE, "serve", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+
+
+def stop(proc: subprocess.Popen[str], sig: int) -> str:
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    return output
+
+
+def test_serve_with_no_arguments_runs_the_embedded_default(tmp_path: Path, dcmtk: Path) -> None:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 11112)) == 0:
+            pytest.fail("port 11112 is taken by another program: the default node cannot start")
+    proc = start(tmp_path)
+    try:
+        wait_listening(11112, proc)
+        echo = subprocess.run([str(dcmtk / "echoscu"), "-aec", "PACSNODE", "127.0.0.1", "11112"],
+                              env=dcmtk_env(), capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        files = write_study(tmp_path / "in", 3)
+        sent = subprocess.run([str(dcmtk / "storescu"), "-aet", "MODALITY", "-aec", "PACSNODE",
+                               "127.0.0.1", "11112", *map(str, files)],
+                              env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        output = stop(proc, signal.SIGINT)  # Ctrl-C
+    assert "received SIGINT, stopping" in output
+    data = tmp_path / "pacsnode-data"
+    assert (data / "pacsnode.db").is_file()
+    stored = sorted((data / "storage" / "PACSNODE").rglob("*.dcm"))
+    assert len(stored) == 3
+    with sqlite3.connect(data / "pacsnode.db") as db:
+        assert db.execute("select count(*) from instances").fetchone() == (3,)
+
+
+def test_sigterm_during_transfer_leaves_only_complete_indexed_files(
+        tmp_path: Path, dcmtk: Path) -> None:
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "data"\nlisten_host = "127.0.0.1"\n'
+                      f"shutdown_grace_seconds = 0.2\n[bootstrap_partition]\nport = {port}\n")
+    files = write_study(tmp_path / "in", 150, size=512)
+    proc = start(tmp_path, "--config", str(config))
+    wait_listening(port, proc)
+    sender = subprocess.Popen([str(dcmtk / "storescu"), "-aec", "PACSNODE", "127.0.0.1",
+                               str(port), *map(str, files)], env=dcmtk_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = tmp_path / "data" / "storage"
+    deadline = time.monotonic() + 30
+    while len(list(storage.rglob("*.dcm"))) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    output = stop(proc, signal.SIGTERM)
+    sender.wait(timeout=30)
+    assert "received SIGTERM, stopping" in output
+
+    stored = [p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts]
+    assert 20 <= len(stored) < len(files), "the stop should have come mid-transfer"
+    originals = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
+    for path in stored:
+        ds = dcmread(path)  # complete and parseable
+        assert ds.PixelData == dcmread(originals[ds.SOPInstanceUID]).PixelData
+    with sqlite3.connect(tmp_path / "data" / "pacsnode.db") as db:
+        indexed = {row[0] for row in db.execute("select path from instances")}
+    assert indexed == {str(p.relative_to(storage)) for p in stored}
+    # A restart sweeps whatever temporary file the stop left behind.
+    proc = start(tmp_path, "--config", str(config))
+    wait_listening(port, proc)
+    stop(proc, signal.SIGTERM)
+    assert list((storage / ".incoming").iterdir()) == []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
-from node.cli.common import ConfigOption, database
+from node.cli.common import ConfigOption, database, fail, load_settings
 from node.db import migrate
+from node.db.database import Database
 
 app = typer.Typer(help="Database schema (alembic migrations).", no_args_is_help=True)
 
@@ -20,7 +22,13 @@ def upgrade(config: ConfigOption = None) -> None:
 
 @app.command()
 def current(config: ConfigOption = None) -> None:
-    """Print the schema revision of the database and the newest one this version knows."""
-    with database(config) as (_settings, db):
-        typer.echo(f"current {migrate.current_revision(db.engine)}, "
+    """Print the database's schema revision and the newest one this version knows (no change)."""
+    settings = load_settings(config)
+    db = Database(settings.database_url)
+    try:
+        typer.echo(f"current {migrate.current_revision(db.engine) or '(empty)'}, "
                    f"head {migrate.head_revision(db.engine)}")
+    except SQLAlchemyError as exc:
+        fail(f"cannot open the database {settings.database_url}: {exc}")
+    finally:
+        db.dispose()

@@ -151,5 +151,6 @@ def test_bad_settings_file_is_named(tmp_path: Path) -> None:
 
 
 def test_db_upgrade_and_current(cfg: Path) -> None:
+    assert "current (empty), head 0001" in ok(cfg, "db", "current")  # reports, changes nothing
     assert "schema at revision 0001" in ok(cfg, "db", "upgrade")
     assert "current 0001, head 0001" in ok(cfg, "db", "current")

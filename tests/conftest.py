@@ -6,6 +6,7 @@ import itertools
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,16 @@ PG_URL = os.environ.get("PACSNODE_TEST_PG_URL", "")
 REQUIRE_PG = os.environ.get("PACSNODE_REQUIRE_POSTGRES") == "1"
 REQUIRE_DCMTK = os.environ.get("PACSNODE_REQUIRE_DCMTK") == "1"
 DCMTK_BIN = Path("/usr/bin")  # never the venv's pynetdicom tools of the same names
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -67,6 +67,13 @@ def transaction(path: Path | None) -> Iterator[Session]:
                 yield session
         except AdminError as exc:
             fail(str(exc))
+
+
+def change(path: Path | None, action: Callable[[Session], object], done: str) -> None:
+    """Run one administrative change in a transaction and say what was done."""
+    with transaction(path) as session:
+        action(session)
+        typer.echo(done)
 
 
 def print_json(data: Any) -> None:

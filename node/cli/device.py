@@ -12,6 +12,7 @@ from node import devices
 from node.cli.common import (
     ConfigOption,
     JsonOption,
+    change,
     database,
     fail,
     fields,
@@ -174,25 +175,19 @@ def edit(
 @app.command()
 def enable(name: NameArg, config: ConfigOption = None) -> None:
     """Enable a device."""
-    with transaction(config) as session:
-        devices.edit(session, name, enabled=True)
-        typer.echo(f"enabled device {name}")
+    change(config, lambda s: devices.edit(s, name, enabled=True), f"enabled device {name}")
 
 
 @app.command()
 def disable(name: NameArg, config: ConfigOption = None) -> None:
     """Disable a device: its associations are rejected, its settings kept."""
-    with transaction(config) as session:
-        devices.edit(session, name, enabled=False)
-        typer.echo(f"disabled device {name}")
+    change(config, lambda s: devices.edit(s, name, enabled=False), f"disabled device {name}")
 
 
 @app.command()
 def delete(name: NameArg, config: ConfigOption = None) -> None:
     """Delete a device and its settings."""
-    with transaction(config) as session:
-        devices.delete(session, name)
-        typer.echo(f"deleted device {name}")
+    change(config, lambda s: devices.delete(s, name), f"deleted device {name}")
 
 
 @app.command()

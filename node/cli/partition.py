@@ -10,6 +10,7 @@ from node import partitions
 from node.cli.common import (
     ConfigOption,
     JsonOption,
+    change,
     database,
     fail,
     fields,
@@ -165,22 +166,18 @@ def edit(
 @app.command()
 def enable(ae_title: AeArg, config: ConfigOption = None) -> None:
     """Accept associations to the partition again."""
-    with transaction(config) as session:
-        partitions.edit(session, ae_title, enabled=True)
-        typer.echo(f"enabled partition {ae_title}")
+    change(config, lambda s: partitions.edit(s, ae_title, enabled=True),
+           f"enabled partition {ae_title}")
 
 
 @app.command()
 def disable(ae_title: AeArg, config: ConfigOption = None) -> None:
     """Stop accepting associations to the partition (a running node stops within seconds)."""
-    with transaction(config) as session:
-        partitions.edit(session, ae_title, enabled=False)
-        typer.echo(f"disabled partition {ae_title}")
+    change(config, lambda s: partitions.edit(s, ae_title, enabled=False),
+           f"disabled partition {ae_title}")
 
 
 @app.command()
 def delete(ae_title: AeArg, config: ConfigOption = None) -> None:
     """Delete a partition; refused while it holds studies."""
-    with transaction(config) as session:
-        partitions.delete(session, ae_title)
-        typer.echo(f"deleted partition {ae_title}")
+    change(config, lambda s: partitions.delete(s, ae_title), f"deleted partition {ae_title}")

@@ -9,7 +9,7 @@ import time
 import pytest
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import RunningNode, free_port
+from tests.conftest import RunningNode, free_port, wait_for
 from tests.dicomgen import make_instance
 from tests.scu import associate, statuses, store
 
@@ -82,13 +82,6 @@ def test_without_auto_insert_unknown_devices_are_accepted_but_not_added(
     assert devices(node) == {}
 
 
-def wait_for(predicate: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def connect_refused(port: int) -> bool:

@@ -21,7 +21,7 @@ from pynetdicom import _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 
-from tests.conftest import RunningNode, incoming_files
+from tests.conftest import RunningNode, incoming_files, wait_for
 from tests.dicomgen import make_instance, uid
 from tests.scu import associate, statuses, store
 
@@ -38,13 +38,6 @@ def echo_ok(node: RunningNode) -> bool:
     return int(status.Status) == 0
 
 
-def wait_until(predicate: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return bool(predicate())  # type: ignore[operator]
 
 
 def raw_exchange(port: int, payload: bytes, *, close_write: bool = False) -> bytes:
@@ -70,7 +63,7 @@ def test_garbage_bytes_are_refused_and_node_keeps_serving(
     # Either an A-ABORT PDU (type 0x07) or a plain close: never an association.
     assert answer == b"" or answer[0] == 0x07
     assert echo_ok(node)
-    assert wait_until(lambda: "127.0.0.1" in caplog.text)
+    assert wait_for(lambda: "127.0.0.1" in caplog.text)
 
 
 def test_truncated_and_oversized_pdus(node: RunningNode) -> None:
@@ -127,7 +120,7 @@ def test_dataset_that_does_not_parse_gets_failure(node: RunningNode, tmp_path: P
         [rsp] = store(node.port, [bad])
     assert 0xC000 <= int(rsp.Status) <= 0xCFFF
     assert dcm_files(node.storage) == []
-    assert wait_until(lambda: incoming_files(node.storage) == [])
+    assert wait_for(lambda: incoming_files(node.storage) == [])
     assert echo_ok(node)
 
 
@@ -196,7 +189,7 @@ def test_peer_that_stops_mid_transfer_leaves_nothing(
         node: RunningNode, how: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     partial_store(node, how)
-    assert wait_until(lambda: incoming_files(node.storage) == [])
+    assert wait_for(lambda: incoming_files(node.storage) == [])
     assert dcm_files(node.storage) == []
     assert "HALFWAY@127.0.0.1" in caplog.text or "127.0.0.1" in caplog.text
     assert echo_ok(node)

@@ -67,6 +67,15 @@ class DicomSettings:
 
 
 @dataclass
+class QuerySettings:
+    """Node defaults for query/retrieve (seed 001); a partition may override each."""
+
+    case_sensitive: bool = False  # off: smith* matches SMITH^JOHN
+    empty_matching: bool = False  # on: an empty value matches any non-empty key
+    limit: int = 0  # more matches than this: the request ends with status 0xA700; 0: no limit
+
+
+@dataclass
 class BootstrapPartition:
     """Created when the database holds no partition at all (first start)."""
 
@@ -80,6 +89,7 @@ class BootstrapPartition:
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     dicom: DicomSettings = field(default_factory=DicomSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
     bootstrap_partition: BootstrapPartition = field(default_factory=BootstrapPartition)
     source: Path | None = None
 
@@ -117,6 +127,7 @@ def _resolve(value: str, source: Path | None) -> Path:
 _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "dicom": DicomSettings,
+    "query": QuerySettings,
     "bootstrap_partition": BootstrapPartition,
 }
 
@@ -163,6 +174,8 @@ def validate(settings: Settings) -> None:
         if resolved not in known:
             raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a known transfer syntax")
         d.transfer_syntaxes[i] = resolved
+    if settings.query.limit < 0:
+        raise ConfigError("query.limit must be 0 (no limit) or positive")
     if not 0 < settings.bootstrap_partition.port < 65536:
         raise ConfigError("bootstrap_partition.port must be between 1 and 65535")
     if settings.node.partition_poll_seconds <= 0:

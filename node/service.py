@@ -14,6 +14,7 @@ from node.config import Settings
 from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
+from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
 from node.storage import files
@@ -61,7 +62,8 @@ class Node:
         # filesystem, putting it into the archive is a link, not a copy.
         tempfile.tempdir = str(storage / files.INCOMING)
         configure_pynetdicom()
-        self.server = DicomServer(settings, self.db, Ingest(self.db, storage))
+        self.server = DicomServer(settings, self.db, Ingest(self.db, storage),
+                                  QueryRetrieve(self.db, settings, storage))
         self.server.start()
         log.info("node %s ready: database %s, storage %s", settings.node.name,
                  self.db.engine.url.render_as_string(hide_password=True), storage)

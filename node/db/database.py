@@ -63,6 +63,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # LIKE is case-sensitive on PostgreSQL; make SQLite agree, so case-insensitive matching is
+    # always spelled upper(column) LIKE upper(pattern) and means the same on both.
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
 
 

@@ -67,6 +67,23 @@ def extract(ds: Dataset) -> InstanceAttributes:
                                if kw != "SpecificCharacterSet"})
 
 
+NAME_COLUMNS = ("name_family", "name_given", "name_middle", "name_prefix", "name_suffix")
+
+
+def name_components(name: str) -> tuple[str, str, str, str, str]:
+    """The five components of a person name's alphabetic group, '' where absent."""
+    parts = (name.split("=")[0].split("^") + [""] * 5)[:5]
+    return (parts[0][:64], parts[1][:64], parts[2][:64], parts[3][:64], parts[4][:64])
+
+
+def with_modality(modalities: str, modality: str) -> str:
+    """ModalitiesInStudy as stored: backslash-delimited on both ends, so `\\CT\\` is exact."""
+    found = {m for m in modalities.split("\\") if m}
+    if modality:
+        found.add(modality)
+    return "\\" + "\\".join(sorted(found)) + "\\" if found else ""
+
+
 @dataclass(frozen=True)
 class StoredStudy:
     study_pk: int
@@ -98,9 +115,12 @@ def add_instance(
     compare them with the instance's own (study matching).
     """
     now = now or utcnow()
+    # FOR UPDATE (PostgreSQL; SQLite has one writer anyway): concurrent associations adding to
+    # the same study must not lose each other's counter and modality updates.
     study = session.scalar(
         select(Study).where(Study.partition_id == partition_id,
                             Study.study_instance_uid == attrs["StudyInstanceUID"])
+        .with_for_update()
     )
     is_new = study is None
     if study is None:
@@ -122,6 +142,9 @@ def add_instance(
             patient_sex=attrs["PatientSex"],
             received_at=now,
             updated_at=now,
+            num_series=0,
+            num_instances=0,
+            modalities="",
         )
         session.add(study)
         session.flush()
@@ -149,9 +172,14 @@ def add_instance(
             body_part_examined=attrs["BodyPartExamined"],
             series_date=attrs["SeriesDate"],
             series_time=attrs["SeriesTime"],
+            num_instances=0,
         )
         session.add(series)
         session.flush()
+        study.num_series += 1
+        study.modalities = with_modality(study.modalities, attrs["Modality"])
+    series.num_instances += 1
+    study.num_instances += 1
     session.add(
         Instance(
             partition_id=partition_id,
@@ -186,6 +214,7 @@ def _patient(session: Session, partition_id: int, attrs: InstanceAttributes) -> 
             patient_name=attrs["PatientName"],
             patient_birth_date=attrs["PatientBirthDate"],
             patient_sex=attrs["PatientSex"],
+            **dict(zip(NAME_COLUMNS, name_components(attrs["PatientName"]), strict=True)),
         )
         session.add(patient)
         session.flush()

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -84,6 +85,10 @@ class Partition(Base):
     match_accession_number: Mapped[bool] = mapped_column(Boolean, default=True)
     match_issuer_of_patient_id: Mapped[bool] = mapped_column(Boolean, default=True)
     track_deleted_studies: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Query/retrieve (seed 001); NULL: the node default from the settings file.
+    case_sensitive_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    empty_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    query_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -110,6 +115,14 @@ class Device(Base):
     allow_query: Mapped[bool] = mapped_column(Boolean, default=True)
     allow_retrieve: Mapped[bool] = mapped_column(Boolean, default=True)
     auto_inserted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Outbound associations to the device (retrieve sub-operations, forwarding); 0 or '':
+    # the node's [dicom] setting.
+    max_pdu_size: Mapped[int] = mapped_column(Integer, default=0)
+    acse_timeout: Mapped[float] = mapped_column(Float, default=0.0)
+    dimse_timeout: Mapped[float] = mapped_column(Float, default=0.0)
+    network_timeout: Mapped[float] = mapped_column(Float, default=0.0)
+    # Transfer syntaxes to propose besides each instance's own, comma separated.
+    transfer_syntaxes: Mapped[str] = mapped_column(String(1024), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     partition: Mapped[Partition | None] = relationship()
@@ -117,13 +130,23 @@ class Device(Base):
 
 class Patient(Base):
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("partition_id", "patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (
+        UniqueConstraint("partition_id", "patient_id", "issuer_of_patient_id"),
+        Index("ix_patients_patient_id", "patient_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     partition_id: Mapped[int] = mapped_column(ForeignKey("partitions.id", ondelete="CASCADE"))
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
-    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    # The name's alphabetic components, so names are matched component by component and a
+    # family-name query uses an index.
+    name_family: Mapped[str] = mapped_column(String(64), default="", index=True)
+    name_given: Mapped[str] = mapped_column(String(64), default="")
+    name_middle: Mapped[str] = mapped_column(String(64), default="")
+    name_prefix: Mapped[str] = mapped_column(String(64), default="")
+    name_suffix: Mapped[str] = mapped_column(String(64), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
 
@@ -153,6 +176,10 @@ class Study(Base):
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    # Kept up to date at ingest, so C-FIND answers them without counting.
+    num_series: Mapped[int] = mapped_column(Integer, default=0)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    modalities: Mapped[str] = mapped_column(String(256), default="")  # delimited: \CT\SR\
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -170,6 +197,7 @@ class Series(Base):
     body_part_examined: Mapped[str] = mapped_column(String(16), default="")
     series_date: Mapped[str] = mapped_column(String(8), default="")
     series_time: Mapped[str] = mapped_column(String(16), default="")
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Instance(Base):

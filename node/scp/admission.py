@@ -26,6 +26,10 @@ class PartitionPolicy:
     default_remote_port: int
     duplicate_policy: str
     match_fields: tuple[str, ...]
+    # Query/retrieve overrides; None: the node default.
+    case_sensitive_matching: bool | None = None
+    empty_matching: bool | None = None
+    query_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class DeviceView:
     enabled: bool
     allow_storage: bool
     coercion_rules: str
+    allow_query: bool = True
+    allow_retrieve: bool = True
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.db.database import Database
 from node.scp import admission, lookup
 from node.scp.coercion import CoercionError, parse_rules
 from node.scp.contexts import requestor_first
+from node.scp.qr import QueryRetrieve
 from node.scp.store import PROCESSING_FAILURE, Ingest, Peer
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,17 @@ def _peer_address(assoc: Association) -> tuple[str, int]:
 class ScpHandlers:
     """One instance per node; the port a listener serves is bound as a handler argument."""
 
-    def __init__(self, db: Database, ingest: Ingest,
-                 requestor_order: Mapping[str, Sequence[str]] | None = None) -> None:
-        """`requestor_order`: the supported syntaxes per abstract syntax, when the requestor's
-        order of preference is to decide (dicom.transfer_syntax_preference = "requestor")."""
+    def __init__(self, db: Database, ingest: Ingest, qr: QueryRetrieve,
+                 supported: Mapping[str, PresentationContext], by_requestor: bool) -> None:
+        """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
+        order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor")."""
         self.db = db
         self.ingest = ingest
-        self.requestor_order = requestor_order
+        self.qr = qr
+        self.supported = supported
+        self.requestor_order: dict[str, list[str]] | None = (
+            {uid: [str(ts) for ts in cx.transfer_syntax] for uid, cx in supported.items()}
+            if by_requestor else None)
         self._peers: dict[Association, Peer] = {}
         self._lock = threading.Lock()
 
@@ -45,6 +51,9 @@ class ScpHandlers:
             (evt.EVT_REQUESTED, self.on_requested, [port]),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_CONN_CLOSE, self.on_conn_close),
         ]
@@ -91,12 +100,19 @@ class ScpHandlers:
             requested = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
                          for cx in primitive.presentation_context_definition_list]
             assoc.acceptor.supported_contexts = [
-                build_context(abstract, syntaxes)
+                self._context(abstract, syntaxes)
                 for abstract, syntaxes in requestor_first(requested, self.requestor_order)
             ]
         with self._lock:
             self._peers[assoc] = Peer(partition, device, rules, calling, f"{ip}:{peer_port}")
         log.info("association from %s@%s:%s to %s accepted", calling, ip, peer_port, called)
+
+    def _context(self, abstract: str, syntaxes: list[str]) -> PresentationContext:
+        """A supported context with the syntaxes reordered, keeping its role selection."""
+        context = build_context(abstract, syntaxes)
+        context.scu_role = self.supported[abstract].scu_role
+        context.scp_role = self.supported[abstract].scp_role
+        return context
 
     @staticmethod
     def _reject(assoc: Association, reason: admission.RejectReason) -> None:
@@ -123,6 +139,27 @@ class ScpHandlers:
         if outcome.comment:
             rsp.ErrorComment = outcome.comment[:64]
         return rsp
+
+    def on_find(self, event: evt.Event) -> Iterator[Any]:
+        peer = self.peer(event.assoc)
+        if peer is None:
+            yield PROCESSING_FAILURE, None
+            return
+        yield from self.qr.find(event, peer)
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        peer = self.peer(event.assoc)
+        if peer is None:
+            yield None, None
+            return
+        yield from self.qr.move(event, peer)
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        peer = self.peer(event.assoc)
+        if peer is None:
+            yield 0
+            return
+        yield from self.qr.get(event, peer)
 
     def on_aborted(self, event: evt.Event) -> None:
         peer = self.peer(event.assoc)

@@ -24,6 +24,9 @@ def policy_of(p: Partition) -> PartitionPolicy:
         default_remote_port=p.default_remote_port,
         duplicate_policy=p.duplicate_policy,
         match_fields=tuple(kw for flag, kw in MATCH_FIELDS.items() if getattr(p, flag)),
+        case_sensitive_matching=p.case_sensitive_matching,
+        empty_matching=p.empty_matching,
+        query_limit=p.query_limit,
     )
 
 
@@ -35,7 +38,22 @@ def view_of(d: Device) -> DeviceView:
         enabled=d.enabled,
         allow_storage=d.allow_storage,
         coercion_rules=d.coercion_rules,
+        allow_query=d.allow_query,
+        allow_retrieve=d.allow_retrieve,
     )
+
+
+def device_row(session: Session, partition_id: int, ae_title: str, *,
+               enabled_only: bool = False) -> Device | None:
+    """The device with this AE title: the partition's own entry wins over a node-wide one."""
+    query = select(Device).where(
+        Device.ae_title == ae_title,
+        or_(Device.partition_id == partition_id, Device.partition_id.is_(None)),
+    )
+    if enabled_only:
+        query = query.where(Device.enabled.is_(True))
+    devices = sorted(session.scalars(query).all(), key=lambda d: d.partition_id is None)
+    return devices[0] if devices else None
 
 
 def partition_for(session: Session, called_ae: str, port: int) -> PartitionPolicy | None:
@@ -46,15 +64,8 @@ def partition_for(session: Session, called_ae: str, port: int) -> PartitionPolic
 
 
 def device_for(session: Session, partition_id: int, calling_ae: str) -> DeviceView | None:
-    """The partition's own entry for the AE wins over a node-wide one (partition NULL)."""
-    devices = session.scalars(
-        select(Device).where(
-            Device.ae_title == calling_ae,
-            or_(Device.partition_id == partition_id, Device.partition_id.is_(None)),
-        )
-    ).all()
-    devices = sorted(devices, key=lambda d: d.partition_id is None)
-    return view_of(devices[0]) if devices else None
+    device = device_row(session, partition_id, calling_ae)
+    return view_of(device) if device else None
 
 
 def auto_insert(db: Database, partition: PartitionPolicy, calling_ae: str, ip: str) -> None:

@@ -7,7 +7,15 @@ import threading
 import time
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,10 +25,19 @@ from node.db.database import Database
 from node.db.models import Partition
 from node.scp.handlers import ScpHandlers
 from node.scp.listener import ScreeningAssociationServer
+from node.scp.qr import QueryRetrieve
 from node.scp.store import Ingest
 
 log = logging.getLogger(__name__)
 
+QR_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 IMPLEMENTATION_VERSION_NAME = f"PACSNODE_{__version__.replace('.', '_')}"[:16]
 
 
@@ -51,21 +68,25 @@ def build_ae(settings: Settings) -> AE:
     )
     syntaxes = settings.accepted_transfer_syntaxes
     ae.add_supported_context(Verification, syntaxes)
+    for model in QR_MODELS:
+        ae.add_supported_context(model, syntaxes)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, syntaxes)
+        # scp_role: a C-GET requestor proposes to be the storage SCP on its own association.
+        ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=False,
+                                 scp_role=True)
     return ae
 
 
 class DicomServer:
-    def __init__(self, settings: Settings, db: Database, ingest: Ingest) -> None:
+    def __init__(self, settings: Settings, db: Database, ingest: Ingest,
+                 qr: QueryRetrieve) -> None:
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
         by_requestor = (settings.dicom.transfer_syntax_preference == "requestor"
                         and not settings.dicom.enforce_default_transfer_syntax)
-        supported = {str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax]
-                     for cx in self.ae.supported_contexts}
-        self.handlers = ScpHandlers(db, ingest, supported if by_requestor else None)
+        supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
+        self.handlers = ScpHandlers(db, ingest, qr, supported, by_requestor)
         self.listeners: dict[int, ScreeningAssociationServer] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None

@@ -1,0 +1,1 @@
+"""Query/retrieve: identifiers as conditions (pure) and their answers from the index."""

@@ -1,0 +1,208 @@
+"""Answer queries and resolve retrieves from the index: conditions become one SQL statement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from node.db.indexer import NAME_COLUMNS
+from node.db.models import Instance, Patient, Series, Study
+from node.query.conditions import (
+    LEVELS,
+    Condition,
+    Match,
+    Query,
+    like_pattern,
+    person_name_components,
+)
+
+RANK = {level: i for i, level in enumerate(LEVELS)}
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    case_sensitive: bool = False
+    empty_matching: bool = False
+    limit: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True)
+class Attribute:
+    level: str
+    column: InstrumentedAttribute[Any] | None  # None: computed
+    text: bool = False  # free text: case sensitivity applies
+    value: Callable[[dict[str, Any]], Any] | None = None  # how it is returned, if not column
+
+
+ATTRIBUTES: dict[str, Attribute] = {
+    "PatientName": Attribute("PATIENT", Patient.patient_name, text=True),
+    "PatientID": Attribute("PATIENT", Patient.patient_id, text=True),
+    "IssuerOfPatientID": Attribute("PATIENT", Patient.issuer_of_patient_id, text=True),
+    "PatientBirthDate": Attribute("PATIENT", Patient.patient_birth_date),
+    "PatientSex": Attribute("PATIENT", Patient.patient_sex, text=True),
+    "NumberOfPatientRelatedStudies": Attribute("PATIENT", None,
+                                               value=lambda r: r["patient_studies"]),
+    "NumberOfPatientRelatedSeries": Attribute("PATIENT", None,
+                                              value=lambda r: r["patient_series"]),
+    "NumberOfPatientRelatedInstances": Attribute("PATIENT", None,
+                                                 value=lambda r: r["patient_instances"]),
+    "StudyInstanceUID": Attribute("STUDY", Study.study_instance_uid),
+    "StudyDate": Attribute("STUDY", Study.study_date),
+    "StudyTime": Attribute("STUDY", Study.study_time),
+    "AccessionNumber": Attribute("STUDY", Study.accession_number, text=True),
+    "StudyID": Attribute("STUDY", Study.study_id, text=True),
+    "StudyDescription": Attribute("STUDY", Study.study_description, text=True),
+    "ReferringPhysicianName": Attribute("STUDY", Study.referring_physician_name, text=True),
+    "ModalitiesInStudy": Attribute("STUDY", Study.modalities, value=lambda r: [
+        m for m in r["Study"].modalities.split("\\") if m]),
+    "NumberOfStudyRelatedSeries": Attribute("STUDY", Study.num_series),
+    "NumberOfStudyRelatedInstances": Attribute("STUDY", Study.num_instances),
+    "SeriesInstanceUID": Attribute("SERIES", Series.series_instance_uid),
+    "Modality": Attribute("SERIES", Series.modality, text=True),
+    "SeriesNumber": Attribute("SERIES", Series.series_number),
+    "SeriesDescription": Attribute("SERIES", Series.series_description, text=True),
+    "BodyPartExamined": Attribute("SERIES", Series.body_part_examined, text=True),
+    "SeriesDate": Attribute("SERIES", Series.series_date),
+    "SeriesTime": Attribute("SERIES", Series.series_time),
+    "NumberOfSeriesRelatedInstances": Attribute("SERIES", Series.num_instances),
+    "SOPInstanceUID": Attribute("IMAGE", Instance.sop_instance_uid),
+    "SOPClassUID": Attribute("IMAGE", Instance.sop_class_uid),
+    "InstanceNumber": Attribute("IMAGE", Instance.instance_number),
+}
+_ENTITIES = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+
+
+def _text_clause(column: Any, condition: Condition, case_sensitive: bool) -> ColumnElement[bool]:
+    value = condition.values[0]
+    if not case_sensitive:
+        column, value = func.upper(column), value.upper()
+    if condition.match is Match.WILDCARD:
+        return column.like(like_pattern(value), escape="\\")
+    return column == value
+
+
+def _person_name(condition: Condition, case_sensitive: bool) -> ColumnElement[bool]:
+    """Component by component: SMITH matches SMITH^JOHN, SMITH^J* matches SMITH^JANE."""
+    clauses = []
+    components = person_name_components(condition.values[0])
+    for column_name, component in zip(NAME_COLUMNS, components, strict=False):
+        if component in ("", "*"):
+            continue
+        match = Match.WILDCARD if ("*" in component or "?" in component) else Match.SINGLE
+        clauses.append(_text_clause(getattr(Patient, column_name),
+                                    Condition("PatientName", match, (component,)),
+                                    case_sensitive))
+    return and_(*clauses) if clauses else Patient.id.is_not(None)
+
+
+def _modalities(condition: Condition) -> ColumnElement[bool]:
+    wanted = [m for v in condition.values for m in v.split("\\") if m]
+    return or_(*(Study.modalities.contains(f"\\{m.upper()}\\", autoescape=True)
+                 for m in wanted))
+
+
+def clause(keyword: str, condition: Condition, settings: MatchSettings
+           ) -> ColumnElement[bool] | None:
+    """The WHERE clause of one condition; None for keys the index cannot match."""
+    attribute = ATTRIBUTES.get(keyword)
+    if attribute is None or attribute.column is None:
+        return None
+    column = attribute.column
+    if keyword == "PatientName":
+        result = _person_name(condition, settings.case_sensitive)
+    elif keyword == "ModalitiesInStudy":
+        result = _modalities(condition)
+    elif condition.match is Match.LIST:
+        result = column.in_(condition.values)
+    elif condition.match is Match.RANGE:
+        low, high = condition.values
+        bounds = []
+        if low:
+            bounds.append(column >= low)
+        if high:
+            # A time range's upper bound covers its fractions: -1030 includes 103000.5.
+            bounds.append(column <= high + ("\uffff" if keyword.endswith("Time") else ""))
+        result = and_(*bounds)
+    elif attribute.text:
+        result = _text_clause(column, condition, settings.case_sensitive)
+    else:
+        result = column == condition.values[0]
+    if settings.empty_matching and keyword not in _UID_KEYS:
+        empty_column = Patient.patient_name if keyword == "PatientName" else column
+        result = or_(result, empty_column == "")
+    return result
+
+
+_UID_KEYS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"})
+
+
+def statement(query: Query, partition_id: int, settings: MatchSettings,
+              level: str | None = None) -> Select[Any]:
+    """SELECT of the rows at `level` (default: the query's) that match every condition.
+
+    Keys below the query's level are not matched (hierarchical model); keys above it are, so a
+    study-level query may also constrain the patient.
+    """
+    level = level or query.level
+    entities = [_ENTITIES[lv] for lv in reversed(LEVELS[: RANK[level] + 1])]
+    stmt = select(*entities).where(Patient.partition_id == partition_id)
+    if RANK[level] >= RANK["STUDY"]:
+        stmt = stmt.join_from(Patient, Study, Study.patient_pk == Patient.id)
+    if RANK[level] >= RANK["SERIES"]:
+        stmt = stmt.join_from(Study, Series, Series.study_pk == Study.id)
+    if RANK[level] >= RANK["IMAGE"]:
+        stmt = stmt.join_from(Series, Instance, Instance.series_pk == Series.id)
+    for condition in query.conditions:
+        attribute = ATTRIBUTES.get(condition.keyword)
+        if attribute is None or RANK[attribute.level] > RANK[query.level]:
+            continue
+        where = clause(condition.keyword, condition, settings)
+        if where is not None:
+            stmt = stmt.where(where)
+    if level == "PATIENT":
+        stmt = stmt.add_columns(*_patient_counts())
+    return stmt.order_by(entities[0].id)
+
+
+def _patient_counts() -> list[Any]:
+    def of(expr: Any, name: str) -> Any:
+        return (select(func.coalesce(expr, 0)).where(Study.patient_pk == Patient.id)
+                .correlate(Patient).scalar_subquery().label(name))
+
+    return [of(func.count(Study.id), "patient_studies"),
+            of(func.sum(Study.num_series), "patient_series"),
+            of(func.sum(Study.num_instances), "patient_instances")]
+
+
+def identifier(query: Query, row: Any, retrieve_ae: str) -> Dataset:
+    """The C-FIND response identifier for one matching row: the keys the requestor asked for."""
+    values: dict[str, Any] = dict(row._mapping)
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = query.level
+    ds.RetrieveAETitle = retrieve_ae
+    for keyword in query.return_keys:
+        attribute = ATTRIBUTES.get(keyword)
+        value: Any = None
+        if attribute is not None and RANK[attribute.level] <= RANK[query.level]:
+            if attribute.value is not None:
+                value = attribute.value(values)
+            else:
+                entity = values[_ENTITIES[attribute.level].__name__]
+                value = getattr(entity, attribute.column.key)  # type: ignore[union-attr]
+        if value == "":
+            value = None
+        try:
+            setattr(ds, keyword, value)
+        except (TypeError, ValueError):
+            setattr(ds, keyword, None)
+        if keyword in ds and ds[keyword].VR == "SQ" and ds[keyword].value is None:
+            ds[keyword].value = []
+    if query.level in ("STUDY", "SERIES", "IMAGE") and "InstanceAvailability" in query.return_keys:
+        ds.InstanceAvailability = "ONLINE"
+    return ds

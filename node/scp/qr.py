@@ -1,0 +1,235 @@
+"""C-FIND, C-MOVE and C-GET answered from the index (pynetdicom generator handlers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.presentation import PresentationContext
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import QuerySettings, Settings
+from node.db.database import Database
+from node.db.models import Device
+from node.query.conditions import Query, QueryError, parse_identifier
+from node.query.index import MatchSettings, identifier, statement
+from node.scp import lookup
+from node.scp.store import Peer
+
+log = logging.getLogger(__name__)
+
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+REFUSED_NOT_AUTHORISED = 0x0124
+LIMIT_EXCEEDED = 0xA700  # Refused: out of resources (more matches than the partition's limit)
+UNABLE_TO_PROCESS = 0xC000
+NO_MATCH_KEY = 0xC001  # a retrieve without any unique key would fetch the whole partition
+MAX_SUBOPERATIONS = 65535  # the response counters are US
+
+
+def status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def match_settings(peer: Peer, defaults: QuerySettings) -> MatchSettings:
+    p = peer.partition
+    return MatchSettings(
+        case_sensitive=(p.case_sensitive_matching if p.case_sensitive_matching is not None
+                        else defaults.case_sensitive),
+        empty_matching=(p.empty_matching if p.empty_matching is not None
+                        else defaults.empty_matching),
+        limit=p.query_limit if p.query_limit is not None else defaults.limit,
+    )
+
+
+@dataclass(frozen=True)
+class Stored:
+    path: Path
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+class QueryRetrieve:
+    def __init__(self, db: Database, settings: Settings, storage_root: Path) -> None:
+        self.db = db
+        self.settings = settings
+        self.root = storage_root
+
+    # C-FIND -------------------------------------------------------------------------------
+    def find(self, event: evt.Event, peer: Peer) -> Iterator[tuple[Any, Dataset | None]]:
+        if peer.device is not None and not peer.device.allow_query:
+            log.warning("C-FIND from %s refused: device %s has no query right", peer,
+                        peer.device.name)
+            yield status(REFUSED_NOT_AUTHORISED, "this device may not query"), None
+            return
+        try:
+            query = parse_identifier(event.identifier)
+        except (QueryError, ValueError, KeyError) as exc:
+            yield status(UNABLE_TO_PROCESS, str(exc)), None
+            return
+        settings = match_settings(peer, self.settings.query)
+        started = time.perf_counter()
+        sent = 0
+        with self.db.session() as session:
+            stmt = statement(query, peer.partition.id, settings)
+            if settings.limit:
+                stmt = stmt.limit(settings.limit + 1)
+            for row in session.execute(stmt.execution_options(yield_per=200)):
+                if event.is_cancelled:
+                    log.info("C-FIND from %s cancelled after %d matches", peer, sent)
+                    yield CANCELLED, None
+                    return
+                if settings.limit and sent == settings.limit:
+                    log.warning("C-FIND %s from %s stopped at the limit of %d matches",
+                                query.level, peer, settings.limit)
+                    yield status(LIMIT_EXCEEDED, f"more than {settings.limit} matches: "
+                                 "narrow the query"), None
+                    return
+                yield PENDING, identifier(query, row, peer.partition.ae_title)
+                sent += 1
+        log.info("C-FIND %s from %s: %d matches in %.1f ms", query.level, peer, sent,
+                 (time.perf_counter() - started) * 1000)
+
+    # Retrieve -----------------------------------------------------------------------------
+    def _instances(self, query: Query, peer: Peer) -> list[Stored]:
+        settings = match_settings(peer, self.settings.query)
+        with self.db.session() as session:
+            stmt = statement(query, peer.partition.id, settings, level="IMAGE")
+            rows = [row.Instance for row in session.execute(stmt)]
+        return [Stored(self.root / r.path, r.sop_class_uid, r.sop_instance_uid,
+                       r.transfer_syntax_uid) for r in rows]
+
+    def _resolve(self, event: evt.Event, peer: Peer, verb: str
+                 ) -> tuple[list[Stored] | None, Dataset | None]:
+        """The instances to send, or the failure status that ends the request."""
+        if peer.device is not None and not peer.device.allow_retrieve:
+            log.warning("%s from %s refused: device %s has no retrieve right", verb, peer,
+                        peer.device.name)
+            return None, status(REFUSED_NOT_AUTHORISED, "this device may not retrieve")
+        try:
+            query = parse_identifier(event.identifier)
+        except (QueryError, ValueError, KeyError) as exc:
+            return None, status(UNABLE_TO_PROCESS, str(exc))
+        if not query.conditions:
+            return None, status(NO_MATCH_KEY, "a retrieve needs a unique key")
+        try:
+            instances = self._instances(query, peer)
+        except SQLAlchemyError as exc:
+            log.error("%s from %s: index unavailable: %s", verb, peer, exc)
+            return None, status(UNABLE_TO_PROCESS, "the index database is unavailable")
+        limit = match_settings(peer, self.settings.query).limit
+        if (limit and len(instances) > limit) or len(instances) > MAX_SUBOPERATIONS:
+            cap = min(limit, MAX_SUBOPERATIONS) if limit else MAX_SUBOPERATIONS
+            log.warning("%s from %s refused: %d instances, more than %d", verb, peer,
+                        len(instances), cap)
+            return None, status(LIMIT_EXCEEDED, f"{len(instances)} instances, more than {cap}")
+        log.info("%s %s from %s: %d instances", verb, query.level, peer, len(instances))
+        return instances, None
+
+    def _datasets(self, event: evt.Event, instances: list[Stored]
+                  ) -> Iterator[tuple[int, Dataset | None]]:
+        for item in instances:
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return
+            try:
+                # Pixel data stays undecoded; elements pydicom never touched are written back
+                # byte for byte, so the receiver gets what was stored.
+                ds = dcmread(item.path, defer_size="1 MB")
+            except (OSError, ValueError) as exc:
+                log.error("cannot read stored instance %s: %s", item.path, exc)
+                failed = Dataset()
+                failed.SOPInstanceUID = item.sop_instance
+                yield PENDING, failed  # counted as a failed sub-operation
+                continue
+            yield PENDING, ds
+
+    def move(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
+        destination_ae = event.move_destination.strip()
+        instances, failure = self._resolve(event, peer, "C-MOVE")
+        with self.db.session() as session:
+            device = lookup.device_row(session, peer.partition.id, destination_ae,
+                                       enabled_only=True)
+            if device is None:
+                log.warning("C-MOVE from %s: destination %r is not in the device table",
+                            peer, destination_ae)
+                yield None, None  # 0xA801 move destination unknown
+                return
+            address = device.ip or device.host
+            kwargs = self._outbound(device, instances or [])
+            port = device.port
+        if failure is not None:
+            # pynetdicom needs the destination and a count before any status; a count of one
+            # then the failure status ends the request without a sub-operation.
+            yield address, port, kwargs
+            yield 1
+            yield failure, None
+            return
+        assert instances is not None
+        yield address, port, kwargs
+        yield len(instances)
+        yield from self._datasets(event, instances)
+
+    def get(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
+        instances, failure = self._resolve(event, peer, "C-GET")
+        if failure is not None:
+            yield 1
+            yield failure, None
+            return
+        assert instances is not None
+        yield len(instances)
+        yield from self._datasets(event, instances)
+
+    def _outbound(self, device: Device, instances: list[Stored]) -> dict[str, Any]:
+        """Association settings for sub-operations to `device` (its own, else the node's)."""
+        d = self.settings.dicom
+        extra = [ts.strip() for ts in device.transfer_syntaxes.split(",") if ts.strip()]
+        timeouts = {
+            "acse_timeout": device.acse_timeout or d.acse_timeout,
+            "dimse_timeout": device.dimse_timeout or d.dimse_timeout,
+            "network_timeout": device.network_timeout or d.network_timeout,
+        }
+
+        def apply_timeouts(event: evt.Event) -> None:
+            for name, value in timeouts.items():
+                setattr(event.assoc, name, value)
+
+        return {
+            "contexts": sub_operation_contexts(
+                [(i.sop_class, i.transfer_syntax) for i in instances], extra),
+            "max_pdu": device.max_pdu_size or d.max_pdu_size,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, apply_timeouts)],
+        }
+
+
+def sub_operation_contexts(pairs: list[tuple[str, str]], extra: list[str]
+                           ) -> list[PresentationContext]:
+    """One context per (SOP class, stored syntax) so compressed data goes as stored, plus one
+    uncompressed context per SOP class (at most 128, pynetdicom's limit)."""
+    uncompressed = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+    contexts: list[PresentationContext] = []
+    seen: set[tuple[str, str]] = set()
+    classes: list[str] = []
+    for sop_class, syntax in pairs:
+        if sop_class not in classes:
+            classes.append(sop_class)
+        if syntax not in uncompressed and (sop_class, syntax) not in seen:
+            seen.add((sop_class, syntax))
+            contexts.append(build_context(sop_class, [syntax]))
+    for sop_class in classes:
+        contexts.append(build_context(sop_class, uncompressed + [
+            ts for ts in extra if ts not in uncompressed]))
+    return contexts[:128]

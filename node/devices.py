@@ -6,9 +6,11 @@ import ipaddress
 import socket
 from typing import Any
 
+from pydicom.uid import AllTransferSyntaxes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node.config import resolve_transfer_syntax
 from node.db.models import Device, DeviceType
 from node.partitions import AdminError, check_ae_title, check_port
 from node.partitions import get as get_partition
@@ -17,6 +19,7 @@ from node.scp.coercion import CoercionError, parse_rules
 EDITABLE = (
     "name", "ae_title", "host", "port", "tls_port", "device_type", "enabled", "partition",
     "description", "coercion_rules", "allow_storage", "allow_query", "allow_retrieve",
+    "max_pdu_size", "acse_timeout", "dimse_timeout", "network_timeout", "transfer_syntaxes",
 )
 
 
@@ -67,6 +70,14 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
             parse_rules(values["coercion_rules"])
         except CoercionError as exc:
             raise AdminError(f"invalid coercion rule: {exc}") from None
+    if values.get("max_pdu_size") and values["max_pdu_size"] < 4096:
+        raise AdminError("max PDU size must be 0 (node default) or at least 4096")
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        if values.get(key) is not None and values[key] < 0:
+            raise AdminError(f"{key.replace('_', ' ')} must be 0 (node default) or positive")
+    if "transfer_syntaxes" in values:
+        values["transfer_syntaxes"] = ",".join(
+            _transfer_syntax(ts) for ts in values["transfer_syntaxes"].split(",") if ts.strip())
     if "host" in values:
         values["host"] = values["host"].strip()
         values["ip"] = resolve_ip(values["host"])
@@ -79,6 +90,13 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
         if clash is not None and clash is not current:
             scope = "node-wide" if pid is None else "in that partition"
             raise AdminError(f"device {clash.name!r} already has AE title {ae} {scope}")
+
+
+def _transfer_syntax(value: str) -> str:
+    uid = resolve_transfer_syntax(value.strip())
+    if uid not in {str(ts) for ts in AllTransferSyntaxes}:
+        raise AdminError(f"{value.strip()!r} is not a known transfer syntax")
+    return uid
 
 
 def get(session: Session, name: str) -> Device:

@@ -21,6 +21,7 @@ EDITABLE = (
     "accept_any_device", "auto_insert_devices", "default_remote_port", "match_patient_name",
     "match_patient_id", "match_patient_sex", "match_patient_birth_date",
     "match_accession_number", "match_issuer_of_patient_id", "track_deleted_studies",
+    "case_sensitive_matching", "empty_matching", "query_limit",
 )
 
 
@@ -58,6 +59,8 @@ def _validate(session: Session, values: dict[str, Any], current: Partition | Non
             raise AdminError(f"folder {values['folder']} is already used by another partition")
     if "port" in values:
         check_port(values["port"])
+    if values.get("query_limit") is not None and values["query_limit"] < 0:
+        raise AdminError("query limit must be 0 (no limit) or positive")
     if "default_remote_port" in values:
         check_port(values["default_remote_port"], "default remote port")
     if "duplicate_policy" in values:

@@ -49,6 +49,18 @@ Query = Annotated[bool | None, typer.Option("--query/--no-query",
 Retrieve = Annotated[bool | None, typer.Option("--retrieve/--no-retrieve",
                                                help="May retrieve (C-MOVE/C-GET) from this node.")]
 
+MaxPdu = Annotated[int | None, typer.Option(
+    "--max-pdu", help="Max PDU size for associations to the device (0: the node's).")]
+AcseTimeout = Annotated[float | None, typer.Option(
+    "--acse-timeout", help="Seconds for association set-up with the device (0: the node's).")]
+DimseTimeout = Annotated[float | None, typer.Option(
+    "--dimse-timeout", help="Seconds to wait for the device's DIMSE answers (0: the node's).")]
+NetworkTimeout = Annotated[float | None, typer.Option(
+    "--network-timeout", help="Idle seconds before closing (0: the node's).")]
+Syntaxes = Annotated[str | None, typer.Option(
+    "--transfer-syntaxes", help="Syntaxes to offer the device besides each instance's own, "
+    "comma separated (UIDs or keywords).")]
+
 
 def _rules(rule: list[str] | None, rules_file: Path | None, clear: bool) -> str | None:
     if clear:
@@ -83,6 +95,11 @@ def add(
     storage: Storage = None,
     query: Query = None,
     retrieve: Retrieve = None,
+    max_pdu: MaxPdu = None,
+    acse_timeout: AcseTimeout = None,
+    dimse_timeout: DimseTimeout = None,
+    network_timeout: NetworkTimeout = None,
+    transfer_syntaxes: Syntaxes = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a device (AE title defaults to the id)."""
@@ -90,7 +107,9 @@ def add(
                      port=port, tls_port=tls_port, device_type=device_type, partition=partition,
                      description=description, enabled=enabled,
                      coercion_rules=_rules(rule, rules_file, False), allow_storage=storage,
-                     allow_query=query, allow_retrieve=retrieve)
+                     allow_query=query, allow_retrieve=retrieve, max_pdu_size=max_pdu,
+                     acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
+                     network_timeout=network_timeout, transfer_syntaxes=transfer_syntaxes)
     with transaction(config) as session:
         d = devices.add(session, **values)
         typer.echo(f"added device {d.name} ({d.ae_title} at {d.host or '?'}:{d.port})")
@@ -158,13 +177,21 @@ def edit(
     storage: Storage = None,
     query: Query = None,
     retrieve: Retrieve = None,
+    max_pdu: MaxPdu = None,
+    acse_timeout: AcseTimeout = None,
+    dimse_timeout: DimseTimeout = None,
+    network_timeout: NetworkTimeout = None,
+    transfer_syntaxes: Syntaxes = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a device; a running node uses the change from the next association."""
     values = _values(name=new_name, ae_title=ae_title, host=host, port=port, tls_port=tls_port,
                      device_type=device_type, partition=partition, description=description,
                      enabled=enabled, coercion_rules=_rules(rule, rules_file, clear_rules),
-                     allow_storage=storage, allow_query=query, allow_retrieve=retrieve)
+                     allow_storage=storage, allow_query=query, allow_retrieve=retrieve,
+                     max_pdu_size=max_pdu, acse_timeout=acse_timeout,
+                     dimse_timeout=dimse_timeout, network_timeout=network_timeout,
+                     transfer_syntaxes=transfer_syntaxes)
     if not values:
         fail("nothing to change: give at least one option (see --help)")
     with transaction(config) as session:

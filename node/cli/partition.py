@@ -43,6 +43,13 @@ Match = Annotated[str | None, typer.Option(
 TrackDeleted = Annotated[bool | None, typer.Option(
     "--track-deleted/--no-track-deleted",
     help="Keep deleted studies in a deleted folder (default: off).")]
+CaseSensitive = Annotated[str | None, typer.Option(
+    "--case-sensitive", help="Case-sensitive query matching: on | off | default (the node's "
+    "query.case_sensitive).")]
+EmptyMatching = Annotated[str | None, typer.Option(
+    "--empty-matching", help="An empty value matches a non-empty query key: on | off | default.")]
+QueryLimit = Annotated[str | None, typer.Option(
+    "--query-limit", help="Most matches a query or retrieve may have (0: none) | default.")]
 NewAe = Annotated[str | None, typer.Option("--ae-title", help="Rename the AE title.")]
 
 
@@ -62,16 +69,42 @@ def _match_values(spec: str) -> dict[str, bool]:
     return {flag: flag in chosen for flag in MATCH_FIELDS}
 
 
+def _switch(name: str, value: str) -> bool | None:
+    word = value.strip().lower()
+    if word not in ("on", "off", "default"):
+        fail(f"{name} must be on, off or default, not {value!r}")
+    return None if word == "default" else word == "on"
+
+
+def _limit(value: str) -> int | None:
+    if value.strip().lower() == "default":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"--query-limit must be a number or default, not {value!r}")
+
+
 def _values(**options: Any) -> dict[str, Any]:
     match = options.pop("match")
+    query = {key: options.pop(key) for key in ("case_sensitive", "empty_matching", "query_limit")}
     values = {k: v for k, v in options.items() if v is not None}
     if match is not None:
         values.update(_match_values(match))
+    if query["case_sensitive"] is not None:
+        values["case_sensitive_matching"] = _switch("--case-sensitive", query["case_sensitive"])
+    if query["empty_matching"] is not None:
+        values["empty_matching"] = _switch("--empty-matching", query["empty_matching"])
+    if query["query_limit"] is not None:
+        values["query_limit"] = _limit(query["query_limit"])
     return values
 
 
 def _show(p: Any, studies: int) -> None:
     data = partitions.as_dict(p, studies)
+    for key in ("case_sensitive_matching", "empty_matching", "query_limit"):
+        if data[key] is None:
+            data[key] = "(node default)"
     data["match"] = ",".join(kw for flag, kw in MATCH_FIELDS.items() if data.pop(flag)) or "none"
     fields(data)
 
@@ -89,6 +122,9 @@ def add(
     default_remote_port: RemotePort = None,
     match: Match = None,
     track_deleted: TrackDeleted = None,
+    case_sensitive: CaseSensitive = None,
+    empty_matching: EmptyMatching = None,
+    query_limit: QueryLimit = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a partition (port defaults to 11112)."""
@@ -96,7 +132,9 @@ def add(
                      description=description, enabled=enabled,
                      duplicate_policy=duplicate_policy, accept_any_device=accept_any,
                      auto_insert_devices=auto_insert, default_remote_port=default_remote_port,
-                     match=match, track_deleted_studies=track_deleted)
+                     match=match, track_deleted_studies=track_deleted,
+                     case_sensitive=case_sensitive, empty_matching=empty_matching,
+                     query_limit=query_limit)
     with transaction(config) as session:
         p = partitions.add(session, ae_title=ae_title, **values)
         typer.echo(f"added partition {p.ae_title} on port {p.port} (folder {p.folder})")
@@ -146,6 +184,9 @@ def edit(
     default_remote_port: RemotePort = None,
     match: Match = None,
     track_deleted: TrackDeleted = None,
+    case_sensitive: CaseSensitive = None,
+    empty_matching: EmptyMatching = None,
+    query_limit: QueryLimit = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a partition's settings; a running node applies them without a restart."""
@@ -153,7 +194,8 @@ def edit(
                      enabled=enabled, duplicate_policy=duplicate_policy,
                      accept_any_device=accept_any, auto_insert_devices=auto_insert,
                      default_remote_port=default_remote_port, match=match,
-                     track_deleted_studies=track_deleted)
+                     track_deleted_studies=track_deleted, case_sensitive=case_sensitive,
+                     empty_matching=empty_matching, query_limit=query_limit)
     if not values:
         fail("nothing to change: give at least one option (see --help)")
     with transaction(config) as session:

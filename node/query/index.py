@@ -121,7 +121,7 @@ def clause(keyword: str, condition: Condition, settings: MatchSettings
         result = column.in_(condition.values)
     elif condition.match is Match.RANGE:
         low, high = condition.values
-        bounds = []
+        bounds = [column != ""]  # an absent date is in no range (empty matching aside)
         if low:
             bounds.append(column >= low)
         if high:

@@ -19,8 +19,12 @@ ROOT = "1.2.826.0.1.3680043.10.1457.9"
 
 
 def fill(db: Database, partition_id: int, studies: int, *, series_per_study: int = 2,
-         instances_per_series: int = 5, seed: int = 1, batch: int = 2000) -> None:
-    """`studies` studies (one patient each two studies) with their series and instances."""
+         instances_per_series: int = 5, seed: int = 1, batch: int = 2000,
+         path: str | None = None) -> None:
+    """`studies` studies (one patient each two studies) with their series and instances.
+
+    `path`: one stored file every instance row points to (default: files that do not exist).
+    """
     rng = random.Random(seed)
     now = datetime.now(UTC)
     with db.transaction() as session:
@@ -78,7 +82,7 @@ def fill(db: Database, partition_id: int, studies: int, *, series_per_study: int
                     "sop_instance_uid": f"{study_uid}.{s}.{n}",
                     "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "instance_number": str(n + 1),
                     "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                    "path": f"X/{study_uid}/{study_uid}.{s}/{study_uid}.{s}.{n}.dcm",
+                    "path": path or f"X/{study_uid}/{study_uid}.{s}/{study_uid}.{s}.{n}.dcm",
                     "size": 0, "calling_ae_title": "FILL", "received_at": now,
                 })
             series_pk += 1

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import QuerySettings, Settings
@@ -172,9 +173,9 @@ class QueryRetrieve:
             kwargs = self._outbound(device, instances or [])
             port = device.port
         if failure is not None:
-            # pynetdicom needs the destination and a count before any status; a count of one
-            # then the failure status ends the request without a sub-operation.
-            yield address, port, kwargs
+            # pynetdicom associates with the destination before it sends any status, so the
+            # destination sees a short association (Verification only) and no sub-operation.
+            yield address, port, {**kwargs, "contexts": [build_context(Verification)]}
             yield 1
             yield failure, None
             return

@@ -11,6 +11,8 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from node.scu.tuning import CONNECTION_HANDLERS
+
 
 def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
               contexts: Iterable[str] | None = None) -> Association:
@@ -23,7 +25,7 @@ def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
     for cx in contexts or [*(c.abstract_syntax for c in StoragePresentationContexts[:100]),
                            Verification]:
         ae.add_requested_context(cx, syntaxes)  # type: ignore[arg-type]
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=CONNECTION_HANDLERS)
 
 
 def store(port: int, items: Iterable[Path | Dataset], called: str = "PACSNODE",

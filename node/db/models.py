@@ -21,6 +21,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -133,6 +135,12 @@ class Patient(Base):
     __table_args__ = (
         UniqueConstraint("partition_id", "patient_id", "issuer_of_patient_id"),
         Index("ix_patients_patient_id", "patient_id"),
+        # Case-insensitive matching compares upper(value); text_pattern_ops lets PostgreSQL
+        # use the index for LIKE 'ABC%' as well as for equality.
+        Index("ix_patients_upper_patient_id", func.upper(text("patient_id")).label("u"),
+              postgresql_ops={"u": "text_pattern_ops"}),
+        Index("ix_patients_upper_name_family", func.upper(text("name_family")).label("u"),
+              postgresql_ops={"u": "text_pattern_ops"}),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -156,6 +164,8 @@ class Study(Base):
     __table_args__ = (
         UniqueConstraint("partition_id", "study_instance_uid"),
         Index("ix_studies_partition_id_study_date", "partition_id", "study_date"),
+        Index("ix_studies_upper_accession_number", func.upper(text("accession_number")).label("u"),
+              postgresql_ops={"u": "text_pattern_ops"}),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

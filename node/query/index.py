@@ -29,6 +29,9 @@ class MatchSettings:
     case_sensitive: bool = False
     empty_matching: bool = False
     limit: int = 0  # 0: no limit
+    # SQLite never uses an index for LIKE on an expression such as upper(column); a pure prefix
+    # pattern is written as a range there instead (exact under its binary collation).
+    prefix_as_range: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,16 +80,21 @@ ATTRIBUTES: dict[str, Attribute] = {
 _ENTITIES = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
 
 
-def _text_clause(column: Any, condition: Condition, case_sensitive: bool) -> ColumnElement[bool]:
+def _text_clause(column: Any, condition: Condition, settings: MatchSettings
+                 ) -> ColumnElement[bool]:
     value = condition.values[0]
-    if not case_sensitive:
+    if not settings.case_sensitive:
         column, value = func.upper(column), value.upper()
-    if condition.match is Match.WILDCARD:
-        return column.like(like_pattern(value), escape="\\")
-    return column == value
+    if condition.match is not Match.WILDCARD:
+        return column == value
+    prefix = value[:-1]
+    if (settings.prefix_as_range and value.endswith("*") and prefix
+            and "*" not in prefix and "?" not in prefix):
+        return and_(column >= prefix, column < prefix[:-1] + chr(ord(prefix[-1]) + 1))
+    return column.like(like_pattern(value), escape="\\")
 
 
-def _person_name(condition: Condition, case_sensitive: bool) -> ColumnElement[bool]:
+def _person_name(condition: Condition, settings: MatchSettings) -> ColumnElement[bool]:
     """Component by component: SMITH matches SMITH^JOHN, SMITH^J* matches SMITH^JANE."""
     clauses = []
     components = person_name_components(condition.values[0])
@@ -96,7 +104,7 @@ def _person_name(condition: Condition, case_sensitive: bool) -> ColumnElement[bo
         match = Match.WILDCARD if ("*" in component or "?" in component) else Match.SINGLE
         clauses.append(_text_clause(getattr(Patient, column_name),
                                     Condition("PatientName", match, (component,)),
-                                    case_sensitive))
+                                    settings))
     return and_(*clauses) if clauses else Patient.id.is_not(None)
 
 
@@ -114,7 +122,7 @@ def clause(keyword: str, condition: Condition, settings: MatchSettings
         return None
     column = attribute.column
     if keyword == "PatientName":
-        result = _person_name(condition, settings.case_sensitive)
+        result = _person_name(condition, settings)
     elif keyword == "ModalitiesInStudy":
         result = _modalities(condition)
     elif condition.match is Match.LIST:
@@ -129,7 +137,7 @@ def clause(keyword: str, condition: Condition, settings: MatchSettings
             bounds.append(column <= high + ("\uffff" if keyword.endswith("Time") else ""))
         result = and_(*bounds)
     elif attribute.text:
-        result = _text_clause(column, condition, settings.case_sensitive)
+        result = _text_clause(column, condition, settings)
     else:
         result = column == condition.values[0]
     if settings.empty_matching and keyword not in _UID_KEYS:
@@ -150,7 +158,10 @@ def statement(query: Query, partition_id: int, settings: MatchSettings,
     """
     level = level or query.level
     entities = [_ENTITIES[lv] for lv in reversed(LEVELS[: RANK[level] + 1])]
-    stmt = select(*entities).where(Patient.partition_id == partition_id)
+    # Below PATIENT the study carries the partition, so (partition, study UID) and
+    # (partition, study date) indexes lead the plan instead of a walk over patients.
+    owner = Patient if level == "PATIENT" else Study
+    stmt = select(*entities).where(owner.partition_id == partition_id)
     if RANK[level] >= RANK["STUDY"]:
         stmt = stmt.join_from(Patient, Study, Study.patient_pk == Patient.id)
     if RANK[level] >= RANK["SERIES"]:

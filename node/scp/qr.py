@@ -24,6 +24,7 @@ from node.query.conditions import Query, QueryError, parse_identifier
 from node.query.index import MatchSettings, identifier, statement
 from node.scp import lookup
 from node.scp.store import Peer
+from node.scu.tuning import tcp_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ def status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-def match_settings(peer: Peer, defaults: QuerySettings) -> MatchSettings:
+def match_settings(peer: Peer, defaults: QuerySettings, dialect: str) -> MatchSettings:
     p = peer.partition
     return MatchSettings(
+        prefix_as_range=dialect == "sqlite",
         case_sensitive=(p.case_sensitive_matching if p.case_sensitive_matching is not None
                         else defaults.case_sensitive),
         empty_matching=(p.empty_matching if p.empty_matching is not None
@@ -81,7 +83,7 @@ class QueryRetrieve:
         except (QueryError, ValueError, KeyError) as exc:
             yield status(UNABLE_TO_PROCESS, str(exc)), None
             return
-        settings = match_settings(peer, self.settings.query)
+        settings = match_settings(peer, self.settings.query, self.db.engine.dialect.name)
         started = time.perf_counter()
         sent = 0
         with self.db.session() as session:
@@ -106,7 +108,7 @@ class QueryRetrieve:
 
     # Retrieve -----------------------------------------------------------------------------
     def _instances(self, query: Query, peer: Peer) -> list[Stored]:
-        settings = match_settings(peer, self.settings.query)
+        settings = match_settings(peer, self.settings.query, self.db.engine.dialect.name)
         with self.db.session() as session:
             stmt = statement(query, peer.partition.id, settings, level="IMAGE")
             rows = [row.Instance for row in session.execute(stmt)]
@@ -131,7 +133,7 @@ class QueryRetrieve:
         except SQLAlchemyError as exc:
             log.error("%s from %s: index unavailable: %s", verb, peer, exc)
             return None, status(UNABLE_TO_PROCESS, "the index database is unavailable")
-        limit = match_settings(peer, self.settings.query).limit
+        limit = match_settings(peer, self.settings.query, self.db.engine.dialect.name).limit
         if (limit and len(instances) > limit) or len(instances) > MAX_SUBOPERATIONS:
             cap = min(limit, MAX_SUBOPERATIONS) if limit else MAX_SUBOPERATIONS
             log.warning("%s from %s refused: %d instances, more than %d", verb, peer,
@@ -204,7 +206,8 @@ class QueryRetrieve:
             "network_timeout": device.network_timeout or d.network_timeout,
         }
 
-        def apply_timeouts(event: evt.Event) -> None:
+        def on_open(event: evt.Event) -> None:
+            tcp_nodelay(event)
             for name, value in timeouts.items():
                 setattr(event.assoc, name, value)
 
@@ -212,7 +215,7 @@ class QueryRetrieve:
             "contexts": sub_operation_contexts(
                 [(i.sop_class, i.transfer_syntax) for i in instances], extra),
             "max_pdu": device.max_pdu_size or d.max_pdu_size,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, apply_timeouts)],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, on_open)],
         }
 
 

@@ -10,6 +10,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import Settings
+from node.scu.tuning import CONNECTION_HANDLERS
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def echo(settings: Settings, *, address: str, port: int, called_ae: str,
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         return EchoResult(False, None, (time.perf_counter() - started) * 1000,
                           f"TCP connection to {address}:{port} failed: {reason.lower()}")
-    assoc = ae.associate(address, port, ae_title=called_ae)
+    assoc = ae.associate(address, port, ae_title=called_ae, evt_handlers=CONNECTION_HANDLERS)
     if not assoc.is_established:
         elapsed = (time.perf_counter() - started) * 1000
         if assoc.is_rejected:

@@ -95,7 +95,7 @@ def main() -> None:
     assert node.db is not None
     try:
         with node.db.session() as session:
-            partition_id = session.scalar(select(Partition.id))
+            partition_id, port = session.execute(select(Partition.id, Partition.port)).first()
             have = session.scalar(select(func.count()).select_from(Study)) or 0
         if have < args.studies:
             started = time.perf_counter()

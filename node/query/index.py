@@ -158,9 +158,12 @@ def statement(query: Query, partition_id: int, settings: MatchSettings,
     """
     level = level or query.level
     entities = [_ENTITIES[lv] for lv in reversed(LEVELS[: RANK[level] + 1])]
-    # Below PATIENT the study carries the partition, so (partition, study UID) and
-    # (partition, study date) indexes lead the plan instead of a walk over patients.
-    owner = Patient if level == "PATIENT" else Study
+    # The partition is filtered on the table whose keys the query constrains, so the planner
+    # starts from their indexes: (partition, study UID/date) for study keys, patient ID/name
+    # for patient keys, instead of walking the whole partition from the other side.
+    below_patient = [c for c in query.conditions if c.keyword in ATTRIBUTES
+                     and ATTRIBUTES[c.keyword].level != "PATIENT"]
+    owner = Study if level != "PATIENT" and below_patient else Patient
     stmt = select(*entities).where(owner.partition_id == partition_id)
     if RANK[level] >= RANK["STUDY"]:
         stmt = stmt.join_from(Patient, Study, Study.patient_pk == Patient.id)

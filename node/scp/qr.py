@@ -71,6 +71,9 @@ class QueryRetrieve:
         self.settings = settings
         self.root = storage_root
 
+    def _match(self, peer: Peer) -> MatchSettings:
+        return match_settings(peer, self.settings.query, self.db.engine.dialect.name)
+
     # C-FIND -------------------------------------------------------------------------------
     def find(self, event: evt.Event, peer: Peer) -> Iterator[tuple[Any, Dataset | None]]:
         if peer.device is not None and not peer.device.allow_query:
@@ -83,7 +86,15 @@ class QueryRetrieve:
         except (QueryError, ValueError, KeyError) as exc:
             yield status(UNABLE_TO_PROCESS, str(exc)), None
             return
-        settings = match_settings(peer, self.settings.query, self.db.engine.dialect.name)
+        settings = self._match(peer)
+        try:
+            yield from self._answers(event, peer, query, settings)
+        except SQLAlchemyError as exc:
+            log.error("C-FIND from %s: index unavailable: %s", peer, exc)
+            yield status(UNABLE_TO_PROCESS, "the index database is unavailable"), None
+
+    def _answers(self, event: evt.Event, peer: Peer, query: Query, settings: MatchSettings
+                 ) -> Iterator[tuple[Any, Dataset | None]]:
         started = time.perf_counter()
         sent = 0
         with self.db.session() as session:
@@ -108,7 +119,7 @@ class QueryRetrieve:
 
     # Retrieve -----------------------------------------------------------------------------
     def _instances(self, query: Query, peer: Peer) -> list[Stored]:
-        settings = match_settings(peer, self.settings.query, self.db.engine.dialect.name)
+        settings = self._match(peer)
         with self.db.session() as session:
             stmt = statement(query, peer.partition.id, settings, level="IMAGE")
             rows = [row.Instance for row in session.execute(stmt)]
@@ -133,7 +144,7 @@ class QueryRetrieve:
         except SQLAlchemyError as exc:
             log.error("%s from %s: index unavailable: %s", verb, peer, exc)
             return None, status(UNABLE_TO_PROCESS, "the index database is unavailable")
-        limit = match_settings(peer, self.settings.query, self.db.engine.dialect.name).limit
+        limit = self._match(peer).limit
         if (limit and len(instances) > limit) or len(instances) > MAX_SUBOPERATIONS:
             cap = min(limit, MAX_SUBOPERATIONS) if limit else MAX_SUBOPERATIONS
             log.warning("%s from %s refused: %d instances, more than %d", verb, peer,

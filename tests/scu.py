@@ -45,3 +45,12 @@ def store(port: int, items: Iterable[Path | Dataset], called: str = "PACSNODE",
 
 def statuses(responses: list[Dataset]) -> list[int]:
     return [int(r.Status) for r in responses]
+
+
+def identifier(level: str, keys: dict[str, object]) -> Dataset:
+    """A query/retrieve identifier at `level` with the given keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.models import Instance, Patient, Series, Study, utcnow
+from node.dicomtext import element_text
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
                     "PatientSex")
@@ -34,17 +35,8 @@ _WIDTH = {"PatientBirthDate": 8, "StudyDate": 8, "SeriesDate": 8, "AccessionNumb
 
 
 def text_of(ds: Dataset, keyword: str) -> str:
-    """An element as index text: '' when absent, multiple values joined by backslash."""
-    if keyword not in ds:
-        return ""
-    value = ds[keyword].value
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    text = text.strip()
+    """An element as index text: '' when absent, cut to its column's width (UIDs never)."""
+    text = (element_text(ds, keyword) or "").strip()
     if keyword in _UID_KEYWORDS:
         return text  # never cut: an over-long UID must fail validation, not be shortened
     return text[: _WIDTH.get(keyword, 64)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
+from node.dicomtext import element_text
+
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
 
@@ -66,15 +68,6 @@ def condition_for(keyword: str, vr: str, value: str) -> Condition:
     return Condition(keyword, Match.SINGLE, (text,))
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds[keyword].value
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
 def parse_identifier(ds: Dataset) -> Query:
     """Conditions and return keys of a query identifier; raises QueryError."""
     level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
@@ -89,7 +82,7 @@ def parse_identifier(ds: Dataset) -> Query:
         keys.append(keyword)
         if element.VR == "SQ":
             continue  # no sequence attribute is indexed: matched universally, returned empty
-        condition = condition_for(keyword, element.VR, _text(ds, keyword))
+        condition = condition_for(keyword, element.VR, element_text(ds, keyword) or "")
         if condition.match is not Match.UNIVERSAL:
             conditions.append(condition)
     return Query(level, tuple(conditions), tuple(keys))

@@ -26,6 +26,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
+from node.dicomtext import element_text
+
 # Alphanumeric VRs that are safe to coerce; UI is left out on purpose (see module docstring).
 COERCIBLE_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
@@ -151,23 +153,11 @@ def _rule(op: str, args: list[str], line_no: int) -> Rule:
     return Rule(op, tag, vr)
 
 
-def _text(ds: Dataset, tag: BaseTag) -> str | None:
-    """The element's value as DICOM text (multiple values joined by backslash), or None."""
-    if tag not in ds:
-        return None
-    value = ds[tag].value
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
 def apply_rules(rules: list[Rule], ds: Dataset) -> list[str]:
     """Apply `rules` to `ds` in order; returns the keywords that changed."""
     changed: list[str] = []
     for rule in rules:
-        current = _text(ds, rule.tag)
+        current = element_text(ds, rule.tag)
         new: str | None
         if rule.op == "remove":
             if current is not None:
@@ -178,7 +168,7 @@ def apply_rules(rules: list[Rule], ds: Dataset) -> list[str]:
             new = rule.value
         elif rule.op == "copy":
             assert rule.source is not None
-            new = _text(ds, rule.source)
+            new = element_text(ds, rule.source)
         elif not current:
             new = None  # prefix/suffix/replace leave an absent or empty value alone
         elif rule.op == "prefix":

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 from tests.conftest import RunningNode, dcmtk_env
 from tests.dicomgen import Patient, make_instance, uid
 from tests.indexfill import fill
-from tests.scu import statuses, store
+from tests.scu import identifier, statuses, store
 
 
 @dataclass
@@ -73,15 +73,12 @@ def find(node: RunningNode, level: str, model: str = "study", calling: str = "FI
     ae.add_requested_context(sop_class)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
     assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(query, keyword, value)
+    query = identifier(level, keys)
     found, final = [], -1
     try:
-        for status, identifier in assoc.send_c_find(query, sop_class):
+        for status, answer in assoc.send_c_find(query, sop_class):
             if status.Status in (0xFF00, 0xFF01):
-                found.append(identifier)
+                found.append(answer)
             else:
                 final = int(status.Status)
     finally:

@@ -33,7 +33,7 @@ from tests.conftest import RunningNode, dcmtk_env, free_port, wait_for
 from tests.dicomgen import make_instance
 from tests.indexfill import fill
 from tests.integration.test_find import Archive, populate
-from tests.scu import statuses, store
+from tests.scu import identifier, statuses, store
 
 
 def body(path: Path) -> bytes:
@@ -89,14 +89,11 @@ def move(node: RunningNode, level: str, destination: str = "DEST", model: str = 
     ae.add_requested_context(sop_class)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
     assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(query, keyword, value)
+    query = identifier(level, keys)
     try:
         responses = []
-        for status, identifier in assoc.send_c_move(query, destination, sop_class):
-            status.identifier = identifier
+        for status, answer in assoc.send_c_move(query, destination, sop_class):
+            status.identifier = answer
             responses.append(status)
         return responses
     finally:
@@ -224,10 +221,7 @@ def get(node: RunningNode, level: str, folder: Path, model: str = "study",
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE", ext_neg=roles,
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(query, keyword, value)
+    query = identifier(level, keys)
     try:
         return [status for status, _ in assoc.send_c_get(query, sop_class)]
     finally:

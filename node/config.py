@@ -76,6 +76,24 @@ class QuerySettings:
 
 
 @dataclass
+class ForwardingSettings:
+    """The forwarding queue and its senders (defaults; a device may override some)."""
+
+    workers: int = 4  # sender tasks running at once, over all destinations
+    poll_seconds: float = 1.0  # how often the queue is checked when idle
+    batch_size: int = 50  # jobs one sender task claims at a time
+    retry_base_seconds: float = 10.0  # first retry delay; doubles per attempt
+    retry_max_seconds: float = 3600.0  # the longest delay between attempts
+    max_attempts: int = 20  # then the job is marked failed
+    lease_seconds: float = 600.0  # a crashed sender's claimed jobs are taken back after this
+    heartbeat: bool = True  # keep associations open between transmissions (seed 001)
+    heartbeat_interval: float = 30.0  # C-ECHO on an idle association this often
+    heartbeat_idle_seconds: float = 300.0  # release an association idle this long
+    remove_private_tags: bool = False  # seed 001 system default, per-device override
+    send_updates: bool = True  # forward new instances of studies already forwarded
+
+
+@dataclass
 class BootstrapPartition:
     """Created when the database holds no partition at all (first start)."""
 
@@ -90,6 +108,7 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     dicom: DicomSettings = field(default_factory=DicomSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     bootstrap_partition: BootstrapPartition = field(default_factory=BootstrapPartition)
     source: Path | None = None
 
@@ -128,6 +147,7 @@ _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "dicom": DicomSettings,
     "query": QuerySettings,
+    "forwarding": ForwardingSettings,
     "bootstrap_partition": BootstrapPartition,
 }
 
@@ -174,6 +194,13 @@ def validate(settings: Settings) -> None:
         if resolved not in known:
             raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a known transfer syntax")
         d.transfer_syntaxes[i] = resolved
+    f = settings.forwarding
+    if f.workers < 1 or f.batch_size < 1 or f.max_attempts < 1:
+        raise ConfigError("forwarding.workers, batch_size and max_attempts must be at least 1")
+    for key in ("poll_seconds", "retry_base_seconds", "retry_max_seconds", "lease_seconds",
+                "heartbeat_interval", "heartbeat_idle_seconds"):
+        if getattr(f, key) <= 0:
+            raise ConfigError(f"forwarding.{key} must be positive")
     if settings.query.limit < 0:
         raise ConfigError("query.limit must be 0 (no limit) or positive")
     if not 0 < settings.bootstrap_partition.port < 65536:

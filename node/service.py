@@ -14,6 +14,7 @@ from node.config import Settings
 from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
+from node.forwarding.service import Forwarder
 from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
@@ -46,6 +47,7 @@ class Node:
         self.settings = settings
         self.db: Database | None = None
         self.server: DicomServer | None = None
+        self.forwarder: Forwarder | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -62,13 +64,20 @@ class Node:
         # filesystem, putting it into the archive is a link, not a copy.
         tempfile.tempdir = str(storage / files.INCOMING)
         configure_pynetdicom()
-        self.server = DicomServer(settings, self.db, Ingest(self.db, storage),
+        self.forwarder = Forwarder(self.db, settings, storage, owner=settings.node.name)
+        ingest = Ingest(self.db, storage, settings.forwarding.send_updates,
+                        on_queued=self.forwarder.wake)
+        self.server = DicomServer(settings, self.db, ingest,
                                   QueryRetrieve(self.db, settings, storage))
         self.server.start()
+        self.forwarder.start()
         log.info("node %s ready: database %s, storage %s", settings.node.name,
                  self.db.engine.url.render_as_string(hide_password=True), storage)
 
     def stop(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
         if self.server is not None:
             self.server.stop(self.settings.node.shutdown_grace_seconds)
             self.server = None

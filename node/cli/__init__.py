@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from node.cli import db, device, integrity, partition, serve
+from node.cli import db, device, integrity, partition, queue, serve
 
 app = typer.Typer(
     name="pacsnode",
@@ -17,6 +17,7 @@ app.add_typer(db.app, name="db")
 app.add_typer(partition.app, name="partition")
 app.add_typer(device.app, name="device")
 app.add_typer(integrity.app, name="integrity")
+app.add_typer(queue.app, name="queue")
 
 
 def main() -> None:

@@ -81,6 +81,7 @@ class StoredStudy:
     study_pk: int
     demographics: dict[str, str]
     is_new: bool
+    instance_pk: int
 
 
 def find_instance(session: Session, partition_id: int, sop_uid: str) -> Instance | None:
@@ -172,22 +173,21 @@ def add_instance(
         study.modalities = with_modality(study.modalities, attrs["Modality"])
     series.num_instances += 1
     study.num_instances += 1
-    session.add(
-        Instance(
-            partition_id=partition_id,
-            series_pk=series.id,
-            sop_instance_uid=attrs["SOPInstanceUID"],
-            sop_class_uid=attrs["SOPClassUID"],
-            instance_number=attrs["InstanceNumber"],
-            transfer_syntax_uid=transfer_syntax,
-            path=relpath,
-            size=size,
-            calling_ae_title=calling_ae,
-            received_at=now,
-        )
+    instance = Instance(
+        partition_id=partition_id,
+        series_pk=series.id,
+        sop_instance_uid=attrs["SOPInstanceUID"],
+        sop_class_uid=attrs["SOPClassUID"],
+        instance_number=attrs["InstanceNumber"],
+        transfer_syntax_uid=transfer_syntax,
+        path=relpath,
+        size=size,
+        calling_ae_title=calling_ae,
+        received_at=now,
     )
+    session.add(instance)
     session.flush()
-    return StoredStudy(study.id, stored, is_new)
+    return StoredStudy(study.id, stored, is_new, instance.id)
 
 
 def _patient(session: Session, partition_id: int, attrs: InstanceAttributes) -> Patient:

@@ -91,7 +91,19 @@ class Partition(Base):
     case_sensitive_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     empty_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     query_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Off: nothing stored on this partition is queued for forwarding.
+    forwarding_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Category(Base):
+    """Devices of one category share a connection limit (seed 002)."""
+
+    __tablename__ = "categories"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    max_connections: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class Device(Base):
@@ -125,6 +137,17 @@ class Device(Base):
     network_timeout: Mapped[float] = mapped_column(Float, default=0.0)
     # Transfer syntaxes to propose besides each instance's own, comma separated.
     transfer_syntaxes: Mapped[str] = mapped_column(String(1024), default="")
+    # Forwarding: PARENT and BACKUP_TARGET devices receive what their partition stores (all of
+    # it, or what forward_rules select); VIEWER devices only what their rules select.
+    forward: Mapped[bool] = mapped_column(Boolean, default=True)
+    forward_rules: Mapped[str] = mapped_column(Text, default="")
+    max_outbound_tasks: Mapped[int] = mapped_column(Integer, default=1)
+    category_id: Mapped[int | None] = mapped_column(
+        ForeignKey("categories.id", ondelete="SET NULL"), nullable=True)
+    # NULL: the node's [forwarding] default.
+    heartbeat: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    remove_private_tags: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    send_updates: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     partition: Mapped[Partition | None] = relationship()
@@ -227,6 +250,41 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ForwardJob(Base):
+    """One instance to one destination: the durable forwarding queue."""
+
+    __tablename__ = "forward_jobs"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "device_id"),
+        Index("ix_forward_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_forward_jobs_device_id_study_instance_uid", "device_id", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition_id: Mapped[int] = mapped_column(ForeignKey("partitions.id", ondelete="CASCADE"))
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    # Which node process is sending it, and since when (a lease: a crashed sender's jobs are
+    # taken back after forwarding.lease_seconds).
+    claimed_by: Mapped[str] = mapped_column(String(64), default="")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class IntegrityItem(Base):

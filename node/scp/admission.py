@@ -30,6 +30,7 @@ class PartitionPolicy:
     case_sensitive_matching: bool | None = None
     empty_matching: bool | None = None
     query_limit: int | None = None
+    forwarding_enabled: bool = True
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ class ScpHandlers:
                 partition = lookup.partition_for(session, called, port)
                 device = (lookup.device_for(session, partition.id, calling)
                           if partition is not None else None)
+                routes, send_updates = (lookup.routes_for(session, partition.id)
+                                        if partition is not None else ((), {}))
         except SQLAlchemyError as exc:
             log.error("association from %s@%s:%s refused: index unavailable: %s",
                       calling, ip, peer_port, exc)
@@ -104,7 +106,8 @@ class ScpHandlers:
                 for abstract, syntaxes in requestor_first(requested, self.requestor_order)
             ]
         with self._lock:
-            self._peers[assoc] = Peer(partition, device, rules, calling, f"{ip}:{peer_port}")
+            self._peers[assoc] = Peer(partition, device, rules, calling, f"{ip}:{peer_port}",
+                                      routes, send_updates)
         log.info("association from %s@%s:%s to %s accepted", calling, ip, peer_port, called)
 
     def _context(self, abstract: str, syntaxes: list[str]) -> PresentationContext:

@@ -8,6 +8,8 @@ from sqlalchemy.orm import Session
 
 from node.db.database import Database
 from node.db.models import Device, DeviceType, Partition
+from node.forwarding.routing import ROUTED_TYPES, Route
+from node.forwarding.routing import parse_rules as parse_forward_rules
 from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.matching import MATCH_FIELDS
 
@@ -27,6 +29,7 @@ def policy_of(p: Partition) -> PartitionPolicy:
         case_sensitive_matching=p.case_sensitive_matching,
         empty_matching=p.empty_matching,
         query_limit=p.query_limit,
+        forwarding_enabled=p.forwarding_enabled,
     )
 
 
@@ -54,6 +57,17 @@ def device_row(session: Session, partition_id: int, ae_title: str, *,
         query = query.where(Device.enabled.is_(True))
     devices = sorted(session.scalars(query).all(), key=lambda d: d.partition_id is None)
     return devices[0] if devices else None
+
+
+def routes_for(session: Session, partition_id: int) -> tuple[tuple[Route, ...], dict[int, bool]]:
+    """The partition's forwarding destinations, and each one's send-updates override."""
+    devices = session.scalars(select(Device).where(
+        Device.device_type.in_([t.value for t in (*ROUTED_TYPES, DeviceType.VIEWER)]),
+        or_(Device.partition_id == partition_id, Device.partition_id.is_(None)),
+    )).all()
+    routes = tuple(Route(d.id, d.device_type, d.partition_id, d.enabled, d.forward,
+                         parse_forward_rules(d.forward_rules)) for d in devices)
+    return routes, {d.id: d.send_updates for d in devices if d.send_updates is not None}
 
 
 def partition_for(session: Session, called_ae: str, port: int) -> PartitionPolicy | None:

@@ -11,9 +11,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -24,6 +22,7 @@ from node.query.conditions import Query, QueryError, parse_identifier
 from node.query.index import MatchSettings, identifier, statement
 from node.scp import lookup
 from node.scp.store import Peer
+from node.scu.contexts import sub_operation_contexts
 from node.scu.tuning import tcp_nodelay
 
 log = logging.getLogger(__name__)
@@ -228,23 +227,3 @@ class QueryRetrieve:
             "max_pdu": device.max_pdu_size or d.max_pdu_size,
             "evt_handlers": [(evt.EVT_CONN_OPEN, on_open)],
         }
-
-
-def sub_operation_contexts(pairs: list[tuple[str, str]], extra: list[str]
-                           ) -> list[PresentationContext]:
-    """One context per (SOP class, stored syntax) so compressed data goes as stored, plus one
-    uncompressed context per SOP class (at most 128, pynetdicom's limit)."""
-    uncompressed = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
-    contexts: list[PresentationContext] = []
-    seen: set[tuple[str, str]] = set()
-    classes: list[str] = []
-    for sop_class, syntax in pairs:
-        if sop_class not in classes:
-            classes.append(sop_class)
-        if syntax not in uncompressed and (sop_class, syntax) not in seen:
-            seen.add((sop_class, syntax))
-            contexts.append(build_context(sop_class, [syntax]))
-    for sop_class in classes:
-        contexts.append(build_context(sop_class, uncompressed + [
-            ts for ts in extra if ts not in uncompressed]))
-    return contexts[:128]

@@ -10,17 +10,28 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from node.db.database import Database
-from node.db.indexer import INDEX_TAGS, InstanceAttributes, add_instance, extract, find_instance
-from node.db.models import DuplicatePolicy, IntegrityItem, IntegrityKind
+from node.db.indexer import (
+    INDEX_TAGS,
+    InstanceAttributes,
+    StoredStudy,
+    add_instance,
+    extract,
+    find_instance,
+)
+from node.db.models import DuplicatePolicy, ForwardJob, IntegrityItem, IntegrityKind, JobState
+from node.forwarding.routing import Received, Route, destinations
 from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.coercion import Rule, apply_rules
 from node.scp.matching import Difference, demographic_differences
@@ -53,6 +64,8 @@ class Peer:
     rules: tuple[Rule, ...]
     calling_ae: str
     address: str
+    routes: tuple[Route, ...] = ()
+    send_updates: dict[int, bool] = field(default_factory=dict)  # device id -> override
 
     def __str__(self) -> str:
         return f"{self.calling_ae}@{self.address} -> {self.partition.ae_title}"
@@ -77,10 +90,15 @@ class Refused(Exception):
 
 
 class Ingest:
-    def __init__(self, db: Database, storage_root: Path) -> None:
+    def __init__(self, db: Database, storage_root: Path, send_updates: bool = True,
+                 on_queued: Callable[[], None] | None = None) -> None:
+        """`send_updates`: the node default for forwarding new instances of a study that
+        was already forwarded to a device; `on_queued`: called after forward jobs commit."""
         self.db = db
         self.root = storage_root
         self.incoming = storage_root / files.INCOMING
+        self.send_updates = send_updates
+        self.on_queued = on_queued
 
     def store(self, peer: Peer, received: Path, sop_class: str, sop_instance: str) -> Outcome:
         """Handle one C-STORE whose dataset pynetdicom wrote to `received` (with file meta)."""
@@ -157,11 +175,14 @@ class Ingest:
                     if not files.place_new(source, final):
                         files.replace(source, final)
                     placed = True
+                    queued = self._enqueue(session, peer, attrs, study)
                     mismatch = [] if study.is_new else demographic_differences(
                         study.demographics, attrs.demographics, partition.match_fields)
                     if mismatch:
                         session.add(_integrity(partition, attrs, peer,
                                                IntegrityKind.DEMOGRAPHICS_MISMATCH, mismatch))
+                if queued and self.on_queued is not None:
+                    self.on_queued()
                 if mismatch:
                     log.warning("C-STORE %s from %s: demographics differ from the stored study: %s",
                                 attrs["SOPInstanceUID"], peer,
@@ -179,6 +200,27 @@ class Ingest:
         else:
             raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
         return self._duplicate(peer, source, stored_path, attrs)
+
+    def _enqueue(self, session: Session, peer: Peer, attrs: InstanceAttributes,
+                 study: StoredStudy) -> int:
+        """Forward jobs for the new instance, in the transaction that indexes it."""
+        if not (peer.partition.forwarding_enabled and peer.routes):
+            return 0
+        queued = 0
+        received = Received(peer.partition.id, attrs["Modality"], peer.calling_ae,
+                            attrs["SOPClassUID"])
+        for device_id in destinations(peer.routes, received):
+            if (not peer.send_updates.get(device_id, self.send_updates) and not study.is_new
+                    and session.scalar(select(ForwardJob.id).where(
+                        ForwardJob.device_id == device_id,
+                        ForwardJob.study_instance_uid == attrs["StudyInstanceUID"],
+                        ForwardJob.state == JobState.DONE).limit(1)) is not None):
+                continue  # the study went there already and updates are not sent
+            session.add(ForwardJob(partition_id=peer.partition.id,
+                                   instance_pk=study.instance_pk, device_id=device_id,
+                                   study_instance_uid=attrs["StudyInstanceUID"]))
+            queued += 1
+        return queued
 
     def _duplicate(self, peer: Peer, received: Path, stored_path: Path,
                    attrs: InstanceAttributes) -> Outcome:

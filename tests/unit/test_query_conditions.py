@@ -14,7 +14,7 @@ from node.query.conditions import (
     parse_identifier,
     person_name_components,
 )
-from node.scp.qr import sub_operation_contexts
+from node.scu.contexts import sub_operation_contexts
 
 
 @pytest.mark.parametrize(("vr", "value", "expected"), [

@@ -1,0 +1,1 @@
+"""Forwarding: routing decisions (pure), the durable queue, and the senders."""

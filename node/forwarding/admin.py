@@ -1,0 +1,110 @@
+"""What administrators see and do with the forwarding queue (behind `pacsnode queue`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from node.db.models import Device, ForwardJob, Instance, JobState, utcnow
+from node.partitions import AdminError
+
+STATES = [s.value for s in JobState]
+
+
+def _device_id(session: Session, name: str | None) -> int | None:
+    if name is None:
+        return None
+    device_id = session.scalar(select(Device.id).where(Device.name == name))
+    if device_id is None:
+        raise AdminError(f"no device named {name!r}")
+    return device_id
+
+
+def listing(session: Session, *, state: str | None = None, device: str | None = None,
+            limit: int = 100) -> list[dict[str, Any]]:
+    if state is not None and state not in STATES:
+        raise AdminError(f"state {state!r} is not one of {', '.join(STATES)}")
+    query = (select(ForwardJob, Device.name, Instance.sop_instance_uid)
+             .join(Device, Device.id == ForwardJob.device_id)
+             .join(Instance, Instance.id == ForwardJob.instance_pk)
+             .order_by(ForwardJob.id.desc()).limit(limit))
+    if state is not None:
+        query = query.where(ForwardJob.state == state)
+    device_id = _device_id(session, device)
+    if device_id is not None:
+        query = query.where(ForwardJob.device_id == device_id)
+    return [as_dict(job, name, sop) for job, name, sop in session.execute(query)]
+
+
+def show(session: Session, job_id: int) -> dict[str, Any]:
+    row = session.execute(
+        select(ForwardJob, Device.name, Instance.sop_instance_uid)
+        .join(Device, Device.id == ForwardJob.device_id)
+        .join(Instance, Instance.id == ForwardJob.instance_pk)
+        .where(ForwardJob.id == job_id)).first()
+    if row is None:
+        raise AdminError(f"no forward job {job_id}")
+    return as_dict(*row)
+
+
+def as_dict(job: ForwardJob, device: str, sop: str) -> dict[str, Any]:
+    return {"id": job.id, "device": device, "state": job.state,
+            "study_instance_uid": job.study_instance_uid, "sop_instance_uid": sop,
+            "attempts": job.attempts, "next_attempt_at": job.next_attempt_at,
+            "last_error": job.last_error, "created_at": job.created_at, "done_at": job.done_at}
+
+
+def _select_jobs(session: Session, ids: list[int], device: str | None, states: list[str]
+                 ) -> Any:
+    if not ids and device is None:
+        raise AdminError("give job ids or --device")
+    where = [ForwardJob.state.in_(states)]
+    if ids:
+        where.append(ForwardJob.id.in_(ids))
+    device_id = _device_id(session, device)
+    if device_id is not None:
+        where.append(ForwardJob.device_id == device_id)
+    return where
+
+
+def retry(session: Session, ids: list[int], device: str | None) -> int:
+    """Failed or cancelled jobs (and pending ones waiting for a backoff) go again now."""
+    where = _select_jobs(session, ids, device, [JobState.FAILED, JobState.CANCELLED,
+                                                JobState.PENDING])
+    result = session.execute(update(ForwardJob).where(*where).values(
+        state=JobState.PENDING, attempts=0, next_attempt_at=utcnow(), last_error=""))
+    return result.rowcount or 0
+
+
+def cancel(session: Session, ids: list[int], device: str | None) -> int:
+    where = _select_jobs(session, ids, device, [JobState.PENDING, JobState.FAILED])
+    result = session.execute(update(ForwardJob).where(*where).values(state=JobState.CANCELLED))
+    return result.rowcount or 0
+
+
+@dataclass(frozen=True)
+class DestinationStats:
+    device: str
+    counts: dict[str, int]
+
+    @property
+    def waiting(self) -> int:
+        return self.counts.get(JobState.PENDING, 0) + self.counts.get(JobState.SENDING, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def stats(session: Session) -> list[DestinationStats]:
+    rows = session.execute(
+        select(Device.name, ForwardJob.state, func.count())
+        .join(Device, Device.id == ForwardJob.device_id)
+        .group_by(Device.name, ForwardJob.state).order_by(Device.name))
+    by_device: dict[str, dict[str, int]] = {}
+    for name, state, n in rows:
+        by_device.setdefault(name, {})[state] = n
+    return [DestinationStats(name, counts) for name, counts in by_device.items()]

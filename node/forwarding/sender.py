@@ -1,0 +1,204 @@
+"""One outbound association to a destination, kept open between batches (heartbeat)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from node.forwarding.queue import Job
+from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
+from node.scu.tuning import tcp_nodelay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A destination device as the sender needs it (a snapshot of its table row)."""
+
+    device_id: int
+    name: str
+    ae_title: str
+    address: str
+    port: int
+    calling_ae: str
+    max_pdu: int
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+    connection_timeout: float
+    extra_syntaxes: tuple[str, ...]
+    heartbeat: bool
+    remove_private_tags: bool
+
+
+@dataclass
+class Result:
+    done: list[int] = field(default_factory=list)
+    retry: list[tuple[Job, str]] = field(default_factory=list)  # try again after a backoff
+    failed: list[tuple[Job, str]] = field(default_factory=list)  # no point in trying again
+    untried: list[Job] = field(default_factory=list)  # the connection broke before them
+
+
+class Connection:
+    """An association to one device; not thread-safe: one sender task uses it at a time."""
+
+    def __init__(self, target: Target, category_id: int | None = None) -> None:
+        self.target = target
+        self.category_id = category_id
+        self.assoc: Association | None = None
+        self.pairs: list[tuple[str, str]] = []  # (SOP class, syntax) negotiated so far
+        self.last_used = time.monotonic()  # last transmission: what the idle limit counts from
+        self.last_echo = 0.0
+        self.associations_opened = 0
+        self.lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.assoc is not None and self.assoc.is_established
+
+    def _covers(self, jobs: list[Job]) -> bool:
+        if not self.is_open:
+            return False
+        assert self.assoc is not None
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in self.assoc.accepted_contexts}
+        for job in jobs:
+            syntaxes = [job.transfer_syntax, *UNCOMPRESSED]
+            if not any((job.sop_class, ts) in accepted for ts in syntaxes):
+                return False
+        return True
+
+    def _open(self, jobs: list[Job]) -> str | None:
+        """(Re-)associate with contexts for what is queued; returns an error or None."""
+        self.close()
+        for pair in ((j.sop_class, j.transfer_syntax) for j in jobs):
+            if pair not in self.pairs:
+                self.pairs.append(pair)
+        t = self.target
+        ae = AE(ae_title=t.calling_ae)
+        ae.acse_timeout = t.acse_timeout
+        ae.dimse_timeout = t.dimse_timeout
+        ae.network_timeout = t.network_timeout
+        ae.connection_timeout = t.connection_timeout
+        contexts = [build_context(Verification),
+                    *sub_operation_contexts(self.pairs, list(t.extra_syntaxes))][:128]
+        assoc = ae.associate(t.address, t.port, ae_title=t.ae_title, contexts=contexts,
+                             max_pdu=t.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)])
+        if not assoc.is_established:
+            reason = "rejected" if assoc.is_rejected else "no answer or aborted"
+            return f"cannot associate with {t.ae_title}@{t.address}:{t.port} ({reason})"
+        if t.heartbeat:
+            # Idle past network_timeout: release (not abort) the association.
+            assoc.network_timeout_response = "A-RELEASE"
+        self.assoc = assoc
+        self.associations_opened += 1
+        log.info("forwarding association to %s opened (%d contexts)", t.name,
+                 len(assoc.accepted_contexts))
+        return None
+
+    def send(self, jobs: list[Job]) -> Result:
+        result = Result()
+        with self.lock:
+            self.last_used = time.monotonic()
+            if not self._covers(jobs):
+                error = self._open(jobs)
+                if error is not None:
+                    result.retry = [(job, error) for job in jobs]
+                    return result
+            assert self.assoc is not None
+            for index, job in enumerate(jobs):
+                outcome = self._send_one(job)
+                if outcome == "done":
+                    result.done.append(job.id)
+                elif outcome.startswith("fail:"):
+                    result.failed.append((job, outcome[5:]))
+                elif outcome.startswith("broken:"):
+                    result.retry.append((job, outcome[7:]))
+                    result.untried = jobs[index + 1:]
+                    self.close()
+                    break
+                else:
+                    result.retry.append((job, outcome[6:]))
+            self.last_used = time.monotonic()
+            if not self.target.heartbeat:
+                self.close()
+        return result
+
+    def _send_one(self, job: Job) -> str:
+        """'done', 'retry:<why>', 'fail:<why>' or 'broken:<why>'."""
+        assert self.assoc is not None
+        try:
+            # Untouched elements are written back byte for byte; pixel data stays undecoded.
+            ds: Dataset = dcmread(job.path, defer_size="1 MB")
+        except FileNotFoundError:
+            return f"fail:stored file {job.path} is missing"
+        except (OSError, ValueError) as exc:
+            return f"fail:cannot read {job.path}: {exc}"
+        if self.target.remove_private_tags:
+            ds.remove_private_tags()
+        if not self._has_context(job):
+            try:
+                ds.decompress()
+            except Exception as exc:
+                return (f"fail:{self.target.name} accepts no context for {job.sop_class} in "
+                        f"{job.transfer_syntax} or uncompressed, and it cannot be "
+                        f"decompressed here: {exc}")
+        try:
+            rsp = self.assoc.send_c_store(ds)
+        except (ValueError, RuntimeError) as exc:
+            return f"fail:{exc}"
+        if "Status" not in rsp:
+            return "broken:no C-STORE response (timeout, abort or connection lost)"
+        status = int(rsp.Status)
+        if status == 0 or 0xB000 <= status <= 0xBFFF:
+            return "done"
+        return f"retry:destination answered 0x{status:04X} {rsp.get('ErrorComment', '')}".strip()
+
+    def _has_context(self, job: Job) -> bool:
+        assert self.assoc is not None
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in self.assoc.accepted_contexts}
+        if (job.sop_class, job.transfer_syntax) in accepted:
+            return True
+        # pynetdicom converts between the uncompressed syntaxes itself.
+        return job.transfer_syntax in UNCOMPRESSED and any(
+            (job.sop_class, ts) in accepted for ts in UNCOMPRESSED)
+
+    def keepalive(self, interval: float, idle_limit: float) -> None:
+        """Heartbeat: C-ECHO on an idle association; release it after `idle_limit`."""
+        if not self.lock.acquire(blocking=False):
+            return  # a sender task is using it
+        try:
+            if not self.is_open:
+                return
+            now = time.monotonic()
+            idle = now - self.last_used
+            assert self.assoc is not None
+            if idle >= idle_limit:
+                log.info("forwarding association to %s idle %.0f s: released",
+                         self.target.name, idle)
+                self.close()
+            elif now - max(self.last_used, self.last_echo) >= interval:
+                status = self.assoc.send_c_echo()
+                self.last_echo = time.monotonic()
+                if "Status" not in status:
+                    log.info("heartbeat to %s failed: association dropped", self.target.name)
+                    self.close()
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.release()
+            self.assoc = None
+

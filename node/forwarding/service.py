@@ -1,0 +1,203 @@
+"""The node's forwarding service: sender tasks over the durable queue, within device limits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import Settings
+from node.db.database import Database
+from node.db.models import Category, Device, Partition
+from node.forwarding import queue
+from node.forwarding.sender import Connection, Target
+
+log = logging.getLogger(__name__)
+
+
+class Forwarder:
+    """Claims due jobs per destination and sends them, never exceeding a device's
+    max_outbound_tasks or its category's max_connections (open associations, in this node)."""
+
+    def __init__(self, db: Database, settings: Settings, storage_root: Path, owner: str) -> None:
+        self.db = db
+        self.settings = settings
+        self.root = storage_root
+        self.owner = owner
+        self.f = settings.forwarding
+        self._connections: dict[int, list[Connection]] = {}  # device id -> open or idle
+        self._busy: set[int] = set()  # id() of connections a task is using
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=self.f.workers,
+                                        thread_name_prefix="forward")
+        self._threads: list[threading.Thread] = []
+
+    # Life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        released = queue.release_claims(self.db, self.owner)
+        if released:
+            log.info("%d forward job(s) interrupted at the last stop go back to the queue",
+                     released)
+        for target, name in ((self._dispatch_loop, "forward-dispatch"),
+                             (self._heartbeat_loop, "forward-heartbeat")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New jobs were queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join()
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for connections in self._connections.values():
+                for connection in connections:
+                    connection.close()
+            self._connections.clear()
+
+    # Dispatch -----------------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._dispatch()
+            except SQLAlchemyError as exc:
+                log.error("forwarding queue unavailable: %s", exc)
+            self._wake.wait(self.f.poll_seconds)
+            self._wake.clear()
+
+    def _dispatch(self) -> None:
+        due = queue.due_devices(self.db, self.f.lease_seconds)
+        if not due:
+            return
+        targets = self._targets(list(due))
+        for device_id in due:
+            target_limits = targets.get(device_id)
+            if target_limits is None:
+                continue  # disabled or deleted: its jobs wait
+            target, max_tasks, category = target_limits
+            connection = self._acquire(target, max_tasks, category)
+            if connection is None:
+                continue
+            self._pool.submit(self._run, connection)
+
+    def _targets(self, device_ids: list[int]
+                 ) -> dict[int, tuple[Target, int, tuple[int, int] | None]]:
+        d = self.settings.dicom
+        out: dict[int, tuple[Target, int, tuple[int, int] | None]] = {}
+        with self.db.session() as session:
+            first_ae = session.scalar(select(Partition.ae_title).order_by(Partition.id))
+            categories = {c.id: c.max_connections for c in session.scalars(select(Category))}
+            for device in session.scalars(select(Device).where(Device.id.in_(device_ids))):
+                if not device.enabled:
+                    continue
+                calling = device.partition.ae_title if device.partition else first_ae
+                target = Target(
+                    device_id=device.id, name=device.name, ae_title=device.ae_title,
+                    address=device.ip or device.host, port=device.port,
+                    calling_ae=calling or "PACSNODE",
+                    max_pdu=device.max_pdu_size or d.max_pdu_size,
+                    acse_timeout=device.acse_timeout or d.acse_timeout,
+                    dimse_timeout=device.dimse_timeout or d.dimse_timeout,
+                    network_timeout=device.network_timeout or d.network_timeout,
+                    connection_timeout=d.connection_timeout,
+                    extra_syntaxes=tuple(ts for ts in device.transfer_syntaxes.split(",") if ts),
+                    heartbeat=(device.heartbeat if device.heartbeat is not None
+                               else self.f.heartbeat),
+                    remove_private_tags=(device.remove_private_tags
+                                         if device.remove_private_tags is not None
+                                         else self.f.remove_private_tags),
+                )
+                category = ((device.category_id, categories[device.category_id])
+                            if device.category_id in categories else None)
+                out[device.id] = (target, max(1, device.max_outbound_tasks), category)
+        return out
+
+    def _acquire(self, target: Target, max_tasks: int, category: tuple[int, int] | None
+                 ) -> Connection | None:
+        """An idle connection of the device, or a new one if its limits allow; else None."""
+        with self._lock:
+            if len(self._busy) >= self.f.workers:
+                return None
+            mine = self._connections.setdefault(target.device_id, [])
+            for connection in mine:
+                if id(connection) not in self._busy:
+                    connection.target = target  # settings may have changed
+                    self._busy.add(id(connection))
+                    return connection
+            if len(mine) >= max_tasks:
+                return None
+            if category is not None:
+                category_id, limit = category
+                in_category = sum(1 for cs in self._connections.values() for c in cs
+                                  if c.category_id == category_id)
+                if in_category >= limit:
+                    return None
+            connection = Connection(target, category[0] if category else None)
+            mine.append(connection)
+            self._busy.add(id(connection))
+            return connection
+
+    def _run(self, connection: Connection) -> None:
+        target = connection.target
+        try:
+            jobs = queue.claim(self.db, target.device_id, self.f.batch_size, self.owner,
+                               self.f.lease_seconds, self.root)
+            if jobs:
+                result = connection.send(jobs)
+                queue.mark_done(self.db, result.done)
+                for job, error in result.retry:
+                    log.warning("forward of %s to %s failed (attempt %d): %s",
+                                job.sop_instance, target.name, job.attempts + 1, error)
+                    queue.mark_failed_attempt(self.db, job, error, self.f)
+                for job, error in result.failed:
+                    log.error("forward of %s to %s failed for good: %s", job.sop_instance,
+                              target.name, error)
+                    queue.mark_failed_attempt(self.db, job, error, self.f, final=True)
+                if result.untried:
+                    queue.release_jobs(self.db, [job.id for job in result.untried])
+                if result.done:
+                    log.info("forwarded %d instance(s) to %s", len(result.done), target.name)
+        except SQLAlchemyError as exc:
+            log.error("forwarding to %s: queue unavailable: %s", target.name, exc)
+        except Exception:
+            log.exception("forwarding to %s failed", target.name)
+        finally:
+            with self._lock:
+                self._busy.discard(id(connection))
+                if not connection.is_open:
+                    # Closed (no heartbeat, or dropped): it no longer counts against limits.
+                    mine = self._connections.get(target.device_id, [])
+                    if connection in mine:
+                        mine.remove(connection)
+            self._wake.set()  # more may be due for this device
+
+    # Heartbeat ----------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        tick = min(self.f.heartbeat_interval, self.f.heartbeat_idle_seconds, 5.0)
+        while not self._stop.wait(tick):
+            with self._lock:
+                idle = [c for cs in self._connections.values() for c in cs
+                        if id(c) not in self._busy]
+            for connection in idle:
+                connection.keepalive(self.f.heartbeat_interval, self.f.heartbeat_idle_seconds)
+            with self._lock:
+                for device_id, connections in self._connections.items():
+                    self._connections[device_id] = [
+                        c for c in connections if c.is_open or id(c) in self._busy]
+
+    def open_connections(self) -> dict[int, int]:
+        """Open associations per device (for status displays and tests)."""
+        with self._lock:
+            return {device_id: sum(1 for c in cs if c.is_open)
+                    for device_id, cs in self._connections.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
@@ -11,7 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import resolve_transfer_syntax
-from node.db.models import Device, DeviceType
+from node.db.models import Category, Device, DeviceType
+from node.forwarding.routing import RuleError
+from node.forwarding.routing import parse_rules as parse_forward_rules
 from node.partitions import AdminError, check_ae_title, check_port
 from node.partitions import get as get_partition
 from node.scp.coercion import CoercionError, parse_rules
@@ -20,6 +23,8 @@ EDITABLE = (
     "name", "ae_title", "host", "port", "tls_port", "device_type", "enabled", "partition",
     "description", "coercion_rules", "allow_storage", "allow_query", "allow_retrieve",
     "max_pdu_size", "acse_timeout", "dimse_timeout", "network_timeout", "transfer_syntaxes",
+    "forward", "forward_rules", "max_outbound_tasks", "category", "heartbeat",
+    "remove_private_tags", "send_updates",
 )
 
 
@@ -78,6 +83,22 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
     if "transfer_syntaxes" in values:
         values["transfer_syntaxes"] = ",".join(
             _transfer_syntax(ts) for ts in values["transfer_syntaxes"].split(",") if ts.strip())
+    if "forward_rules" in values:
+        try:
+            parse_forward_rules(values["forward_rules"])
+        except RuleError as exc:
+            raise AdminError(f"invalid forwarding rule: {exc}") from None
+    if values.get("max_outbound_tasks") is not None and values["max_outbound_tasks"] < 1:
+        raise AdminError("max outbound tasks must be at least 1")
+    if "category" in values:
+        category = values.pop("category")
+        if category:
+            category_id = session.scalar(select(Category.id).where(Category.name == category))
+            if category_id is None:
+                raise AdminError(f"no category named {category!r} (pacsnode category add)")
+            values["category_id"] = category_id
+        else:
+            values["category_id"] = None
     if "host" in values:
         values["host"] = values["host"].strip()
         values["ip"] = resolve_ip(values["host"])
@@ -136,8 +157,42 @@ def listing(session: Session, partition: str | None = None) -> list[Device]:
 
 
 def as_dict(d: Device) -> dict[str, Any]:
-    out: dict[str, Any] = {key: getattr(d, key) for key in EDITABLE if key != "partition"}
+    out: dict[str, Any] = {key: getattr(d, key) for key in EDITABLE
+                           if key not in ("partition", "category")}
+    out["category"] = d.category.name if d.category else None
     out["ip"] = d.ip
     out["partition"] = d.partition.ae_title if d.partition else None
     out["auto_inserted"] = d.auto_inserted
     return out
+
+
+@dataclass(frozen=True)
+class IpChange:
+    device: str
+    host: str
+    old: str
+    new: str
+
+
+def refresh_ips(session: Session) -> list[IpChange]:
+    """Re-resolve every device given by host name (seed 002: Refresh IP Addresses)."""
+    changes = []
+    for device in session.scalars(select(Device).order_by(Device.name)):
+        host = device.host.strip()
+        if not host or _is_ip(host):
+            continue
+        new = resolve_ip(host)
+        if new and new != device.ip:
+            changes.append(IpChange(device.name, host, device.ip, new))
+            device.ip = new
+        elif not new:
+            changes.append(IpChange(device.name, host, device.ip, ""))
+    return changes
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from node.cli import db, device, integrity, partition, queue, serve
+from node.cli import category, db, device, integrity, partition, queue, serve
 
 app = typer.Typer(
     name="pacsnode",
@@ -18,6 +18,8 @@ app.add_typer(partition.app, name="partition")
 app.add_typer(device.app, name="device")
 app.add_typer(integrity.app, name="integrity")
 app.add_typer(queue.app, name="queue")
+app.add_typer(category.app, name="category")
+app.command("refresh-ip")(device.refresh_ip)
 
 
 def main() -> None:

@@ -37,6 +37,14 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def switch(name: str, value: str) -> bool | None:
+    """An on | off | default option; default (None) means: the node's setting."""
+    word = value.strip().lower()
+    if word not in ("on", "off", "default"):
+        fail(f"{name} must be on, off or default, not {value!r}")
+    return None if word == "default" else word == "on"
+
+
 def load_settings(path: Path | None) -> config.Settings:
     try:
         return config.load(path)

@@ -17,6 +17,7 @@ from node.cli.common import (
     fail,
     fields,
     print_json,
+    switch,
     table,
     transaction,
 )
@@ -61,6 +62,46 @@ Syntaxes = Annotated[str | None, typer.Option(
     "--transfer-syntaxes", help="Syntaxes to offer the device besides each instance's own, "
     "comma separated (UIDs or keywords).")]
 
+Forward = Annotated[bool | None, typer.Option(
+    "--forward/--no-forward", help="Forward to this PARENT/BACKUP_TARGET/VIEWER device.")]
+ForwardRule = Annotated[list[str] | None, typer.Option(
+    "--forward-rule", help="Forward only what matches, e.g. 'modality CT MR', 'calling-ae CT1',"
+    " 'sop-class 1.2.840...' (repeatable; all must hold; replaces the device's rules).")]
+ClearForwardRules = Annotated[bool, typer.Option("--clear-forward-rules",
+                                                 help="Forward everything again.")]
+MaxTasks = Annotated[int | None, typer.Option(
+    "--max-tasks", help="Most associations the node opens to the device at once.")]
+CategoryOption = Annotated[str | None, typer.Option(
+    "--category", help="Category whose members share a connection limit ('' = none).")]
+Heartbeat = Annotated[str | None, typer.Option(
+    "--heartbeat", help="Keep the association open between transmissions: on|off|default.")]
+RemovePrivate = Annotated[str | None, typer.Option(
+    "--remove-private-tags", help="Remove private tags when forwarding: on|off|default.")]
+SendUpdates = Annotated[str | None, typer.Option(
+    "--send-updates", help="Forward new instances of studies already sent: on|off|default.")]
+
+
+def _forwarding(forward: bool | None, forward_rule: list[str] | None, clear: bool,
+                max_tasks: int | None, category: str | None, heartbeat: str | None,
+                remove_private: str | None, send_updates: str | None) -> dict[str, object]:
+    values: dict[str, object] = {"forward": forward, "max_outbound_tasks": max_tasks,
+                                 "category": category}
+    if clear:
+        values["forward_rules"] = ""
+    elif forward_rule:
+        values["forward_rules"] = "\n".join(forward_rule)
+    for key, option, value in (("heartbeat", "--heartbeat", heartbeat),
+                               ("remove_private_tags", "--remove-private-tags", remove_private),
+                               ("send_updates", "--send-updates", send_updates)):
+        if value is not None:
+            values[key] = switch(option, value)
+            if values[key] is None:
+                values[key] = _NODE_DEFAULT
+    return values
+
+
+_NODE_DEFAULT = object()  # "default": store NULL, unlike an option that was not given
+
 
 def _rules(rule: list[str] | None, rules_file: Path | None, clear: bool) -> str | None:
     if clear:
@@ -76,7 +117,7 @@ def _rules(rule: list[str] | None, rules_file: Path | None, clear: bool) -> str 
 
 
 def _values(**options: Any) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if v is not None}
+    return {k: (None if v is _NODE_DEFAULT else v) for k, v in options.items() if v is not None}
 
 
 @app.command()
@@ -100,6 +141,14 @@ def add(
     dimse_timeout: DimseTimeout = None,
     network_timeout: NetworkTimeout = None,
     transfer_syntaxes: Syntaxes = None,
+    forward: Forward = None,
+    forward_rule: ForwardRule = None,
+    clear_forward_rules: ClearForwardRules = False,
+    max_tasks: MaxTasks = None,
+    category: CategoryOption = None,
+    heartbeat: Heartbeat = None,
+    remove_private_tags: RemovePrivate = None,
+    send_updates: SendUpdates = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a device (AE title defaults to the id)."""
@@ -109,7 +158,9 @@ def add(
                      coercion_rules=_rules(rule, rules_file, False), allow_storage=storage,
                      allow_query=query, allow_retrieve=retrieve, max_pdu_size=max_pdu,
                      acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
-                     network_timeout=network_timeout, transfer_syntaxes=transfer_syntaxes)
+                     network_timeout=network_timeout, transfer_syntaxes=transfer_syntaxes,
+                     **_forwarding(forward, forward_rule, clear_forward_rules, max_tasks,
+                                   category, heartbeat, remove_private_tags, send_updates))
     with transaction(config) as session:
         d = devices.add(session, **values)
         typer.echo(f"added device {d.name} ({d.ae_title} at {d.host or '?'}:{d.port})")
@@ -182,6 +233,14 @@ def edit(
     dimse_timeout: DimseTimeout = None,
     network_timeout: NetworkTimeout = None,
     transfer_syntaxes: Syntaxes = None,
+    forward: Forward = None,
+    forward_rule: ForwardRule = None,
+    clear_forward_rules: ClearForwardRules = False,
+    max_tasks: MaxTasks = None,
+    category: CategoryOption = None,
+    heartbeat: Heartbeat = None,
+    remove_private_tags: RemovePrivate = None,
+    send_updates: SendUpdates = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a device; a running node uses the change from the next association."""
@@ -191,7 +250,9 @@ def edit(
                      allow_storage=storage, allow_query=query, allow_retrieve=retrieve,
                      max_pdu_size=max_pdu, acse_timeout=acse_timeout,
                      dimse_timeout=dimse_timeout, network_timeout=network_timeout,
-                     transfer_syntaxes=transfer_syntaxes)
+                     transfer_syntaxes=transfer_syntaxes,
+                     **_forwarding(forward, forward_rule, clear_forward_rules, max_tasks,
+                                   category, heartbeat, remove_private_tags, send_updates))
     if not values:
         fail("nothing to change: give at least one option (see --help)")
     with transaction(config) as session:
@@ -249,3 +310,17 @@ def echo(
                    f"{result.detail} in {result.round_trip_ms:.1f} ms")
     if not result.ok:
         raise typer.Exit(1)
+
+
+def refresh_ip(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """Re-resolve every device given by host name; report and store what changed."""
+    with transaction(config) as session:
+        changes = devices.refresh_ips(session)
+    if as_json:
+        print_json([vars(c) for c in changes])
+        return
+    if not changes:
+        typer.echo("no device address changed")
+        return
+    table("Refreshed addresses", ["device", "host", "old IP", "new IP"],
+          [[c.device, c.host, c.old, c.new or "(does not resolve)"] for c in changes])

@@ -15,6 +15,7 @@ from node.cli.common import (
     fail,
     fields,
     print_json,
+    switch,
     table,
     transaction,
 )
@@ -69,13 +70,6 @@ def _match_values(spec: str) -> dict[str, bool]:
     return {flag: flag in chosen for flag in MATCH_FIELDS}
 
 
-def _switch(name: str, value: str) -> bool | None:
-    word = value.strip().lower()
-    if word not in ("on", "off", "default"):
-        fail(f"{name} must be on, off or default, not {value!r}")
-    return None if word == "default" else word == "on"
-
-
 def _limit(value: str) -> int | None:
     if value.strip().lower() == "default":
         return None
@@ -92,9 +86,9 @@ def _values(**options: Any) -> dict[str, Any]:
     if match is not None:
         values.update(_match_values(match))
     if query["case_sensitive"] is not None:
-        values["case_sensitive_matching"] = _switch("--case-sensitive", query["case_sensitive"])
+        values["case_sensitive_matching"] = switch("--case-sensitive", query["case_sensitive"])
     if query["empty_matching"] is not None:
-        values["empty_matching"] = _switch("--empty-matching", query["empty_matching"])
+        values["empty_matching"] = switch("--empty-matching", query["empty_matching"])
     if query["query_limit"] is not None:
         values["query_limit"] = _limit(query["query_limit"])
     return values

@@ -151,6 +151,7 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     partition: Mapped[Partition | None] = relationship()
+    category: Mapped[Category | None] = relationship()
 
 
 class Patient(Base):

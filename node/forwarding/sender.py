@@ -51,9 +51,8 @@ class Result:
 class Connection:
     """An association to one device; not thread-safe: one sender task uses it at a time."""
 
-    def __init__(self, target: Target, category_id: int | None = None) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
-        self.category_id = category_id
         self.assoc: Association | None = None
         self.pairs: list[tuple[str, str]] = []  # (SOP class, syntax) negotiated so far
         self.last_used = time.monotonic()  # last transmission: what the idle limit counts from

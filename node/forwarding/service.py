@@ -31,6 +31,7 @@ class Forwarder:
         self.f = settings.forwarding
         self._connections: dict[int, list[Connection]] = {}  # device id -> open or idle
         self._busy: set[int] = set()  # id() of connections a task is using
+        self._category_of: dict[int, int | None] = {}  # device id -> its category now
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -129,7 +130,20 @@ class Forwarder:
         with self._lock:
             if len(self._busy) >= self.f.workers:
                 return None
+            self._category_of[target.device_id] = category[0] if category else None
             mine = self._connections.setdefault(target.device_id, [])
+            # Limits can be lowered, or a device moved into a category, while connections are
+            # open: close idle ones until the device and its category are within bounds.
+            self._shed(mine, max_tasks)
+            in_category = 0
+            if category is not None:
+                members = [d for d, c in self._category_of.items() if c == category[0]]
+                for member in members:
+                    over = sum(len(self._connections.get(m, [])) for m in members) - category[1]
+                    if over > 0:
+                        self._shed(self._connections.get(member, []),
+                                   len(self._connections.get(member, [])) - over)
+                in_category = sum(len(self._connections.get(m, [])) for m in members)
             for connection in mine:
                 if id(connection) not in self._busy:
                     connection.target = target  # settings may have changed
@@ -137,16 +151,31 @@ class Forwarder:
                     return connection
             if len(mine) >= max_tasks:
                 return None
-            if category is not None:
-                category_id, limit = category
-                in_category = sum(1 for cs in self._connections.values() for c in cs
-                                  if c.category_id == category_id)
-                if in_category >= limit:
+            if category is not None and in_category >= category[1]:
+                # Full: an idle connection of another member makes room (idle heartbeat
+                # associations must not starve the category's other devices).
+                others = [c for d, c_id in self._category_of.items()
+                          if c_id == category[0] and d != target.device_id
+                          for c in self._connections.get(d, []) if id(c) not in self._busy]
+                if not others:
                     return None
-            connection = Connection(target, category[0] if category else None)
+                victim = others[0]
+                with victim.lock:
+                    victim.close()
+                self._connections[victim.target.device_id].remove(victim)
+            connection = Connection(target)
             mine.append(connection)
             self._busy.add(id(connection))
             return connection
+
+    def _shed(self, connections: list[Connection], keep: int) -> None:
+        """Close idle connections (never a busy one) until at most `keep` remain."""
+        for connection in [c for c in connections if id(c) not in self._busy]:
+            if len(connections) <= max(keep, 0):
+                return
+            with connection.lock:
+                connection.close()
+            connections.remove(connection)
 
     def _run(self, connection: Connection) -> None:
         target = connection.target

@@ -15,13 +15,14 @@ from node.scu.tuning import CONNECTION_HANDLERS
 
 
 def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
-              contexts: Iterable[str] | None = None) -> Association:
+              contexts: Iterable[str] | None = None,
+              syntaxes: list[str] | None = None) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = 10
     ae.dimse_timeout = 20
     ae.network_timeout = 20
     # The node accepts the requestor's first syntax; the test data is Explicit VR Little Endian.
-    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    syntaxes = syntaxes or [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     for cx in contexts or [*(c.abstract_syntax for c in StoragePresentationContexts[:100]),
                            Verification]:
         ae.add_requested_context(cx, syntaxes)  # type: ignore[arg-type]
@@ -29,9 +30,9 @@ def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
 
 
 def store(port: int, items: Iterable[Path | Dataset], called: str = "PACSNODE",
-          calling: str = "TESTSCU") -> list[Dataset]:
+          calling: str = "TESTSCU", syntaxes: list[str] | None = None) -> list[Dataset]:
     """Send each item on one association; returns the response of each (Status, ErrorComment)."""
-    assoc = associate(port, called, calling)
+    assoc = associate(port, called, calling, syntaxes=syntaxes)
     assert assoc.is_established, f"association {calling}->{called} not established"
     try:
         out = []

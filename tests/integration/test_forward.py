@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
+from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from node.db.models import ForwardJob, Instance
@@ -225,3 +227,25 @@ def test_refresh_ip_reports_and_stores_changes(node: RunningNode) -> None:
     assert json.loads(result.output) == [{"device": "BYNAME", "host": "localhost",
                                           "old": "192.0.2.1", "new": "127.0.0.1"}]
     assert json.loads(node.cli("refresh-ip", "--json").output) == []
+
+
+def test_refused_syntax_fails_with_a_clear_error(make_node: object) -> None:
+    node = make_node(FAST)  # type: ignore[operator]
+    dest = CountingSCP().start()  # accepts Explicit/Implicit VR Little Endian only
+    try:
+        backup(node, dest)
+        j2k = Path(get_testdata_file("JPEG2000.dcm"))  # type: ignore[arg-type]
+        explicit = make_instance()
+        assert statuses(store(node.port, [j2k], syntaxes=["1.2.840.10008.1.2.4.91"])) == [0]
+        assert statuses(store(node.port, [explicit])) == [0]
+        assert wait_for(lambda: {j.state for j in jobs(node)} <= {"done", "failed"}
+                        and len(jobs(node)) == 2, timeout=20)
+        by_state = {j.state: j for j in jobs(node)}
+        assert dest.received == [explicit.SOPInstanceUID]
+        # pydicom here has no JPEG 2000 decoder: the job fails at once, saying why.
+        failed = by_state["failed"]
+        assert failed.attempts == 1
+        assert "accepts no context" in failed.last_error and "1.2.840.10008.1.2.4.91" in \
+            failed.last_error
+    finally:
+        dest.stop()

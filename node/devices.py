@@ -24,7 +24,7 @@ EDITABLE = (
     "description", "coercion_rules", "allow_storage", "allow_query", "allow_retrieve",
     "max_pdu_size", "acse_timeout", "dimse_timeout", "network_timeout", "transfer_syntaxes",
     "forward", "forward_rules", "max_outbound_tasks", "category", "heartbeat",
-    "remove_private_tags", "send_updates",
+    "remove_private_tags", "send_updates", "storage_commitment",
 )
 
 

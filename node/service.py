@@ -15,6 +15,7 @@ from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
 from node.forwarding.service import Forwarder
+from node.scp.commitment import StorageCommitment
 from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
@@ -68,7 +69,8 @@ class Node:
         ingest = Ingest(self.db, storage, settings.forwarding.send_updates,
                         on_queued=self.forwarder.wake)
         self.server = DicomServer(settings, self.db, ingest,
-                                  QueryRetrieve(self.db, settings, storage))
+                                  QueryRetrieve(self.db, settings, storage),
+                                  StorageCommitment(self.db, storage))
         self.server.start()
         self.forwarder.start()
         log.info("node %s ready: database %s, storage %s", settings.node.name,

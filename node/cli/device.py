@@ -80,6 +80,10 @@ RemovePrivate = Annotated[str | None, typer.Option(
 SendUpdates = Annotated[str | None, typer.Option(
     "--send-updates", help="Forward new instances of studies already sent: on|off|default.")]
 
+Commitment = Annotated[bool | None, typer.Option(
+    "--storage-commitment/--no-storage-commitment",
+    help="Ask the device to commit what it was sent (push model).")]
+
 
 def _forwarding(forward: bool | None, forward_rule: list[str] | None, clear: bool,
                 max_tasks: int | None, category: str | None, heartbeat: str | None,
@@ -149,6 +153,7 @@ def add(
     heartbeat: Heartbeat = None,
     remove_private_tags: RemovePrivate = None,
     send_updates: SendUpdates = None,
+    storage_commitment: Commitment = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a device (AE title defaults to the id)."""
@@ -159,6 +164,7 @@ def add(
                      allow_query=query, allow_retrieve=retrieve, max_pdu_size=max_pdu,
                      acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
                      network_timeout=network_timeout, transfer_syntaxes=transfer_syntaxes,
+                     storage_commitment=storage_commitment,
                      **_forwarding(forward, forward_rule, clear_forward_rules, max_tasks,
                                    category, heartbeat, remove_private_tags, send_updates))
     with transaction(config) as session:
@@ -241,6 +247,7 @@ def edit(
     heartbeat: Heartbeat = None,
     remove_private_tags: RemovePrivate = None,
     send_updates: SendUpdates = None,
+    storage_commitment: Commitment = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a device; a running node uses the change from the next association."""
@@ -251,6 +258,7 @@ def edit(
                      max_pdu_size=max_pdu, acse_timeout=acse_timeout,
                      dimse_timeout=dimse_timeout, network_timeout=network_timeout,
                      transfer_syntaxes=transfer_syntaxes,
+                     storage_commitment=storage_commitment,
                      **_forwarding(forward, forward_rule, clear_forward_rules, max_tasks,
                                    category, heartbeat, remove_private_tags, send_updates))
     if not values:

@@ -148,6 +148,8 @@ class Device(Base):
     heartbeat: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     remove_private_tags: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     send_updates: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # Ask the device for storage commitment after forwarding to it (push model).
+    storage_commitment: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     partition: Mapped[Partition | None] = relationship()
@@ -286,6 +288,11 @@ class ForwardJob(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Storage commitment at the destination: "" (not asked), requested, committed, failed.
+    commitment: Mapped[str] = mapped_column(String(16), default="")
+    commitment_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                          nullable=True)
 
 
 class IntegrityItem(Base):

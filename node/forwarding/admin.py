@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from node.db.models import Device, ForwardJob, Instance, JobState, utcnow
+from node.db.models import Device, ForwardJob, Instance, JobState, Series, utcnow
 from node.partitions import AdminError
 
 STATES = [s.value for s in JobState]
@@ -54,7 +54,8 @@ def as_dict(job: ForwardJob, device: str, sop: str) -> dict[str, Any]:
     return {"id": job.id, "device": device, "state": job.state,
             "study_instance_uid": job.study_instance_uid, "sop_instance_uid": sop,
             "attempts": job.attempts, "next_attempt_at": job.next_attempt_at,
-            "last_error": job.last_error, "created_at": job.created_at, "done_at": job.done_at}
+            "last_error": job.last_error, "created_at": job.created_at, "done_at": job.done_at,
+            "commitment": job.commitment, "committed_at": job.committed_at}
 
 
 def _select_jobs(session: Session, ids: list[int], device: str | None, states: list[str]
@@ -108,3 +109,17 @@ def stats(session: Session) -> list[DestinationStats]:
     for name, state, n in rows:
         by_device.setdefault(name, {})[state] = n
     return [DestinationStats(name, counts) for name, counts in by_device.items()]
+
+
+def stored_elsewhere(session: Session, study_pk: int) -> bool:
+    """Every instance of the study is safely at some destination: delivered to a device
+    without storage commitment, or committed by one with it (what purging relies on)."""
+    instance_ids = select(Instance.id).join(Series, Series.id == Instance.series_pk).where(
+        Series.study_pk == study_pk)
+    total = session.scalar(select(func.count()).select_from(instance_ids.subquery())) or 0
+    safe = session.scalar(
+        select(func.count(func.distinct(ForwardJob.instance_pk)))
+        .join(Device, Device.id == ForwardJob.device_id)
+        .where(ForwardJob.instance_pk.in_(instance_ids), ForwardJob.state == JobState.DONE,
+               (Device.storage_commitment.is_(False)) | (ForwardJob.commitment == "committed")))
+    return total > 0 and safe == total

@@ -115,3 +115,12 @@ def release_jobs(db: Database, job_ids: list[int]) -> None:
     with db.transaction() as session:
         session.execute(update(ForwardJob).where(ForwardJob.id.in_(job_ids)).values(
             state=JobState.PENDING, claimed_by="", claimed_at=None))
+
+
+def mark_commitment(db: Database, job_ids: list[int], state: str, transaction: str = "") -> None:
+    """Storage commitment asked for (`requested`, with its transaction UID) or not possible."""
+    if not job_ids:
+        return
+    with db.transaction() as session:
+        session.execute(update(ForwardJob).where(ForwardJob.id.in_(job_ids)).values(
+            commitment=state, commitment_uid=transaction))

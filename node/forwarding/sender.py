@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from node.forwarding.queue import Job
+from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
 from node.scu.tuning import tcp_nodelay
 
@@ -38,6 +41,7 @@ class Target:
     extra_syntaxes: tuple[str, ...]
     heartbeat: bool
     remove_private_tags: bool
+    storage_commitment: bool = False
 
 
 @dataclass
@@ -51,8 +55,13 @@ class Result:
 class Connection:
     """An association to one device; not thread-safe: one sender task uses it at a time."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target,
+                 on_report: Callable[[evt.Event], tuple[int, Dataset | None]] | None = None
+                 ) -> None:
+        """`on_report`: handles a storage commitment N-EVENT-REPORT sent back on this
+        association (a destination may instead open a new one to our SCP)."""
         self.target = target
+        self.on_report = on_report
         self.assoc: Association | None = None
         self.pairs: list[tuple[str, str]] = []  # (SOP class, syntax) negotiated so far
         self.last_used = time.monotonic()  # last transmission: what the idle limit counts from
@@ -88,10 +97,16 @@ class Connection:
         ae.dimse_timeout = t.dimse_timeout
         ae.network_timeout = t.network_timeout
         ae.connection_timeout = t.connection_timeout
-        contexts = [build_context(Verification),
+        extra = [build_context(StorageCommitmentPushModel)] if t.storage_commitment else []
+        contexts = [build_context(Verification), *extra,
                     *sub_operation_contexts(self.pairs, list(t.extra_syntaxes))][:128]
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, tcp_nodelay)]
+        if self.on_report is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self.on_report))
+        roles = ([build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]
+                 if t.storage_commitment else [])
         assoc = ae.associate(t.address, t.port, ae_title=t.ae_title, contexts=contexts,
-                             max_pdu=t.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, tcp_nodelay)])
+                             max_pdu=t.max_pdu, evt_handlers=handlers, ext_neg=roles)
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "no answer or aborted"
             return f"cannot associate with {t.ae_title}@{t.address}:{t.port} ({reason})"
@@ -171,6 +186,25 @@ class Connection:
         # pynetdicom converts between the uncompressed syntaxes itself.
         return job.transfer_syntax in UNCOMPRESSED and any(
             (job.sop_class, ts) in accepted for ts in UNCOMPRESSED)
+
+    def request_commitment(self, transaction: str, refs: list[tuple[str, str]]) -> str | None:
+        """N-ACTION storage commitment for `refs` on this association; an error or None."""
+        with self.lock:
+            if not self.is_open:
+                return "the association closed before commitment could be requested"
+            assert self.assoc is not None
+            try:
+                status, _ = self.assoc.send_n_action(
+                    request_dataset(transaction, refs), 1, StorageCommitmentPushModel,
+                    WELL_KNOWN_INSTANCE)
+            except ValueError as exc:
+                return f"{self.target.name} does not support storage commitment: {exc}"
+            self.last_used = time.monotonic()
+            if "Status" not in status:
+                return "no N-ACTION response"
+            if int(status.Status) != 0:
+                return f"N-ACTION answered 0x{int(status.Status):04X}"
+            return None
 
     def keepalive(self, interval: float, idle_limit: float) -> None:
         """Heartbeat: C-ECHO on an idle association; release it after `idle_limit`."""

@@ -7,6 +7,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import evt
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -15,6 +18,7 @@ from node.db.database import Database
 from node.db.models import Category, Device, Partition
 from node.forwarding import queue
 from node.forwarding.sender import Connection, Target
+from node.scp.commitment import on_report
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,7 @@ class Forwarder:
                     remove_private_tags=(device.remove_private_tags
                                          if device.remove_private_tags is not None
                                          else self.f.remove_private_tags),
+                    storage_commitment=device.storage_commitment,
                 )
                 category = ((device.category_id, categories[device.category_id])
                             if device.category_id in categories else None)
@@ -163,7 +168,7 @@ class Forwarder:
                 with victim.lock:
                     victim.close()
                 self._connections[victim.target.device_id].remove(victim)
-            connection = Connection(target)
+            connection = Connection(target, on_report=self._on_report)
             mine.append(connection)
             self._busy.add(id(connection))
             return connection
@@ -197,6 +202,8 @@ class Forwarder:
                     queue.release_jobs(self.db, [job.id for job in result.untried])
                 if result.done:
                     log.info("forwarded %d instance(s) to %s", len(result.done), target.name)
+                    if target.storage_commitment:
+                        self._request_commitment(connection, jobs, result.done)
         except SQLAlchemyError as exc:
             log.error("forwarding to %s: queue unavailable: %s", target.name, exc)
         except Exception:
@@ -210,6 +217,22 @@ class Forwarder:
                     if connection in mine:
                         mine.remove(connection)
             self._wake.set()  # more may be due for this device
+
+    def _request_commitment(self, connection: Connection, jobs: list[queue.Job],
+                            done: list[int]) -> None:
+        sent = [job for job in jobs if job.id in set(done)]
+        transaction = generate_uid()
+        error = connection.request_commitment(
+            transaction, [(job.sop_class, job.sop_instance) for job in sent])
+        if error is None:
+            queue.mark_commitment(self.db, done, "requested", transaction)
+        else:
+            log.error("storage commitment from %s not requested: %s", connection.target.name,
+                      error)
+            queue.mark_commitment(self.db, done, "failed")
+
+    def _on_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        return on_report(self.db, event)
 
     # Heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.db.database import Database
 from node.scp import admission, lookup
 from node.scp.coercion import CoercionError, parse_rules
+from node.scp.commitment import StorageCommitment
 from node.scp.contexts import requestor_first
 from node.scp.qr import QueryRetrieve
 from node.scp.store import PROCESSING_FAILURE, Ingest, Peer
@@ -33,12 +34,14 @@ class ScpHandlers:
     """One instance per node; the port a listener serves is bound as a handler argument."""
 
     def __init__(self, db: Database, ingest: Ingest, qr: QueryRetrieve,
+                 commitment: StorageCommitment,
                  supported: Mapping[str, PresentationContext], by_requestor: bool) -> None:
         """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
         order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor")."""
         self.db = db
         self.ingest = ingest
         self.qr = qr
+        self.commitment = commitment
         self.supported = supported
         self.requestor_order: dict[str, list[str]] | None = (
             {uid: [str(ts) for ts in cx.transfer_syntax] for uid, cx in supported.items()}
@@ -54,6 +57,8 @@ class ScpHandlers:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_ACTION, self.on_n_action),
+            (evt.EVT_N_EVENT_REPORT, self.on_n_event_report),
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_CONN_CLOSE, self.on_conn_close),
         ]
@@ -163,6 +168,15 @@ class ScpHandlers:
             yield 0
             return
         yield from self.qr.get(event, peer)
+
+    def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        peer = self.peer(event.assoc)
+        if peer is None:
+            return PROCESSING_FAILURE, None
+        return self.commitment.on_action(event, peer)
+
+    def on_n_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        return self.commitment.on_event_report(event)
 
     def on_aborted(self, event: evt.Event) -> None:
         peer = self.peer(event.assoc)

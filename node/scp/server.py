@@ -11,6 +11,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -23,6 +24,7 @@ from node import __version__
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
+from node.scp.commitment import StorageCommitment
 from node.scp.handlers import ScpHandlers
 from node.scp.listener import ScreeningAssociationServer
 from node.scp.qr import QueryRetrieve
@@ -70,6 +72,9 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, syntaxes)
     for model in QR_MODELS:
         ae.add_supported_context(model, syntaxes)
+    # Both roles: requests come in as N-ACTION; reports for our own requests may come in as
+    # N-EVENT-REPORT from a destination acting as SCP on its association.
+    ae.add_supported_context(StorageCommitmentPushModel, syntaxes, scu_role=True, scp_role=True)
     for context in AllStoragePresentationContexts:
         # scp_role: a C-GET requestor proposes to be the storage SCP on its own association.
         ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=False,
@@ -79,14 +84,14 @@ def build_ae(settings: Settings) -> AE:
 
 class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
-                 qr: QueryRetrieve) -> None:
+                 qr: QueryRetrieve, commitment: StorageCommitment) -> None:
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
         by_requestor = (settings.dicom.transfer_syntax_preference == "requestor"
                         and not settings.dicom.enforce_default_transfer_syntax)
         supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
-        self.handlers = ScpHandlers(db, ingest, qr, supported, by_requestor)
+        self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor)
         self.listeners: dict[int, ScreeningAssociationServer] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None

@@ -1,0 +1,135 @@
+"""Storage commitment, push model (PS3.4 J): confirm what this node holds, record what others do.
+
+As SCP: an N-ACTION names instances; each one is checked in the index and on disk, the N-ACTION
+is answered at once, and the result follows in an N-EVENT-REPORT on a new association to the
+requesting device (found in the device table by its AE title).
+As SCU (forwarding): the N-EVENT-REPORT a destination sends back, on any association, marks
+each forward job committed or failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+from sqlalchemy import select, update
+
+from node.db.database import Database
+from node.db.models import ForwardJob, Instance, utcnow
+from node.scp import lookup
+from node.scp.store import Peer
+from node.scu.tuning import CONNECTION_HANDLERS
+
+log = logging.getLogger(__name__)
+
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+
+
+def record_report(db: Database, report: Dataset) -> tuple[int, int]:
+    """Mark forward jobs of the report's transaction committed or failed; returns the counts."""
+    transaction = str(report.get("TransactionUID", ""))
+    committed = [str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])]
+    failed = [str(i.ReferencedSOPInstanceUID) for i in report.get("FailedSOPSequence", [])]
+    with db.transaction() as session:
+        for uids, state in ((committed, "committed"), (failed, "failed")):
+            if not uids:
+                continue
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.commitment_uid == transaction,
+                       ForwardJob.instance_pk.in_(select(Instance.id).where(
+                           Instance.sop_instance_uid.in_(uids))))
+                .values(commitment=state,
+                        committed_at=utcnow() if state == "committed" else None))
+    return len(committed), len(failed)
+
+
+def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:
+    """EVT_N_EVENT_REPORT handler, on the node's SCP or on a forwarding association."""
+    committed, failed = record_report(db, event.event_information)
+    log.info("storage commitment report: %d committed, %d failed", committed, failed)
+    return 0x0000, None
+
+
+class StorageCommitment:
+    def __init__(self, db: Database, storage_root: Path) -> None:
+        self.db = db
+        self.root = storage_root
+
+    def on_action(self, event: evt.Event, peer: Peer) -> tuple[int, Dataset | None]:
+        request = event.action_information
+        transaction = str(request.get("TransactionUID", ""))
+        if event.action_type != 1 or not transaction:
+            return 0x0123, None  # no such action / missing transaction
+        refs = [(str(r.ReferencedSOPClassUID), str(r.ReferencedSOPInstanceUID))
+                for r in request.get("ReferencedSOPSequence", [])]
+        with self.db.session() as session:
+            held = {sop: path for sop, path in session.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(
+                    Instance.partition_id == peer.partition.id,
+                    Instance.sop_instance_uid.in_([sop for _, sop in refs])))}
+        ok = [(c, s) for c, s in refs if s in held and (self.root / held[s]).is_file()]
+        missing = [(c, s) for c, s in refs if (c, s) not in ok]
+        log.info("storage commitment %s from %s: %d held, %d not", transaction, peer, len(ok),
+                 len(missing))
+        threading.Thread(target=self._report, args=(peer, transaction, ok, missing),
+                         name="commitment-report", daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, peer: Peer, transaction: str, ok: list[tuple[str, str]],
+                missing: list[tuple[str, str]]) -> None:
+        with self.db.session() as session:
+            device = lookup.device_row(session, peer.partition.id, peer.calling_ae,
+                                       enabled_only=True)
+            target = (device.ae_title, device.ip or device.host, device.port) if device else None
+        if target is None:
+            log.error("storage commitment %s: %s is not in the device table; no report sent",
+                      transaction, peer.calling_ae)
+            return
+        report = Dataset()
+        report.TransactionUID = transaction
+        report.ReferencedSOPSequence = [_ref(c, s) for c, s in ok]
+        if missing:
+            report.FailedSOPSequence = [_ref(c, s, NO_SUCH_OBJECT_INSTANCE) for c, s in missing]
+        ae = AE(ae_title=peer.partition.ae_title)
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate(target[1], target[2], ae_title=target[0],
+                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+                             evt_handlers=CONNECTION_HANDLERS)
+        if not assoc.is_established:
+            log.error("storage commitment %s: cannot associate with %s to report", transaction,
+                      target[0])
+            return
+        try:
+            status, _ = assoc.send_n_event_report(report, 2 if missing else 1,
+                                                  StorageCommitmentPushModel,
+                                                  WELL_KNOWN_INSTANCE)
+            if "Status" not in status or int(status.Status) != 0:
+                log.error("storage commitment %s: report refused by %s", transaction, target[0])
+        finally:
+            assoc.release()
+
+    def on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        return on_report(self.db, event)
+
+
+def _ref(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def request_dataset(transaction: str, refs: list[tuple[str, str]]) -> Dataset:
+    """The N-ACTION information of a commitment request for `refs` (class, instance)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction
+    ds.ReferencedSOPSequence = [_ref(c, s) for c, s in refs]
+    return ds

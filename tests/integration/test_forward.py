@@ -249,3 +249,48 @@ def test_refused_syntax_fails_with_a_clear_error(make_node: object) -> None:
             failed.last_error
     finally:
         dest.stop()
+
+
+def test_jobs_fail_after_max_attempts_and_idle_associations_are_released(
+        make_node: object) -> None:
+    node = make_node(FAST.replace("heartbeat_idle_seconds = 30", "heartbeat_idle_seconds = 1")
+                     + "max_attempts = 2\n")  # type: ignore[operator]
+    down = free_port()
+    assert node.cli("device", "add", "GONE", "--type", "BACKUP_TARGET", "--host", "127.0.0.1",
+                    "--port", str(down)).exit_code == 0
+    dest = CountingSCP().start()
+    try:
+        backup(node, dest)
+        assert statuses(store(node.port, [make_instance()])) == [0]
+        assert wait_for(lambda: sorted(j.state for j in jobs(node)) == ["done", "failed"],
+                        timeout=20)
+        failed = next(j for j in jobs(node) if j.state == "failed")
+        assert failed.attempts == 2 and "cannot associate" in failed.last_error
+        # Idle past heartbeat_idle_seconds: released (not aborted) by the node.
+        assert wait_for(lambda: dest.open == 0, timeout=10)
+        assert dest.associations == 1
+    finally:
+        dest.stop()
+
+
+def test_concurrent_claims_never_take_the_same_job(node: RunningNode) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node.forwarding import queue
+
+    assert node.cli("device", "add", "NOWHERE", "--type", "BACKUP_TARGET", "--host",
+                    "127.0.0.1", "--port", str(free_port()), "--no-forward").exit_code == 0
+    assert statuses(store(node.port, [make_instance() for _ in range(40)])) == [0] * 40
+    with node.db.transaction() as session:
+        from node.db.models import Device
+
+        device = session.scalars(select(Device)).one()
+        for instance_pk in session.scalars(select(Instance.id)):
+            session.add(ForwardJob(partition_id=1, instance_pk=instance_pk,
+                                   device_id=device.id, study_instance_uid="1.2"))
+        device_id = device.id
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda n: queue.claim(node.db, device_id, 7, f"w{n}", 600,
+                                                      node.storage), range(8)))
+    claimed = [job.id for batch in claims for job in batch]
+    assert len(claimed) == len(set(claimed)) == 40

@@ -21,7 +21,7 @@ EDITABLE = (
     "accept_any_device", "auto_insert_devices", "default_remote_port", "match_patient_name",
     "match_patient_id", "match_patient_sex", "match_patient_birth_date",
     "match_accession_number", "match_issuer_of_patient_id", "track_deleted_studies",
-    "case_sensitive_matching", "empty_matching", "query_limit",
+    "case_sensitive_matching", "empty_matching", "query_limit", "forwarding_enabled",
 )
 
 

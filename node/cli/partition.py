@@ -51,6 +51,8 @@ EmptyMatching = Annotated[str | None, typer.Option(
     "--empty-matching", help="An empty value matches a non-empty query key: on | off | default.")]
 QueryLimit = Annotated[str | None, typer.Option(
     "--query-limit", help="Most matches a query or retrieve may have (0: none) | default.")]
+Forwarding = Annotated[bool | None, typer.Option(
+    "--forwarding/--no-forwarding", help="Queue what is stored here for forwarding (default on).")]
 NewAe = Annotated[str | None, typer.Option("--ae-title", help="Rename the AE title.")]
 
 
@@ -119,6 +121,7 @@ def add(
     case_sensitive: CaseSensitive = None,
     empty_matching: EmptyMatching = None,
     query_limit: QueryLimit = None,
+    forwarding: Forwarding = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a partition (port defaults to 11112)."""
@@ -128,7 +131,7 @@ def add(
                      auto_insert_devices=auto_insert, default_remote_port=default_remote_port,
                      match=match, track_deleted_studies=track_deleted,
                      case_sensitive=case_sensitive, empty_matching=empty_matching,
-                     query_limit=query_limit)
+                     query_limit=query_limit, forwarding_enabled=forwarding)
     with transaction(config) as session:
         p = partitions.add(session, ae_title=ae_title, **values)
         typer.echo(f"added partition {p.ae_title} on port {p.port} (folder {p.folder})")
@@ -181,6 +184,7 @@ def edit(
     case_sensitive: CaseSensitive = None,
     empty_matching: EmptyMatching = None,
     query_limit: QueryLimit = None,
+    forwarding: Forwarding = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a partition's settings; a running node applies them without a restart."""
@@ -189,7 +193,8 @@ def edit(
                      accept_any_device=accept_any, auto_insert_devices=auto_insert,
                      default_remote_port=default_remote_port, match=match,
                      track_deleted_studies=track_deleted, case_sensitive=case_sensitive,
-                     empty_matching=empty_matching, query_limit=query_limit)
+                     empty_matching=empty_matching, query_limit=query_limit,
+                     forwarding_enabled=forwarding)
     if not values:
         fail("nothing to change: give at least one option (see --help)")
     with transaction(config) as session:

@@ -169,6 +169,10 @@ def test_routing_rules_private_tags_and_no_duplicate_jobs(make_node: object) -> 
         assert sorted(plain.received) == sorted([ct.SOPInstanceUID, mr.SOPInstanceUID])
         assert mr_only.received == [mr.SOPInstanceUID]
         assert (0x0009, 0x1010) not in plain.datasets[ct.SOPInstanceUID]
+        # A partition with forwarding off queues nothing.
+        assert node.cli("partition", "edit", "PACSNODE", "--no-forwarding").exit_code == 0
+        assert statuses(store(node.port, [make_instance(modality="MR")])) == [0]
+        assert len(jobs(node)) == 3
     finally:
         plain.stop()
         mr_only.stop()

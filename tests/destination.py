@@ -33,7 +33,8 @@ class CountingSCP:
     were open at once; `delay` slows each C-STORE so transfers overlap."""
 
     def __init__(self, ae_title: str = "DEST", port: int | None = None, delay: float = 0.0,
-                 folder: Path | None = None, gauge: Gauge | None = None) -> None:
+                 folder: Path | None = None, gauge: Gauge | None = None,
+                 refuse: set[str] | None = None) -> None:
         self.ae_title = ae_title
         self.port = port or free_port()
         self.delay = delay
@@ -45,6 +46,7 @@ class CountingSCP:
         self.max_open = 0
         self.echoes = 0
         self.gauge = gauge or Gauge()
+        self.refuse = refuse or set()  # SOP instance UIDs answered 0xA700 (out of resources)
         self._lock = threading.Lock()
         self._counted_closed: set[object] = set()
         self._server = None
@@ -99,6 +101,8 @@ class CountingSCP:
         if self.delay:
             time.sleep(self.delay)
         ds = event.dataset
+        if ds.SOPInstanceUID in self.refuse:
+            return 0xA700
         with self._lock:
             self.received.append(ds.SOPInstanceUID)
             self.datasets[ds.SOPInstanceUID] = ds

@@ -34,6 +34,8 @@ LIMIT_EXCEEDED = 0xA700  # Refused: out of resources (more matches than the part
 UNABLE_TO_PROCESS = 0xC000
 NO_MATCH_KEY = 0xC001  # a retrieve without any unique key would fetch the whole partition
 MAX_SUBOPERATIONS = 65535  # the response counters are US
+SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
+ALL_SUB_OPERATIONS_FAILED = 0xA702
 
 
 def status(code: int, comment: str = "") -> Dataset:
@@ -42,6 +44,17 @@ def status(code: int, comment: str = "") -> Dataset:
     if comment:
         ds.ErrorComment = comment[:64]
     return ds
+
+
+def collect_refusals(event: evt.Event, refused: list[str]) -> None:
+    """EVT_DIMSE_RECV: note each C-STORE sub-operation the destination answered with a failure."""
+    message = event.message
+    if type(message).__name__ != "C_STORE_RSP":
+        return
+    command = message.command_set
+    code = int(command.get("Status", 0))
+    if code and not (code == 0xFF00 or 0xB000 <= code <= 0xBFFF):
+        refused.append(str(command.get("AffectedSOPInstanceUID", "")))
 
 
 def match_settings(peer: Peer, defaults: QuerySettings, dialect: str) -> MatchSettings:
@@ -152,23 +165,40 @@ class QueryRetrieve:
         log.info("%s %s from %s: %d instances", verb, query.level, peer, len(instances))
         return instances, None
 
-    def _datasets(self, event: evt.Event, instances: list[Stored]
-                  ) -> Iterator[tuple[int, Dataset | None]]:
+    def _datasets(self, event: evt.Event, instances: list[Stored], refused: list[str]
+                  ) -> Iterator[tuple[Any, Dataset | None]]:
+        """Pending (0xFF00, dataset) per instance, then our own final status if any failed.
+
+        A file that cannot be read is never handed to pynetdicom (its send_c_store would fail
+        half-way and upset the association); it is yielded as a non-dataset, which pynetdicom
+        counts as a failed sub-operation. `refused` fills with the UIDs the destination
+        answered with a failure, so the final Failed SOP Instance UID List names them all.
+        """
+        missing: list[str] = []
         for item in instances:
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
-            try:
-                # Pixel data stays undecoded; elements pydicom never touched are written back
-                # byte for byte, so the receiver gets what was stored.
-                ds = dcmread(item.path, defer_size="1 MB")
-            except (OSError, ValueError) as exc:
-                log.error("cannot read stored instance %s: %s", item.path, exc)
-                failed = Dataset()
-                failed.SOPInstanceUID = item.sop_instance
-                yield PENDING, failed  # counted as a failed sub-operation
-                continue
+            ds: Dataset | None = None
+            if item.path.is_file():
+                try:
+                    # Pixel data stays undecoded; elements pydicom never touched are written
+                    # back byte for byte, so the receiver gets what was stored.
+                    ds = dcmread(item.path, defer_size="1 MB")
+                except (OSError, ValueError) as exc:
+                    log.error("cannot read stored instance %s: %s", item.path, exc)
+            else:
+                log.error("stored instance %s is missing", item.path)
+            if ds is None:
+                missing.append(item.sop_instance)
             yield PENDING, ds
+        failed = missing + refused
+        if failed:
+            final = status(SUB_OPERATIONS_FAILED if len(failed) < len(instances)
+                           else ALL_SUB_OPERATIONS_FAILED)
+            identifier = Dataset()
+            identifier.FailedSOPInstanceUIDList = failed
+            yield final, identifier
 
     def move(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
         destination_ae = event.move_destination.strip()
@@ -192,9 +222,12 @@ class QueryRetrieve:
             yield failure, None
             return
         assert instances is not None
+        refused: list[str] = []
+        kwargs["evt_handlers"] = [*kwargs["evt_handlers"],
+                                  (evt.EVT_DIMSE_RECV, collect_refusals, [refused])]
         yield address, port, kwargs
         yield len(instances)
-        yield from self._datasets(event, instances)
+        yield from self._datasets(event, instances, refused)
 
     def get(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
         instances, failure = self._resolve(event, peer, "C-GET")
@@ -203,8 +236,13 @@ class QueryRetrieve:
             yield failure, None
             return
         assert instances is not None
-        yield len(instances)
-        yield from self._datasets(event, instances)
+        refused: list[str] = []
+        event.assoc.bind(evt.EVT_DIMSE_RECV, collect_refusals, [refused])
+        try:
+            yield len(instances)
+            yield from self._datasets(event, instances, refused)
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, collect_refusals)
 
     def _outbound(self, device: Device, instances: list[Stored]) -> dict[str, Any]:
         """Association settings for sub-operations to `device` (its own, else the node's)."""

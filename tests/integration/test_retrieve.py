@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from node.db.models import Instance, Partition, Study
 from tests.conftest import RunningNode, dcmtk_env, free_port, wait_for
+from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
 from tests.indexfill import fill
 from tests.integration.test_find import Archive, populate
@@ -275,3 +276,20 @@ def test_dcmtk_movescu_and_getscu(node: RunningNode, archive: Archive, dcmtk: Pa
     assert set(files) == set(archive.sops["S2-MR"])
     for sop, path in files.items():
         assert body(path) == body(stored[sop])
+
+
+def test_sub_operations_refused_by_the_destination_are_listed(node: RunningNode,
+                                                              archive: Archive) -> None:
+    refused = archive.sops["S1-CT"][0]
+    dest = CountingSCP("PICKY", refuse={refused}).start()
+    try:
+        assert node.cli("device", "add", "PICKY", "--host", "127.0.0.1",
+                        "--port", str(dest.port)).exit_code == 0
+        final = move(node, "STUDY", destination="PICKY",
+                     StudyInstanceUID=archive.studies["S1"])[-1]
+        assert int(final.Status) == 0xB000
+        assert counts(final)[1:3] == (3, 1)
+        listed = final.identifier["FailedSOPInstanceUIDList"].value
+        assert (listed if isinstance(listed, str) else list(listed)) in (refused, [refused])
+    finally:
+        dest.stop()

@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
@@ -298,3 +299,19 @@ def test_concurrent_claims_never_take_the_same_job(node: RunningNode) -> None:
                                                       node.storage), range(8)))
     claimed = [job.id for batch in claims for job in batch]
     assert len(claimed) == len(set(claimed)) == 40
+
+
+def test_refused_syntax_is_decompressed_when_pydicom_can(make_node: object) -> None:
+    node = make_node(FAST)  # type: ignore[operator]
+    dest = CountingSCP().start()  # uncompressed only
+    try:
+        backup(node, dest)
+        rle = Path(get_testdata_file("MR_small_RLE.dcm"))  # type: ignore[arg-type]
+        assert statuses(store(node.port, [rle], syntaxes=["1.2.840.10008.1.2.5"])) == [0]
+        assert wait_for(lambda: all_done(node, 1), timeout=20)
+        [received] = dest.datasets.values()
+        original = dcmread(rle)
+        original.decompress()
+        assert received.PixelData == original.PixelData  # sent in a syntax the peer accepts
+    finally:
+        dest.stop()

@@ -120,8 +120,28 @@ def _rules(rule: list[str] | None, rules_file: Path | None, clear: bool) -> str 
     return None
 
 
-def _values(**options: Any) -> dict[str, Any]:
-    return {k: (None if v is _NODE_DEFAULT else v) for k, v in options.items() if v is not None}
+# CLI option -> device table field, for what `add` and `edit` share.
+_FIELDS = {
+    "name": "name", "ae_title": "ae_title", "host": "host", "port": "port",
+    "tls_port": "tls_port", "device_type": "device_type", "partition": "partition",
+    "description": "description", "enabled": "enabled", "storage": "allow_storage",
+    "query": "allow_query", "retrieve": "allow_retrieve", "max_pdu": "max_pdu_size",
+    "acse_timeout": "acse_timeout", "dimse_timeout": "dimse_timeout",
+    "network_timeout": "network_timeout", "transfer_syntaxes": "transfer_syntaxes",
+    "storage_commitment": "storage_commitment",
+}
+
+
+def _device_values(options: dict[str, Any]) -> dict[str, Any]:
+    """The table fields the given options set (options not given are left out)."""
+    values: dict[str, Any] = {field: options[opt] for opt, field in _FIELDS.items()}
+    values["coercion_rules"] = _rules(options["rule"], options["rules_file"],
+                                      options.get("clear_rules", False))
+    values.update(_forwarding(options["forward"], options["forward_rule"],
+                              options["clear_forward_rules"], options["max_tasks"],
+                              options["category"], options["heartbeat"],
+                              options["remove_private_tags"], options["send_updates"]))
+    return {k: (None if v is _NODE_DEFAULT else v) for k, v in values.items() if v is not None}
 
 
 @app.command()
@@ -157,16 +177,8 @@ def add(
     config: ConfigOption = None,
 ) -> None:
     """Add a device (AE title defaults to the id)."""
-    values = _values(name=name, ae_title=ae_title if ae_title is not None else name, host=host,
-                     port=port, tls_port=tls_port, device_type=device_type, partition=partition,
-                     description=description, enabled=enabled,
-                     coercion_rules=_rules(rule, rules_file, False), allow_storage=storage,
-                     allow_query=query, allow_retrieve=retrieve, max_pdu_size=max_pdu,
-                     acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
-                     network_timeout=network_timeout, transfer_syntaxes=transfer_syntaxes,
-                     storage_commitment=storage_commitment,
-                     **_forwarding(forward, forward_rule, clear_forward_rules, max_tasks,
-                                   category, heartbeat, remove_private_tags, send_updates))
+    values = _device_values({**locals(), "name": name,
+                             "ae_title": ae_title if ae_title is not None else name})
     with transaction(config) as session:
         d = devices.add(session, **values)
         typer.echo(f"added device {d.name} ({d.ae_title} at {d.host or '?'}:{d.port})")
@@ -251,16 +263,7 @@ def edit(
     config: ConfigOption = None,
 ) -> None:
     """Change a device; a running node uses the change from the next association."""
-    values = _values(name=new_name, ae_title=ae_title, host=host, port=port, tls_port=tls_port,
-                     device_type=device_type, partition=partition, description=description,
-                     enabled=enabled, coercion_rules=_rules(rule, rules_file, clear_rules),
-                     allow_storage=storage, allow_query=query, allow_retrieve=retrieve,
-                     max_pdu_size=max_pdu, acse_timeout=acse_timeout,
-                     dimse_timeout=dimse_timeout, network_timeout=network_timeout,
-                     transfer_syntaxes=transfer_syntaxes,
-                     storage_commitment=storage_commitment,
-                     **_forwarding(forward, forward_rule, clear_forward_rules, max_tasks,
-                                   category, heartbeat, remove_private_tags, send_updates))
+    values = _device_values({**locals(), "name": new_name})
     if not values:
         fail("nothing to change: give at least one option (see --help)")
     with transaction(config) as session:

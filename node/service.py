@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import threading
+import time
 from types import FrameType
 
 from sqlalchemy import select
@@ -77,12 +79,16 @@ class Node:
                  self.db.engine.url.render_as_string(hide_password=True), storage)
 
     def stop(self) -> None:
+        started = time.monotonic()
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
+            log.info("forwarding stopped (%.1f s)", time.monotonic() - started)
         if self.server is not None:
             self.server.stop(self.settings.node.shutdown_grace_seconds)
             self.server = None
+            log.info("DICOM listeners and associations stopped (%.1f s)",
+                     time.monotonic() - started)
         if self.db is not None:
             self.db.dispose()
             self.db = None
@@ -93,6 +99,12 @@ class Node:
         stop_requested = threading.Event()
 
         def request_stop(signum: int, _frame: FrameType | None) -> None:
+            if stop_requested.is_set():
+                # A second Ctrl-C/SIGTERM: the administrator will not wait. Nothing
+                # acknowledged is lost (it is on disk and indexed); temporary files are swept
+                # at the next start.
+                log.warning("received %s again, exiting now", signal.Signals(signum).name)
+                os._exit(1)
             log.info("received %s, stopping", signal.Signals(signum).name)
             stop_requested.set()
 

@@ -32,6 +32,8 @@ DO \$\$ BEGIN
     CREATE ROLE pacsnode_test LOGIN CREATEDB PASSWORD 'pacsnode_test';
   END IF;
 END \$\$;
+-- DROP DATABASE ... WITH (FORCE) in test teardown may have to end an autovacuum worker.
+GRANT pg_signal_backend TO pacsnode_test;
 SQL
 export PACSNODE_TEST_PG_URL="postgresql+psycopg://pacsnode_test:pacsnode_test@127.0.0.1:$PG_PORT/postgres"
 export PACSNODE_REQUIRE_POSTGRES=1 PACSNODE_REQUIRE_DCMTK=1

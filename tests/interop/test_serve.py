@@ -42,7 +42,12 @@ def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
 
 def stop(proc: subprocess.Popen[str], sig: int) -> str:
     proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=30)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"pacsnode serve did not stop within 60 s:\n{output}") from None
     assert proc.returncode == 0, output
     return output
 

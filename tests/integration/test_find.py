@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 from tests.conftest import RunningNode, dcmtk_env
 from tests.dicomgen import Patient, make_instance, uid
 from tests.indexfill import fill
-from tests.scu import identifier, statuses, store
+from tests.scu import associate, identifier, statuses, store
 
 
 @dataclass
@@ -69,9 +69,7 @@ def find(node: RunningNode, level: str, model: str = "study", calling: str = "FI
          **keys: object) -> tuple[list[Dataset], int]:
     """(pending identifiers, final status) of one C-FIND."""
     sop_class = StudyRootFind if model == "study" else PatientRootFind
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
+    assoc = associate(node.port, calling=calling, contexts=[sop_class])
     assert assoc.is_established
     query = identifier(level, keys)
     found, final = [], -1

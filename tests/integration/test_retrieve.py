@@ -34,7 +34,7 @@ from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
 from tests.indexfill import fill
 from tests.integration.test_find import Archive, populate
-from tests.scu import identifier, statuses, store
+from tests.scu import associate, identifier, statuses, store
 
 
 def body(path: Path) -> bytes:
@@ -86,9 +86,7 @@ def move(node: RunningNode, level: str, destination: str = "DEST", model: str = 
     """Every C-MOVE response (pending ones, then the final one), with the final response's
     identifier (the failed SOP instances) as its `identifier` attribute."""
     sop_class = StudyRootMove if model == "study" else PatientRootMove
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
+    assoc = associate(node.port, calling=calling, contexts=[sop_class])
     assert assoc.is_established
     query = identifier(level, keys)
     try:

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,32 @@ class ForwardingSettings:
 
 
 @dataclass
+class HierarchySettings:
+    """This node's place in the tree and its gRPC control plane (served by `pacsnode serve`)."""
+
+    enabled: bool = True  # serve the control plane
+    node_id: str = ""  # unique in the tree; empty: node.name
+    site: str = ""  # the site's human name, shown in the DotCom directory
+    # Without TLS certificates the control plane only listens on a loopback address, unless
+    # allow_insecure_remote is set.
+    control_listen: str = "127.0.0.1:50051"
+    advertise_address: str = ""  # how other nodes reach this one; empty: control_listen
+    dicom_host: str = ""  # host other nodes use for this node's partitions; empty: advertised
+    allow_insecure_remote: bool = False
+    parent: str = ""  # the parent's control address host:port; empty: this node is a root
+    parent_ae_title: str = ""  # partition of the parent to forward to; empty: its first
+    parent_dicom_host: str = ""  # empty: the host the parent advertises
+    heartbeat_seconds: float = 10.0  # child -> parent; 3 missed: unreachable
+    sync_seconds: float = 2.0  # how often device changes are pushed to neighbours
+    rpc_timeout: float = 5.0  # one call to a neighbour
+    recollect_timeout: float = 20.0  # recollect / status / refresh-ip over the whole tree
+    tls_cert: str = ""  # PEM certificate of this node (server and client identity)
+    tls_key: str = ""  # its PEM private key
+    tls_ca: str = ""  # PEM CA bundle that signs every node's certificate
+    tls_server_name: str = ""  # expected name in peers' certificates; empty: their host
+
+
+@dataclass
 class BootstrapPartition:
     """Created when the database holds no partition at all (first start)."""
 
@@ -110,7 +138,17 @@ class Settings:
     query: QuerySettings = field(default_factory=QuerySettings)
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     bootstrap_partition: BootstrapPartition = field(default_factory=BootstrapPartition)
+    hierarchy: HierarchySettings = field(default_factory=HierarchySettings)
     source: Path | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.hierarchy.node_id or self.node.name
+
+    def tls_file(self, key: str) -> Path | None:
+        """One of the [hierarchy] tls_* files, resolved like every path in the file."""
+        value = getattr(self.hierarchy, key)
+        return _resolve(value, self.source) if value else None
 
     @property
     def data_dir(self) -> Path:
@@ -149,6 +187,7 @@ _SECTIONS: dict[str, type] = {
     "query": QuerySettings,
     "forwarding": ForwardingSettings,
     "bootstrap_partition": BootstrapPartition,
+    "hierarchy": HierarchySettings,
 }
 
 
@@ -207,6 +246,51 @@ def validate(settings: Settings) -> None:
         raise ConfigError("bootstrap_partition.port must be between 1 and 65535")
     if settings.node.partition_poll_seconds <= 0:
         raise ConfigError("node.partition_poll_seconds must be positive")
+    _validate_hierarchy(settings)
+
+
+def split_address(value: str, key: str) -> tuple[str, int]:
+    """host:port (IPv6 as [::1]:port) -> (host, port), or a ConfigError naming `key`."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} must be host:port, got {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_hierarchy(settings: Settings) -> None:
+    h = settings.hierarchy
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", settings.node_id):
+        raise ConfigError(f"hierarchy.node_id {settings.node_id!r} must be 1-64 letters, digits,"
+                          " '.', '_' or '-' (it defaults to node.name)")
+    host, _port = split_address(h.control_listen, "hierarchy.control_listen")
+    if h.advertise_address:
+        split_address(h.advertise_address, "hierarchy.advertise_address")
+    if h.parent:
+        split_address(h.parent, "hierarchy.parent")
+    for key in ("heartbeat_seconds", "sync_seconds", "rpc_timeout", "recollect_timeout"):
+        if getattr(h, key) <= 0:
+            raise ConfigError(f"hierarchy.{key} must be positive")
+    tls = [k for k in ("tls_cert", "tls_key", "tls_ca") if getattr(h, k)]
+    if tls and len(tls) != 3:
+        raise ConfigError("hierarchy.tls_cert, tls_key and tls_ca must be given together")
+    for key in tls:
+        path = settings.tls_file(key)
+        if path is None or not path.is_file():
+            raise ConfigError(f"hierarchy.{key}: {path} does not exist")
+    if h.enabled and not tls and not is_loopback(host) and not h.allow_insecure_remote:
+        raise ConfigError(
+            f"hierarchy.control_listen {h.control_listen} is not a loopback address: configure"
+            " tls_cert, tls_key and tls_ca (mutual TLS), or set allow_insecure_remote = true")
 
 
 def resolve_transfer_syntax(value: str) -> str:

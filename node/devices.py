@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +9,12 @@ from pydicom.uid import AllTransferSyntaxes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node import replication
 from node.config import resolve_transfer_syntax
 from node.db.models import Category, Device, DeviceType
 from node.forwarding.routing import RuleError
 from node.forwarding.routing import parse_rules as parse_forward_rules
+from node.hostnames import is_ip, resolve_ip
 from node.partitions import AdminError, check_ae_title, check_port
 from node.partitions import get as get_partition
 from node.scp.coercion import CoercionError, parse_rules
@@ -24,22 +24,8 @@ EDITABLE = (
     "description", "coercion_rules", "allow_storage", "allow_query", "allow_retrieve",
     "max_pdu_size", "acse_timeout", "dimse_timeout", "network_timeout", "transfer_syntaxes",
     "forward", "forward_rules", "max_outbound_tasks", "category", "heartbeat",
-    "remove_private_tags", "send_updates", "storage_commitment",
+    "remove_private_tags", "send_updates", "storage_commitment", "scope",
 )
-
-
-def resolve_ip(host: str) -> str:
-    """The IP of `host` ('' if it does not resolve now; refresh-IP retries later)."""
-    if not host:
-        return ""
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
-    except OSError:
-        return ""
 
 
 def _validate(session: Session, values: dict[str, Any], current: Device | None) -> None:
@@ -104,6 +90,7 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
         values["ip"] = resolve_ip(values["host"])
     ae = values.get("ae_title", current.ae_title if current else None)
     pid = values.get("partition_id", current.partition_id if current else None)
+    _check_scope(values, current, pid)
     if ae is not None:
         clash = session.scalar(select(Device).where(Device.ae_title == ae,
                                                     Device.partition_id.is_(pid) if pid is None
@@ -111,6 +98,21 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
         if clash is not None and clash is not current:
             scope = "node-wide" if pid is None else "in that partition"
             raise AdminError(f"device {clash.name!r} already has AE title {ae} {scope}")
+
+
+def _check_scope(values: dict[str, Any], current: Device | None, pid: int | None) -> None:
+    scope = values.get("scope", current.scope if current else replication.LOCAL)
+    if scope not in replication.SCOPES:
+        raise AdminError(f"scope must be one of {', '.join(replication.SCOPES)}, not {scope!r}")
+    if scope != replication.HIERARCHY:
+        return
+    if pid is not None:
+        raise AdminError("a hierarchy-wide device belongs to every partition: partitions differ"
+                         " from node to node (leave --partition empty)")
+    device_type = values.get("device_type", current.device_type if current else DeviceType.DICOM)
+    if device_type in replication.LOCAL_ONLY_TYPES:
+        raise AdminError(f"{device_type} devices describe this node's own neighbours and stay"
+                         " local (registration creates them)")
 
 
 def _transfer_syntax(value: str) -> str:
@@ -133,20 +135,35 @@ def add(session: Session, **values: Any) -> Device:
     device = Device(**values)
     session.add(device)
     session.flush()
+    if device.scope == replication.HIERARCHY:
+        replication.record_local_change(session, device.name)
     return device
 
 
 def edit(session: Session, current_name: str, /, **values: Any) -> Device:
     device = get(session, current_name)
+    was_shared = device.scope == replication.HIERARCHY
     _validate(session, values, device)
     for key, value in values.items():
         setattr(device, key, value)
     session.flush()
+    shared = device.scope == replication.HIERARCHY
+    # A rename or a change to local scope removes the record elsewhere (a tombstone); the
+    # device itself stays here.
+    if was_shared and (not shared or device.name != current_name):
+        replication.record_local_change(session, current_name, deleted=True)
+    if shared:
+        replication.record_local_change(session, device.name)
     return device
 
 
 def delete(session: Session, name: str) -> None:
-    session.delete(get(session, name))
+    device = get(session, name)
+    shared = device.scope == replication.HIERARCHY
+    session.delete(device)
+    session.flush()
+    if shared:
+        replication.record_local_change(session, name, deleted=True)
 
 
 def listing(session: Session, partition: str | None = None) -> list[Device]:
@@ -163,6 +180,8 @@ def as_dict(d: Device) -> dict[str, Any]:
     out["ip"] = d.ip
     out["partition"] = d.partition.ae_title if d.partition else None
     out["auto_inserted"] = d.auto_inserted
+    out["origin_node"] = d.origin_node
+    out["neighbour_id"] = d.neighbour_id
     return out
 
 
@@ -179,7 +198,7 @@ def refresh_ips(session: Session) -> list[IpChange]:
     changes = []
     for device in session.scalars(select(Device).order_by(Device.name)):
         host = device.host.strip()
-        if not host or _is_ip(host):
+        if not host or is_ip(host):
             continue
         new = resolve_ip(host)
         if new and new != device.ip:
@@ -188,11 +207,3 @@ def refresh_ips(session: Session) -> list[IpChange]:
         elif not new:
             changes.append(IpChange(device.name, host, device.ip, ""))
     return changes
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

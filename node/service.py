@@ -8,10 +8,13 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
+from typing import Protocol
 
 from sqlalchemy import select
 
+from node import replication
 from node.config import Settings
 from node.db import migrate
 from node.db.database import Database
@@ -31,6 +34,8 @@ def open_database(settings: Settings) -> Database:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     migrate.upgrade(db.engine)
+    with db.transaction() as session:
+        replication.set_node_id(session, settings.node_id)
     return db
 
 
@@ -45,12 +50,22 @@ def ensure_bootstrap_partition(db: Database, settings: Settings) -> None:
         log.info("created partition %s on port %d", b.ae_title, b.port)
 
 
+class Extension(Protocol):
+    """A service started with the node and stopped before it (the hierarchy's control plane)."""
+
+    def start(self, node: Node) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, extensions: Sequence[Extension] = ()) -> None:
         self.settings = settings
         self.db: Database | None = None
         self.server: DicomServer | None = None
         self.forwarder: Forwarder | None = None
+        self.extensions = list(extensions)
+        self._started: list[Extension] = []
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -75,11 +90,16 @@ class Node:
                                   StorageCommitment(self.db, storage))
         self.server.start()
         self.forwarder.start()
+        for extension in self.extensions:
+            extension.start(self)
+            self._started.append(extension)
         log.info("node %s ready: database %s, storage %s", settings.node.name,
                  self.db.engine.url.render_as_string(hide_password=True), storage)
 
     def stop(self) -> None:
         started = time.monotonic()
+        while self._started:
+            self._started.pop().stop()
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None

@@ -22,6 +22,7 @@ from node.cli.common import (
     transaction,
 )
 from node.db.models import DeviceType, Partition
+from node.hostnames import resolve_ip
 from node.scu.echo import echo as send_echo
 
 app = typer.Typer(help="Device table: the DICOM peers this node knows.", no_args_is_help=True)
@@ -84,6 +85,10 @@ Commitment = Annotated[bool | None, typer.Option(
     "--storage-commitment/--no-storage-commitment",
     help="Ask the device to commit what it was sent (push model).")]
 
+Scope = Annotated[str | None, typer.Option(
+    "--scope", help="local (this node only, the default) or hierarchy (replicated to every node"
+    " of the tree).")]
+
 
 def _forwarding(forward: bool | None, forward_rule: list[str] | None, clear: bool,
                 max_tasks: int | None, category: str | None, heartbeat: str | None,
@@ -128,7 +133,7 @@ _FIELDS = {
     "query": "allow_query", "retrieve": "allow_retrieve", "max_pdu": "max_pdu_size",
     "acse_timeout": "acse_timeout", "dimse_timeout": "dimse_timeout",
     "network_timeout": "network_timeout", "transfer_syntaxes": "transfer_syntaxes",
-    "storage_commitment": "storage_commitment",
+    "storage_commitment": "storage_commitment", "scope": "scope",
 }
 
 
@@ -174,6 +179,7 @@ def add(
     remove_private_tags: RemovePrivate = None,
     send_updates: SendUpdates = None,
     storage_commitment: Commitment = None,
+    scope: Scope = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a device (AE title defaults to the id)."""
@@ -202,11 +208,17 @@ def list_(
             print_json([devices.as_dict(d) for d in rows])
             return
         table("Devices", ["id", "AE title", "host", "ip", "port", "TLS", "type", "enabled",
-                          "partition", "rules", "description"],
+                          "partition", "scope", "rules", "description"],
               [[d.name, d.ae_title, d.host, d.ip, d.port, d.tls_port or "", d.device_type,
-                d.enabled, d.partition.ae_title if d.partition else "(all)",
+                d.enabled, d.partition.ae_title if d.partition else "(all)", _scope(d),
                 len([x for x in d.coercion_rules.splitlines() if x.strip()]), d.description]
                for d in rows])
+
+
+def _scope(d: Any) -> str:
+    if d.scope == "hierarchy":
+        return f"hierarchy ({d.origin_node})" if d.origin_node else "hierarchy"
+    return f"local ({d.neighbour_id})" if d.neighbour_id else "local"
 
 
 @app.command()
@@ -260,6 +272,7 @@ def edit(
     remove_private_tags: RemovePrivate = None,
     send_updates: SendUpdates = None,
     storage_commitment: Commitment = None,
+    scope: Scope = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a device; a running node uses the change from the next association."""
@@ -307,7 +320,7 @@ def echo(
         if calling_ae is None:
             partition = d.partition or session.scalar(select(Partition).order_by(Partition.id))
             calling_ae = partition.ae_title if partition else "PACSNODE"
-        address = d.ip or devices.resolve_ip(d.host)
+        address = d.ip or resolve_ip(d.host)
         if not address:
             fail(f"device {name} has no resolvable host ({d.host!r})")
         target = (d.ae_title, address, d.port)

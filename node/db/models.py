@@ -150,6 +150,13 @@ class Device(Base):
     send_updates: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     # Ask the device for storage commitment after forwarding to it (push model).
     storage_commitment: Mapped[bool] = mapped_column(Boolean, default=False)
+    # "local": this node only; "hierarchy": replicated to every node of the tree, from the
+    # node where it was created (origin_node).
+    scope: Mapped[str] = mapped_column(String(16), default="local")
+    origin_node: Mapped[str] = mapped_column(String(64), default="")
+    # The node id of the parent or child this PARENT/CHILD entry was created for by
+    # registration; '' for devices an administrator added.
+    neighbour_id: Mapped[str] = mapped_column(String(64), default="", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     partition: Mapped[Partition | None] = relationship()
@@ -311,3 +318,98 @@ class IntegrityItem(Base):
     # JSON: a list of {"tag", "keyword", "stored", "received"} differences.
     details: Mapped[str] = mapped_column(Text, default="[]")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class NodeMeta(Base):
+    """Small named values of this node: its id, the change-log sequence counter."""
+
+    __tablename__ = "node_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+
+
+class ReplicatedDevice(Base):
+    """The newest version this node holds of each hierarchy-wide device record (tombstones too)."""
+
+    __tablename__ = "replicated_devices"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    origin_node: Mapped[str] = mapped_column(String(64))
+    # Hybrid logical clock "<wall ms:013>.<counter:06>.<node id>": text order is time order.
+    version: Mapped[str] = mapped_column(String(96), index=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    payload: Mapped[str] = mapped_column(Text, default="")  # JSON settings; '' for a tombstone
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeviceChange(Base):
+    """Every record version this node applied, in order: what it pushes to its neighbours."""
+
+    __tablename__ = "device_changes"
+
+    # Assigned from the node_meta counter under a row lock, so sequence order is commit order
+    # and a neighbour's cursor never skips a change that committed late.
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(64))
+    origin_node: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(96))
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    payload: Mapped[str] = mapped_column(Text, default="")
+    # The neighbour it came from ('' for a local edit): not pushed back to it.
+    received_from: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Neighbour(Base):
+    """This node's parent and registered children, their liveness and sync cursor."""
+
+    __tablename__ = "neighbours"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8))  # parent | child
+    control_address: Mapped[str] = mapped_column(String(255), default="")
+    site: Mapped[str] = mapped_column(String(256), default="")
+    info: Mapped[str] = mapped_column(Text, default="{}")  # its NodeInfo, as JSON
+    heartbeat_seconds: Mapped[float] = mapped_column(Float, default=10.0)
+    # The highest local change-log seq delivered to it.
+    cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reachable: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    queue_depth: Mapped[int] = mapped_column(BigInteger, default=0)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DirectoryNode(Base):
+    """One node of the DotCom directory, as the last recollect found it."""
+
+    __tablename__ = "directory_nodes"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent_id: Mapped[str] = mapped_column(String(64), default="")
+    site: Mapped[str] = mapped_column(String(256), default="")
+    control_address: Mapped[str] = mapped_column(String(255), default="")
+    dicom_host: Mapped[str] = mapped_column(String(255), default="")
+    role: Mapped[str] = mapped_column(String(16), default="")
+    version: Mapped[str] = mapped_column(String(32), default="")
+    reachable: Mapped[bool] = mapped_column(Boolean, default=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    collected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    root_id: Mapped[str] = mapped_column(String(64), default="")
+
+
+class DirectoryPartition(Base):
+    """A partition of a directory node: how an AE title at another site is reached."""
+
+    __tablename__ = "directory_partitions"
+    __table_args__ = (UniqueConstraint("node_id", "ae_title"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(
+        ForeignKey("directory_nodes.node_id", ondelete="CASCADE"))
+    ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    port: Mapped[int] = mapped_column(Integer)
+    tls_port: Mapped[int] = mapped_column(Integer, default=0)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)

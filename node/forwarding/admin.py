@@ -111,6 +111,16 @@ def stats(session: Session) -> list[DestinationStats]:
     return [DestinationStats(name, counts) for name, counts in by_device.items()]
 
 
+def depth(session: Session) -> tuple[int, int]:
+    """(jobs waiting to be sent, jobs that gave up): counted through the state index."""
+    rows = {state: n for state, n in session.execute(
+        select(ForwardJob.state, func.count())
+        .where(ForwardJob.state.in_([JobState.PENDING, JobState.SENDING, JobState.FAILED]))
+        .group_by(ForwardJob.state))}
+    waiting = rows.get(JobState.PENDING, 0) + rows.get(JobState.SENDING, 0)
+    return waiting, rows.get(JobState.FAILED, 0)
+
+
 def stored_elsewhere(session: Session, study_pk: int) -> bool:
     """Every instance of the study is safely at some destination: delivered to a device
     without storage commitment, or committed by one with it (what purging relies on)."""

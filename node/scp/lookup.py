@@ -7,9 +7,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from node.db.database import Database
-from node.db.models import Device, DeviceType, Partition
+from node.db.models import Device, DeviceType, DirectoryNode, DirectoryPartition, Partition
 from node.forwarding.routing import ROUTED_TYPES, Route
 from node.forwarding.routing import parse_rules as parse_forward_rules
+from node.hostnames import resolve_ip
 from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.matching import MATCH_FIELDS
 
@@ -57,6 +58,24 @@ def device_row(session: Session, partition_id: int, ae_title: str, *,
         query = query.where(Device.enabled.is_(True))
     devices = sorted(session.scalars(query).all(), key=lambda d: d.partition_id is None)
     return devices[0] if devices else None
+
+
+def directory_device(session: Session, ae_title: str) -> Device | None:
+    """A partition of another node of the tree, found in the DotCom directory that recollect
+    stored: a C-MOVE destination no device entry names. Not added to the session."""
+    row = session.execute(
+        select(DirectoryPartition, DirectoryNode)
+        .join(DirectoryNode, DirectoryNode.node_id == DirectoryPartition.node_id)
+        .where(DirectoryPartition.ae_title == ae_title, DirectoryPartition.enabled.is_(True))
+        .order_by(DirectoryNode.reachable.desc(), DirectoryNode.node_id)).first()
+    if row is None:
+        return None
+    partition, node = row
+    # Every setting at its "node default" value, as for a device added with no options.
+    return Device(name=f"{node.node_id}/{partition.ae_title}", ae_title=partition.ae_title,
+                  host=node.dicom_host, ip=resolve_ip(node.dicom_host), port=partition.port,
+                  enabled=True, max_pdu_size=0, acse_timeout=0.0, dimse_timeout=0.0,
+                  network_timeout=0.0, transfer_syntaxes="")
 
 
 def routes_for(session: Session, partition_id: int) -> tuple[tuple[Route, ...], dict[int, bool]]:

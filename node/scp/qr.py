@@ -204,10 +204,12 @@ class QueryRetrieve:
         destination_ae = event.move_destination.strip()
         instances, failure = self._resolve(event, peer, "C-MOVE")
         with self.db.session() as session:
-            device = lookup.device_row(session, peer.partition.id, destination_ae,
-                                       enabled_only=True)
+            device = (lookup.device_row(session, peer.partition.id, destination_ae,
+                                        enabled_only=True)
+                      or lookup.directory_device(session, destination_ae))
             if device is None:
-                log.warning("C-MOVE from %s: destination %r is not in the device table",
+                log.warning("C-MOVE from %s: destination %r is in neither the device table"
+                            " nor the DotCom directory",
                             peer, destination_ae)
                 yield None, None  # 0xA801 move destination unknown
                 return

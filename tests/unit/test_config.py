@@ -357,3 +357,35 @@ def test_empty_env_var_means_defaults(tmp_path: Path, monkeypatch: pytest.Monkey
     settings = load(None)
     assert settings.source is None
     assert settings.bootstrap_partition.port == 11112
+
+
+def test_hierarchy_defaults_listen_on_loopback_with_the_node_name_as_id(tmp_path: Path) -> None:
+    settings = load(_write(tmp_path, '[node]\nname = "site-a"\n'))
+    assert settings.node_id == "site-a"
+    assert settings.hierarchy.control_listen == "127.0.0.1:50051"
+    assert settings.hierarchy.parent == ""
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[hierarchy]\ncontrol_listen = "0.0.0.0:50051"\n', "not a loopback address"),
+    ('[hierarchy]\ncontrol_listen = "50051"\n', "hierarchy.control_listen must be host:port"),
+    ('[hierarchy]\nparent = "central"\n', "hierarchy.parent must be host:port"),
+    ('[hierarchy]\nnode_id = "a b"\n', "hierarchy.node_id 'a b'"),
+    ('[hierarchy]\ntls_cert = "x.crt"\n', "must be given together"),
+    ('[hierarchy]\ntls_cert = "x.crt"\ntls_key = "x.key"\ntls_ca = "ca.crt"\n', "does not exist"),
+    ('[hierarchy]\nheartbeat_seconds = 0\n', "hierarchy.heartbeat_seconds must be positive"),
+])
+def test_invalid_hierarchy_settings_are_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(_write(tmp_path, text))
+
+
+def test_remote_listening_without_tls_needs_an_explicit_yes(tmp_path: Path) -> None:
+    settings = load(_write(tmp_path, '[hierarchy]\ncontrol_listen = "0.0.0.0:50051"\n'
+                                     "allow_insecure_remote = true\n"))
+    assert settings.hierarchy.allow_insecure_remote
+    for name in ("ca.crt", "node.crt", "node.key"):
+        (tmp_path / name).write_text("pem")
+    tls = load(_write(tmp_path, '[hierarchy]\ncontrol_listen = "0.0.0.0:50051"\n'
+                                'tls_ca = "ca.crt"\ntls_cert = "node.crt"\ntls_key = "node.key"\n'))
+    assert tls.tls_file("tls_ca") == tmp_path / "ca.crt"  # relative to the settings file

@@ -1,4 +1,4 @@
-"""Everything between nodes (gRPC control plane, device sync, recollect, refresh-IP).
+"""Everything between nodes: the gRPC control plane, registration, device sync, recollect.
 
-Empty until the hierarchy issue; `node` must never import from here.
+`node` never imports from here; this package uses node's database and services.
 """

@@ -19,8 +19,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from typer.testing import CliRunner, Result
 
+from hierarchy.cli import app
+from hierarchy.plane import ControlPlane
 from node import config
-from node.cli import app
 from node.db.database import Database
 from node.service import Node
 
@@ -129,6 +130,11 @@ class RunningNode:
     port: int
 
     @property
+    def control(self) -> str:
+        """The control plane's address (nodes started with a [hierarchy] section)."""
+        return self.settings.hierarchy.control_listen
+
+    @property
     def db(self) -> Database:
         assert self.node.db is not None
         return self.node.db
@@ -141,7 +147,9 @@ class RunningNode:
         return run_cli(self.config_path, *args)
 
 
-def node_toml(data_dir: Path, db: str, port: int, extra: str = "") -> str:
+def node_toml(data_dir: Path, db: str, port: int, extra: str = "", bootstrap: bool = True
+              ) -> str:
+    partition = f"[bootstrap_partition]\nport = {port}\n" if bootstrap else ""
     return f"""
 [node]
 data_dir = "{data_dir}"
@@ -150,9 +158,7 @@ listen_host = "127.0.0.1"
 partition_poll_seconds = 0.2
 shutdown_grace_seconds = 5
 
-[bootstrap_partition]
-port = {port}
-
+{partition}
 {extra}
 """
 
@@ -162,12 +168,21 @@ def make_node(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[object]:
     """Start a node (in this process) on a free loopback port; stopped after the test."""
     started: list[Node] = []
 
-    def start(extra: str = "", name: str = "node") -> RunningNode:
+    def start(extra: str = "", name: str = "node", hierarchy: str | None = None,
+              ae_title: str | None = None) -> RunningNode:
+        """`hierarchy`: lines for the [hierarchy] section; the node then also runs its control
+        plane (node_id = name, on a free loopback port)."""
         port = free_port()
+        if ae_title is not None:
+            extra += f"\n[bootstrap_partition]\nae_title = \"{ae_title}\"\nport = {port}\n"
+        if hierarchy is not None:
+            extra += (f"\n[hierarchy]\nnode_id = \"{name}\"\n"
+                      f"control_listen = \"127.0.0.1:{free_port()}\"\n{hierarchy}\n")
         path = write_config(tmp_path / f"{name}.toml",
-                            node_toml(tmp_path / name, new_db(name), port, extra))
+                            node_toml(tmp_path / name, new_db(name), port, extra,
+                                      bootstrap=ae_title is None))
         settings = config.load(path)
-        node = Node(settings)
+        node = Node(settings, [ControlPlane(settings)] if hierarchy is not None else [])
         node.start()
         started.append(node)
         return RunningNode(node, settings, path, port)

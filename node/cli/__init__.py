@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 from node.cli import category, db, device, integrity, partition, queue, serve
 
-app = typer.Typer(
-    name="pacsnode",
-    help="A hierarchical PACS node: DICOM archive, partitions, devices and their administration.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-app.command("serve")(serve.serve)
-app.add_typer(db.app, name="db")
-app.add_typer(partition.app, name="partition")
-app.add_typer(device.app, name="device")
-app.add_typer(integrity.app, name="integrity")
-app.add_typer(queue.app, name="queue")
-app.add_typer(category.app, name="category")
-app.command("refresh-ip")(device.refresh_ip)
+HELP = "A hierarchical PACS node: DICOM archive, partitions, devices and their administration."
+
+
+def build_app(serve_command: Callable[..., None] = serve.serve,
+              refresh_ip_command: Callable[..., None] = device.refresh_ip) -> typer.Typer:
+    """The node's commands; the hierarchy package builds the full `pacsnode` with its own
+    serve (which adds the control plane) and refresh-ip (which adds --hierarchy)."""
+    app = typer.Typer(name="pacsnode", help=HELP, no_args_is_help=True, add_completion=False)
+    app.command("serve")(serve_command)
+    app.add_typer(db.app, name="db")
+    app.add_typer(partition.app, name="partition")
+    app.add_typer(device.app, name="device")
+    app.add_typer(integrity.app, name="integrity")
+    app.add_typer(queue.app, name="queue")
+    app.add_typer(category.app, name="category")
+    app.command("refresh-ip")(refresh_ip_command)
+    return app
+
+
+app = build_app()
 
 
 def main() -> None:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.cli.common import ConfigOption, fail, load_settings
-from node.service import Node
+from node.config import Settings
+from node.service import Extension, Node
 
 
 def serve(config: ConfigOption = None) -> None:
     """Start the node: migrate the database, open the DICOM listeners, serve until stopped."""
+    run(config, lambda _settings: [])
+
+
+def run(config: Path | None, extensions: Callable[[Settings], Sequence[Extension]]) -> None:
     settings = load_settings(config)
     logging.basicConfig(
         level=settings.node.log_level.upper(),
@@ -19,6 +26,6 @@ def serve(config: ConfigOption = None) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
-        Node(settings).run_until_signalled()
+        Node(settings, extensions(settings)).run_until_signalled()
     except (OSError, SQLAlchemyError) as exc:
         fail(str(exc))

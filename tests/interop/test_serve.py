@@ -19,7 +19,7 @@ from tests.dicomgen import write_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
-PACSNODE = [sys.executable, "-m", "node.cli"]
+PACSNODE = [sys.executable, "-m", "hierarchy.cli"]  # the `pacsnode` console script
 
 
 def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:

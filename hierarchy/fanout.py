@@ -1,0 +1,94 @@
+"""Ask every child at once and pass on their answers as they arrive, within a deadline.
+
+Recollect, hierarchy status and refresh-IP all walk the tree this way. Each child gets a
+shorter deadline than the caller's own, so a child whose own child hangs still answers in
+time, and a child that does not answer is reported as unreachable instead of hanging the
+whole walk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+
+from hierarchy.channels import describe
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# The share of the remaining time a child gets: it must finish (and report its own late
+# children) before the caller gives up on it.
+CHILD_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    key: str  # the child's node id
+    run: Callable[[float], Iterable[T]]  # timeout seconds -> its answers
+
+
+def child_timeout(remaining: float) -> float:
+    return max(0.05, remaining * CHILD_SHARE)
+
+
+def fan_out(calls: Sequence[Call[T]], remaining: float,
+            failed: Callable[[str, str], T | None],
+            answered: Callable[[str], None] = lambda _key: None) -> Iterator[T]:
+    """Yield every child's answers as they come; `failed(key, reason)` stands in for a child
+    that errs or misses its deadline before answering anything."""
+    if not calls:
+        return
+    deadline = time.monotonic() + remaining
+    timeout = child_timeout(remaining)
+    inbox: queue.Queue[tuple[str, str, object]] = queue.Queue()
+
+    def run(call: Call[T]) -> None:
+        try:
+            for item in call.run(timeout):
+                inbox.put((call.key, "item", item))
+            inbox.put((call.key, "done", None))
+        except grpc.RpcError as exc:
+            inbox.put((call.key, "error", describe(exc)))
+        except Exception as exc:  # one child's failure must not end the walk
+            log.exception("asking %s failed", call.key)
+            inbox.put((call.key, "error", str(exc)))
+
+    for call in calls:
+        threading.Thread(target=run, args=(call,), name=f"fan-out-{call.key}",
+                         daemon=True).start()
+    pending = {call.key for call in calls}
+    answered_any: set[str] = set()
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            key, kind, payload = inbox.get(timeout=left)
+        except queue.Empty:
+            break
+        if kind == "item":
+            if key not in answered_any:
+                answered_any.add(key)
+                answered(key)
+            yield payload  # type: ignore[misc]
+            continue
+        pending.discard(key)
+        if kind == "error":
+            if key in answered_any:
+                log.warning("%s stopped answering part-way: %s", key, payload)
+            else:
+                item = failed(key, str(payload))
+                if item is not None:
+                    yield item
+    for key in sorted(pending):
+        if key not in answered_any:
+            item = failed(key, f"no answer within {timeout:.1f} s")
+            if item is not None:
+                yield item

@@ -1,0 +1,58 @@
+"""How this node describes itself to the others (NodeInfo)."""
+
+from __future__ import annotations
+
+import socket
+from importlib import metadata
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hierarchy.rpc import control_pb2 as pb
+from node.config import Settings, split_address
+from node.db.models import Neighbour, Partition
+
+
+def version() -> str:
+    try:
+        return metadata.version("pacsnode")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def advertise_address(settings: Settings) -> str:
+    """The control address other nodes use: advertise_address, else control_listen with a
+    wildcard host replaced by this machine's name."""
+    h = settings.hierarchy
+    if h.advertise_address:
+        return h.advertise_address
+    host, port = split_address(h.control_listen, "hierarchy.control_listen")
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def dicom_host(settings: Settings) -> str:
+    if settings.hierarchy.dicom_host:
+        return settings.hierarchy.dicom_host
+    return split_address(advertise_address(settings), "hierarchy.advertise_address")[0]
+
+
+def role(has_parent: bool, children: int) -> str:
+    if not has_parent:
+        return "root"
+    return "intermediate" if children else "leaf"
+
+
+def local_info(session: Session, settings: Settings) -> pb.NodeInfo:
+    partitions = [pb.Partition(ae_title=p.ae_title, port=p.port, tls_port=0, enabled=p.enabled)
+                  for p in session.scalars(select(Partition).order_by(Partition.id))]
+    parent_id = session.scalar(select(Neighbour.node_id).where(Neighbour.role == "parent")) or ""
+    children = len(session.scalars(select(Neighbour.node_id)
+                                   .where(Neighbour.role == "child")).all())
+    return pb.NodeInfo(
+        node_id=settings.node_id, site=settings.hierarchy.site,
+        control_address=advertise_address(settings), dicom_host=dicom_host(settings),
+        partitions=partitions, role=role(bool(settings.hierarchy.parent), children),
+        version=version(), parent_id=parent_id,
+        heartbeat_seconds=settings.hierarchy.heartbeat_seconds)

@@ -1,0 +1,300 @@
+"""The control plane between real nodes on loopback (in this process, real gRPC and DICOM):
+registration, liveness, forwarding through the PARENT entry, device sync, recollect, C-MOVE to
+an AE at another site, health checking and mutual TLS."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+from sqlalchemy import select
+
+from hierarchy import neighbours
+from hierarchy.rpc import control_pb2 as pb
+from hierarchy.rpc import control_pb2_grpc as rpc
+from node.db.models import Device, DeviceChange, DeviceType, Instance
+from tests.certs import make_ca
+from tests.conftest import RunningNode, wait_for
+from tests.dicomgen import make_instance
+from tests.scu import identifier, statuses, store
+
+FAST = "heartbeat_seconds = 0.3\nsync_seconds = 0.2\nrpc_timeout = 2\nrecollect_timeout = 6\n"
+Start = Callable[..., RunningNode]
+
+
+def child_of(parent: RunningNode, extra: str = "") -> str:
+    return f'{FAST}parent = "{parent.control}"\n{extra}'
+
+
+def stub(node: RunningNode) -> rpc.ControlStub:
+    return rpc.ControlStub(grpc.insecure_channel(node.control))
+
+
+def devices(node: RunningNode) -> dict[str, Device]:
+    with node.db.session() as session:
+        rows = {d.name: d for d in session.scalars(select(Device))}
+        session.expunge_all()
+    return rows
+
+
+def registered(child: RunningNode, parent: RunningNode) -> bool:
+    with child.db.session() as s:
+        up = neighbours.parent(s)
+    with parent.db.session() as s:
+        down = neighbours.get(s, child.settings.node_id)
+    return up is not None and down is not None
+
+
+def test_registration_creates_parent_and_child_entries_and_forwarding_uses_them(
+        make_node: Start) -> None:
+    root = make_node(name="central", ae_title="CENTRAL", hierarchy=FAST + 'site = "HQ"')
+    site = make_node(name="site-a", ae_title="SITEA", hierarchy=child_of(root, 'site = "A"'))
+    assert wait_for(lambda: registered(site, root), 10)
+
+    parent_entry = devices(site)["central"]
+    assert (parent_entry.device_type, parent_entry.ae_title, parent_entry.port,
+            parent_entry.ip, parent_entry.neighbour_id) == (
+        DeviceType.PARENT, "CENTRAL", root.port, "127.0.0.1", "central")
+    child_entry = devices(root)["site-a"]
+    assert (child_entry.device_type, child_entry.ae_title, child_entry.port) == (
+        DeviceType.CHILD, "SITEA", site.port)
+
+    # An instance stored at the site is forwarded to the centre through that PARENT entry,
+    # and the centre admits it as coming from its CHILD.
+    ds = make_instance()
+    assert statuses(store(site.port, [ds], called="SITEA", calling="MODALITY")) == [0]
+
+    def at_root() -> bool:
+        with root.db.session() as s:
+            return s.scalar(select(Instance.calling_ae_title).where(
+                Instance.sop_instance_uid == ds.SOPInstanceUID)) == "SITEA"
+    assert wait_for(at_root, 15)
+
+    info = stub(root).GetNodeInfo(pb.GetNodeInfoRequest(), timeout=5)
+    assert info.node.node_id == "central" and info.node.role == "root"
+    assert list(info.children) == ["site-a"]
+    assert [p.ae_title for p in info.node.partitions] == ["CENTRAL"]
+
+
+def test_liveness_follows_heartbeats(make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    leaf = make_node(name="leaf", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(leaf, root), 10)
+
+    def child_alive() -> bool:
+        with root.db.session() as s:
+            n = neighbours.get(s, "leaf")
+            return n is not None and neighbours.alive(n)
+
+    assert child_alive()
+    beat = stub(root).Heartbeat(pb.HeartbeatRequest(node_id="leaf", queue_depth=7), timeout=5)
+    assert beat.known and beat.parent_id == "root"
+    unknown = stub(root).Heartbeat(pb.HeartbeatRequest(node_id="stranger"), timeout=5)
+    assert not unknown.known  # the child registers again
+
+    leaf.node.stop()
+    # Three missed heartbeats (0.3 s each): the child is no longer alive; nothing is deleted.
+    assert wait_for(lambda: not child_alive(), 5)
+    assert "leaf" in devices(root)
+
+    # The other way: the child sees its parent unreachable, with the reason.
+    leaf2 = make_node(name="leaf2", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(leaf2, root), 10)
+    root.node.stop()
+
+    def parent_down() -> str:
+        with leaf2.db.session() as s:
+            n = neighbours.parent(s)
+            return "" if n is None or n.reachable else n.last_error
+    assert wait_for(parent_down, 5)
+    assert "UNAVAILABLE" in parent_down()
+
+
+def test_register_refuses_a_duplicate_node_id(make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    same = pb.NodeInfo(node_id="root", control_address="127.0.0.1:1")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(root).Register(pb.RegisterRequest(child=same), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "unique" in caught.value.details()
+
+
+def test_device_changes_travel_the_tree_and_do_not_loop(make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    mid = make_node(name="mid", hierarchy=child_of(root))
+    leaf = make_node(name="leaf", hierarchy=child_of(mid))
+    other = make_node(name="other", hierarchy=child_of(root))
+    nodes = [root, mid, leaf, other]
+    assert wait_for(lambda: registered(mid, root) and registered(leaf, mid)
+                    and registered(other, root), 10)
+
+    result = leaf.cli("device", "add", "VIEWER1", "--host", "localhost", "--port", "4242",
+                      "--type", "VIEWER", "--scope", "hierarchy", "--description", "reading room")
+    assert result.exit_code == 0, result.output
+    leaf.cli("device", "add", "LOCALONLY", "--host", "127.0.0.1")
+
+    def everywhere(name: str, check: Callable[[Device], bool]) -> bool:
+        return all(name in devices(n) and check(devices(n)[name]) for n in nodes)
+
+    assert wait_for(lambda: everywhere("VIEWER1", lambda d: d.port == 4242), 10)
+    d = devices(other)["VIEWER1"]
+    assert (d.device_type, d.scope, d.origin_node, d.ip, d.description) == (
+        "VIEWER", "hierarchy", "leaf", "127.0.0.1", "reading room")
+    assert all("LOCALONLY" not in devices(n) for n in nodes[:-1] if n is not leaf)
+
+    # An edit at the far side comes back down; a delete is a tombstone everywhere.
+    assert other.cli("device", "edit", "VIEWER1", "--port", "5555").exit_code == 0
+    assert wait_for(lambda: everywhere("VIEWER1", lambda d: d.port == 5555), 10)
+    assert root.cli("device", "delete", "VIEWER1").exit_code == 0
+    assert wait_for(lambda: all("VIEWER1" not in devices(n) for n in nodes), 10)
+    records = [json.loads(n.cli("hierarchy", "records", "--json").output) for n in nodes]
+    assert all(r == records[0] for r in records)
+    assert records[0][0]["deleted"] is True
+
+    # No loop: each node logged each version once (3 versions: add, edit, delete).
+    for n in nodes:
+        with n.db.session() as s:
+            logged = s.scalars(select(DeviceChange.version)
+                               .where(DeviceChange.name == "VIEWER1")).all()
+        assert len(logged) == len(set(logged)) == 3, (n.settings.node_id, logged)
+
+
+def test_recollect_stores_the_directory_everywhere_and_c_move_resolves_through_it(
+        make_node: Start, tmp_path: Path) -> None:
+    root = make_node(name="root", ae_title="ROOT", hierarchy=FAST)
+    west = make_node(name="west", ae_title="WEST", hierarchy=child_of(root))
+    east = make_node(name="east", ae_title="EAST", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(west, root) and registered(east, root), 10)
+
+    result = east.cli("recollect", "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["root_id"] == "root" and answer["published"] == 3
+    found = {n["node"]["node_id"]: n for n in answer["nodes"]}
+    assert set(found) == {"root", "west", "east"}
+    assert found["west"]["node"]["partitions"][0] == {
+        "ae_title": "WEST", "port": west.port, "tls_port": 0, "enabled": True}
+    assert found["west"]["node"]["parent_id"] == "root"
+    for n in (root, west, east):
+        stored = json.loads(n.cli("hierarchy", "directory", "--json").output)
+        assert {r["node_id"] for r in stored} == {"root", "west", "east"}
+        exported = json.loads((n.settings.data_dir / "dotcom.json").read_text())
+        assert exported["nodes"] == stored
+
+    # WEST is not in east's device table, but the directory says where it is: a C-MOVE at
+    # east with destination WEST sends there.
+    assert "west" not in devices(east)
+    ds = make_instance()
+    assert statuses(store(east.port, [ds], called="EAST", calling="MODALITY")) == [0]
+    ae = AE(ae_title="WEST")  # our own stand-in: the move must reach the real WEST node
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", east.port, ae_title="EAST")
+    assert assoc.is_established
+    try:
+        query = identifier("STUDY", {"StudyInstanceUID": ds.StudyInstanceUID})
+        results = [status.Status for status, _ in assoc.send_c_move(
+            query, "WEST", StudyRootQueryRetrieveInformationModelMove) if status]
+    finally:
+        assoc.release()
+    assert results[-1] == 0x0000
+
+    def at_west() -> bool:
+        with west.db.session() as s:
+            return s.scalar(select(Instance.id).where(
+                Instance.sop_instance_uid == ds.SOPInstanceUID)) is not None
+    assert wait_for(at_west, 10)
+
+
+def test_recollect_marks_a_stopped_node_unreachable_within_the_timeout(
+        make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    a = make_node(name="a", hierarchy=child_of(root))
+    b = make_node(name="b", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(a, root) and registered(b, root), 10)
+    assert root.cli("recollect").exit_code == 0
+    b.node.stop()
+    result = a.cli("recollect", "--json")
+    assert result.exit_code == 0, result.output
+    found = {n["node"]["node_id"]: n for n in json.loads(result.output)["nodes"]}
+    assert found["a"]["reachable"] and found["root"]["reachable"]
+    assert not found["b"]["reachable"] and "UNAVAILABLE" in found["b"]["error"]
+    stored = {r["node_id"]: r for r in json.loads(a.cli("hierarchy", "directory",
+                                                         "--json").output)}
+    assert not stored["b"]["reachable"]
+
+    status = json.loads(a.cli("hierarchy", "status", "--json").output)
+    assert {e["node"]["node_id"]: e["reachable"] for e in status} == {
+        "root": True, "a": True, "b": False}
+
+
+def test_refresh_ip_across_the_tree_reports_each_node(make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    leaf = make_node(name="leaf", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(leaf, root), 10)
+    leaf.cli("device", "add", "BYNAME", "--host", "localhost")
+    with leaf.db.transaction() as s:  # as if the name had pointed elsewhere before
+        s.scalar(select(Device).where(Device.name == "BYNAME")).ip = "10.9.9.9"
+    result = root.cli("refresh-ip", "--hierarchy", "--json")
+    assert result.exit_code == 0, result.output
+    reports = {r["node_id"]: r for r in json.loads(result.output)}
+    assert set(reports) == {"root", "leaf"}
+    assert reports["leaf"]["changes"] == [{"device": "BYNAME", "host": "localhost",
+                                           "old_ip": "10.9.9.9", "new_ip": "127.0.0.1"}]
+    assert devices(leaf)["BYNAME"].ip == "127.0.0.1"
+
+
+def test_health_service_and_cli_without_a_running_node(make_node: Start, tmp_path: Path) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(root.control))
+    for service in ("", "pacsnode.control.v1.Control"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    root.node.stop()
+    result = root.cli("recollect")
+    assert result.exit_code == 1
+    assert "UNAVAILABLE" in result.output and "pacsnode serve" in result.output
+
+
+def tls_lines(ca: Path, cert: Path, key: Path) -> str:
+    return f'tls_ca = "{ca}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+
+
+def test_mutual_tls_registers_children_and_refuses_strangers(make_node: Start,
+                                                            tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "pki", "hospital")
+    rogue_ca = make_ca(tmp_path / "rogue", "rogue")
+    root_id = ca.issue(tmp_path / "pki", "root")
+    site_id = ca.issue(tmp_path / "pki", "site")
+    stranger = rogue_ca.issue(tmp_path / "rogue", "stranger")
+    root = make_node(name="root", hierarchy=FAST + tls_lines(ca.path, root_id.cert, root_id.key))
+    site = make_node(name="site", hierarchy=child_of(root, tls_lines(ca.path, site_id.cert,
+                                                                      site_id.key)))
+    assert wait_for(lambda: registered(site, root), 10)
+    assert site.cli("recollect").exit_code == 0  # the CLI presents the node's certificate
+
+    ca_pem = ca.path.read_bytes()
+    request = pb.GetNodeInfoRequest()
+
+    def call(channel: grpc.Channel) -> grpc.StatusCode:
+        try:
+            rpc.ControlStub(channel).GetNodeInfo(request, timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    good = grpc.ssl_channel_credentials(ca_pem, site_id.key.read_bytes(),
+                                        site_id.cert.read_bytes())
+    assert call(grpc.secure_channel(root.control, good)) == grpc.StatusCode.OK
+    # No TLS at all, TLS without a client certificate, a certificate from another CA.
+    assert call(grpc.insecure_channel(root.control)) == grpc.StatusCode.UNAVAILABLE
+    no_cert = grpc.ssl_channel_credentials(ca_pem)
+    assert call(grpc.secure_channel(root.control, no_cert)) == grpc.StatusCode.UNAVAILABLE
+    wrong = grpc.ssl_channel_credentials(ca_pem, stranger.key.read_bytes(),
+                                         stranger.cert.read_bytes())
+    assert call(grpc.secure_channel(root.control, wrong)) == grpc.StatusCode.UNAVAILABLE

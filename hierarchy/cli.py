@@ -41,7 +41,7 @@ from node.cli.common import (
     table,
 )
 from node.config import Settings, split_address
-from node.db.models import DeviceChange, utcnow
+from node.db.models import DeviceChange, DirectoryNode, utcnow
 
 
 def serve(config: ConfigOption = None) -> None:
@@ -229,6 +229,42 @@ def render_tree(entries: list[pb.DirectoryEntry]) -> Tree:
     for root in roots:
         add(top, root)
     return top
+
+
+@hierarchy_app.command("queue")
+def node_queue(
+    node_id: Annotated[str | None, typer.Argument(
+        help="A node of the tree, by id (default: this node).")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """The forwarding queue of any node of the tree, per destination (asks that node)."""
+    settings = load_settings(config)
+    address = control_address(settings)
+    if node_id and node_id != settings.node_id:
+        with database(config) as (_settings, db), db.session() as session:
+            row = session.get(DirectoryNode, node_id)
+            n = neighbours.get(session, node_id)
+            address = n.control_address if n is not None else (
+                row.control_address if row is not None else "")
+        if not address:
+            fail(f"node {node_id} is neither a neighbour nor in the DotCom directory"
+                 " (run pacsnode recollect)")
+    channel = open_channel(settings, address)
+    try:
+        answer = rpc.ControlStub(channel).QueueStatus(pb.QueueStatusRequest(),
+                                                      timeout=settings.hierarchy.rpc_timeout)
+    except grpc.RpcError as exc:
+        fail(f"the control plane at {address} failed: {describe(exc)}")
+    finally:
+        channel.close()
+    if as_json:
+        print_json(message_dict(answer))
+        return
+    table(f"Forwarding queue of {answer.node_id}",
+          ["destination", "pending", "sending", "failed", "done"],
+          [[d.device, d.pending, d.sending, d.failed, d.done] for d in answer.destinations]
+          + [["(all)", answer.pending, answer.sending, answer.failed, answer.done]])
 
 
 @hierarchy_app.command("directory")

@@ -185,8 +185,10 @@ class ControlPlane:
         not hold up the others)."""
         assert self.db is not None
         with self.db.session() as session:
+            # A parent that is no longer configured is no longer talked to.
+            parent = neighbours.parent(session) if self.settings.hierarchy.parent else None
             targets = [(n.node_id, n.control_address, n.cursor)
-                       for n in (neighbours.parent(session), *neighbours.children(session))
+                       for n in (parent, *neighbours.children(session))
                        if n is not None and n.control_address]
             top = replication.last_seq(session)
         targets = [t for t in targets if t[2] < top]

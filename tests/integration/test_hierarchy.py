@@ -115,6 +115,20 @@ def test_liveness_follows_heartbeats(make_node: Start) -> None:
     assert wait_for(parent_down, 5)
     assert "UNAVAILABLE" in parent_down()
 
+    # What the child stores meanwhile waits in its queue, and status shows it.
+    assert statuses(store(leaf2.port, [make_instance()], calling="MODALITY")) == [0]
+    status = {e["node"]["node_id"]: e for e in
+              json.loads(leaf2.cli("hierarchy", "status", "--json").output)}
+    assert not status["root"]["reachable"] and "UNAVAILABLE" in status["root"]["error"]
+    assert status["leaf2"]["reachable"] and int(status["leaf2"]["queue_depth"]) == 1
+    queue = json.loads(leaf2.cli("hierarchy", "queue", "--json").output)
+    assert queue["node_id"] == "leaf2"
+    assert [(d["device"], int(d["pending"]) + int(d["sending"]))
+            for d in queue["destinations"]] == [("root", 1)]
+    neighbours_out = json.loads(leaf2.cli("hierarchy", "neighbours", "--json").output)
+    assert [(n["node_id"], n["role"], n["alive"]) for n in neighbours_out["neighbours"]] == [
+        ("root", "parent", False)]
+
 
 def test_register_refuses_a_duplicate_node_id(make_node: Start) -> None:
     root = make_node(name="root", hierarchy=FAST)
@@ -186,6 +200,13 @@ def test_recollect_stores_the_directory_everywhere_and_c_move_resolves_through_i
         assert {r["node_id"] for r in stored} == {"root", "west", "east"}
         exported = json.loads((n.settings.data_dir / "dotcom.json").read_text())
         assert exported["nodes"] == stored
+
+    # Any node's queue, asked through the directory.
+    remote = east.cli("hierarchy", "queue", "west", "--json")
+    assert remote.exit_code == 0, remote.output
+    assert json.loads(remote.output)["node_id"] == "west"
+    unknown = east.cli("hierarchy", "queue", "nowhere")
+    assert unknown.exit_code == 1 and "run pacsnode recollect" in unknown.output
 
     # WEST is not in east's device table, but the directory says where it is: a C-MOVE at
     # east with destination WEST sends there.

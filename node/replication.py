@@ -182,6 +182,12 @@ def apply(session: Session, record: Record, received_from: str) -> bool:
                     record.name, record.origin_node)
     _materialise(session, device, record)
     session.flush()
+    clash = session.scalar(select(Device.name).where(
+        Device.ae_title == device.ae_title, Device.partition_id.is_(None),
+        Device.name != device.name))
+    if clash is not None:
+        log.warning("hierarchy-wide device %s has AE title %s, like device %s: associations"
+                    " from that AE title may match either", device.name, device.ae_title, clash)
     return True
 
 

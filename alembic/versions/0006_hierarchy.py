@@ -64,6 +64,9 @@ def upgrade() -> None:
     sa.Column('value', sa.Text(), nullable=False),
     sa.PrimaryKeyConstraint('key', name=op.f('pk_node_meta'))
     )
+    # The change-log counter exists from the start, so the first two writers on PostgreSQL
+    # both find the row to lock instead of racing to insert it.
+    op.execute("INSERT INTO node_meta (key, value) VALUES ('change_seq', '0')")
     op.create_table('replicated_devices',
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('origin_node', sa.String(length=64), nullable=False),

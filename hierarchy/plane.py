@@ -69,12 +69,18 @@ class ControlPlane:
         rpc.add_ControlServicer_to_server(
             ControlServicer(self.settings, db, self.peers, self.wake), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if uses_tls(self.settings):
-            port = self.server.add_secure_port(h.control_listen, server_credentials(self.settings))
-        else:
-            port = self.server.add_insecure_port(h.control_listen)
+        try:
+            if uses_tls(self.settings):
+                port = self.server.add_secure_port(h.control_listen,
+                                                   server_credentials(self.settings))
+            else:
+                port = self.server.add_insecure_port(h.control_listen)
+        except RuntimeError as exc:  # grpcio's way of saying the address is taken
+            port = 0
+            log.debug("binding %s: %s", h.control_listen, exc)
         if not port:
-            raise OSError(f"the control plane cannot listen on {h.control_listen}")
+            raise OSError(f"the control plane cannot listen on {h.control_listen} (in use by"
+                          " another node? set hierarchy.control_listen)")
         self.port = port
         self.server.start()
         for name in ("", SERVICE_NAME):

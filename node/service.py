@@ -131,7 +131,11 @@ class Node:
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            stop_requested.wait()
+            # A timeout, not a bare wait: a signal the kernel delivers to another thread (gRPC's
+            # and pynetdicom's threads do not block it) sets Python's flag but does not wake
+            # this thread's lock wait, and the handler would only run at the next bytecode.
+            while not stop_requested.wait(0.5):
+                pass
         finally:
             self.stop()
             for sig, handler in previous.items():

@@ -112,3 +112,23 @@ def test_sigterm_during_transfer_leaves_only_complete_indexed_files(
     wait_listening(port, proc)
     stop(proc, signal.SIGTERM)
     assert list((storage / ".incoming").iterdir()) == []
+
+
+def test_a_second_node_on_the_same_control_port_stops_with_a_clear_error(tmp_path: Path) -> None:
+    control = free_port()
+    configs = []
+    for name in ("first", "second"):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[node]\ndata_dir = "{name}"\nlisten_host = "127.0.0.1"\n'
+                          f"[bootstrap_partition]\nport = {free_port()}\n"
+                          f'[hierarchy]\ncontrol_listen = "127.0.0.1:{control}"\n')
+        configs.append(config)
+    first = start(tmp_path, "--config", str(configs[0]))
+    try:
+        wait_listening(control, first)
+        second = start(tmp_path, "--config", str(configs[1]))
+        output, _ = second.communicate(timeout=60)
+        assert second.returncode == 1, output
+        assert f"the control plane cannot listen on 127.0.0.1:{control}" in output
+    finally:
+        stop(first, signal.SIGTERM)

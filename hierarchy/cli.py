@@ -106,11 +106,15 @@ def recollect(as_json: JsonOption = False, config: ConfigOption = None) -> None:
         print_json({"root_id": done.root_id if done else "",
                     "published": done.published if done else 0,
                     "nodes": [message_dict(e) for e in entries]})
-        return
-    directory_table(entries)
-    if done is not None:
-        out.print(f"{done.nodes} node(s), {done.unreachable} unreachable; the directory from "
-                  f"{done.root_id} is stored on {done.published} node(s).", highlight=False)
+    else:
+        directory_table(entries)
+        if done is not None:
+            out.print(f"{done.nodes} node(s), {done.unreachable} unreachable; the directory "
+                      f"from {done.root_id} is stored on {done.published} node(s).",
+                      highlight=False)
+    if done is None:
+        fail("the root did not confirm that it stored and published the directory in time"
+             f" (hierarchy.recollect_timeout = {settings.hierarchy.recollect_timeout} s)")
 
 
 def _progress(e: pb.DirectoryEntry) -> str:

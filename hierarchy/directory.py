@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from hierarchy.rpc import control_pb2 as pb
@@ -39,21 +39,24 @@ def entry(info: pb.NodeInfo, *, reachable: bool = True, error: str = "",
 
 def store(session: Session, entries: list[pb.DirectoryEntry], root_id: str,
           collected: datetime | None = None) -> None:
-    """Replace the directory with a recollect's result.
+    """Replace the directory with a recollect's result (a few statements, whatever its size:
+    every node of the tree stores it on the way down).
 
     Nodes the previous directory had but this recollect did not reach (their parent did not
     answer) stay listed, as unreachable, so an administrator still sees they exist.
     """
     collected = collected or utcnow()
-    seen = {e.node.node_id for e in entries}
-    for old in session.scalars(select(DirectoryNode).where(DirectoryNode.node_id.not_in(seen))):
-        old.reachable = False
-        old.error = f"not reached by the recollect from {root_id}"
-        old.collected_at = collected
-    for e in entries:
-        row = session.get(DirectoryNode, e.node.node_id)
+    seen = {e.node.node_id: e for e in entries}
+    rows = {row.node_id: row for row in session.scalars(select(DirectoryNode))}
+    for node_id, old in rows.items():
+        if node_id not in seen:
+            old.reachable = False
+            old.error = f"not reached by the recollect from {root_id}"
+            old.collected_at = collected
+    for node_id, e in seen.items():
+        row = rows.get(node_id)
         if row is None:
-            row = DirectoryNode(node_id=e.node.node_id)
+            row = DirectoryNode(node_id=node_id)
             session.add(row)
         n = e.node
         row.parent_id = n.parent_id
@@ -67,13 +70,13 @@ def store(session: Session, entries: list[pb.DirectoryEntry], root_id: str,
         row.last_seen = from_ms(e.last_seen_ms)
         row.collected_at = collected
         row.root_id = root_id
-        session.flush()
-        session.execute(delete(DirectoryPartition)
-                        .where(DirectoryPartition.node_id == n.node_id))
-        for p in n.partitions:
-            session.add(DirectoryPartition(node_id=n.node_id, ae_title=p.ae_title, port=p.port,
-                                           tls_port=p.tls_port, enabled=p.enabled))
     session.flush()
+    session.execute(delete(DirectoryPartition).where(DirectoryPartition.node_id.in_(seen)))
+    partitions = [{"node_id": node_id, "ae_title": p.ae_title, "port": p.port,
+                   "tls_port": p.tls_port, "enabled": p.enabled}
+                  for node_id, e in seen.items() for p in e.node.partitions]
+    if partitions:
+        session.execute(insert(DirectoryPartition), partitions)
 
 
 def listing(session: Session) -> list[dict[str, Any]]:

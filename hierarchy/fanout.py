@@ -26,6 +26,11 @@ T = TypeVar("T")
 # The share of the remaining time a child gets: it must finish (and report its own late
 # children) before the caller gives up on it.
 CHILD_SHARE = 0.8
+# How long the caller waits for its children: past their deadline, but leaving the rest of its
+# own time to report the late ones and finish before its caller gives up on it in turn.
+WAIT_SHARE = 0.9
+# Passing a request up to the parent does no work of its own: it keeps nearly all the time.
+UP_SHARE = 0.95
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ def child_timeout(remaining: float) -> float:
     return max(0.05, remaining * CHILD_SHARE)
 
 
+def up_timeout(remaining: float) -> float:
+    return max(0.05, remaining * UP_SHARE)
+
+
 def fan_out(calls: Sequence[Call[T]], remaining: float,
             failed: Callable[[str, str], T | None],
             answered: Callable[[str], None] = lambda _key: None) -> Iterator[T]:
@@ -45,7 +54,7 @@ def fan_out(calls: Sequence[Call[T]], remaining: float,
     that errs or misses its deadline before answering anything."""
     if not calls:
         return
-    deadline = time.monotonic() + remaining
+    deadline = time.monotonic() + remaining * WAIT_SHARE
     timeout = child_timeout(remaining)
     inbox: queue.Queue[tuple[str, str, object]] = queue.Queue()
 
@@ -82,6 +91,7 @@ def fan_out(calls: Sequence[Call[T]], remaining: float,
         pending.discard(key)
         if kind == "error":
             if key in answered_any:
+                # What it sent stands; what it did not send (part of its subtree) is missing.
                 log.warning("%s stopped answering part-way: %s", key, payload)
             else:
                 item = failed(key, str(payload))

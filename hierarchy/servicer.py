@@ -10,7 +10,7 @@ import grpc
 
 from hierarchy import directory, neighbours
 from hierarchy.channels import Peers, describe
-from hierarchy.fanout import Call, child_timeout, fan_out
+from hierarchy.fanout import Call, fan_out, up_timeout
 from hierarchy.identity import local_info
 from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
@@ -101,7 +101,7 @@ class ControlServicer(rpc.ControlServicer):
         if address:
             relayed = False
             try:
-                for item in ask_parent(self.peers.stub(address), child_timeout(remaining)):
+                for item in ask_parent(self.peers.stub(address), up_timeout(remaining)):
                     relayed = True
                     yield item
                 return
@@ -211,13 +211,13 @@ class ControlServicer(rpc.ControlServicer):
     def _gather_and_publish(self, remaining: float) -> Iterator[pb.RecollectEvent]:
         """At the root (or the highest node that answers): collect, store, publish down."""
         entries = []
-        # Half the time to collect, the rest to publish: both walk the whole tree.
-        for e in self._collect(remaining / 2, False):
+        # Both phases walk the whole tree; what is left at the end carries the summary back.
+        for e in self._collect(remaining * 0.45, False):
             entries.append(e)
             yield pb.RecollectEvent(entry=e)
         publish = pb.PublishDirectoryRequest(root_id=self.me, collected_ms=directory.ms(utcnow()),
                                              entries=entries)
-        published = self._store_and_pass_on(publish, remaining / 2)
+        published = self._store_and_pass_on(publish, remaining * 0.35)
         unreachable = sum(1 for e in entries if not e.reachable)
         yield pb.RecollectEvent(done=pb.RecollectDone(
             root_id=self.me, nodes=len(entries), unreachable=unreachable, published=published))

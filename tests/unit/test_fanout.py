@@ -28,16 +28,16 @@ def test_answers_arrive_and_late_or_failing_children_are_reported() -> None:
     failed: list[tuple[str, str]] = []
     answered: list[str] = []
     started = time.monotonic()
-    out = list(fan_out([Call("quick", quick), Call("hangs", hangs), Call("broken", broken)], 0.5,
+    out = list(fan_out([Call("quick", quick), Call("hangs", hangs), Call("broken", broken)], 1.0,
                        lambda key, reason: failed.append((key, reason)) or f"down:{key}",
                        answered.append))
     elapsed = time.monotonic() - started
     release.set()
-    assert elapsed < 1.5
+    assert elapsed < 1.0  # the caller has time left to pass the answers on
     assert out.index("quick-1") < out.index("quick-2")
     assert set(out) == {"quick-1", "quick-2", "down:hangs", "down:broken"}
     assert dict(failed)["broken"] == "database is locked"
-    assert dict(failed)["hangs"].startswith("no answer within 0.4 s")
+    assert dict(failed)["hangs"].startswith("no answer within 0.8 s")
     assert answered == ["quick"]
 
 

@@ -1,0 +1,464 @@
+"""Hierarchy benchmark: device-change propagation and recollect over trees of 7 to 127 nodes.
+
+Builds complete binary trees of in-process nodes (control plane and SQLite database only, no
+DICOM listener) on loopback, and for each tree prints
+  - how long a hierarchy-wide device change made at the deepest, last leaf takes to reach every
+    node, as an administrator sees it: the change is committed as `pacsnode device` commits it,
+    from outside the node's threads, so the leaf's sync loop is not woken and the change leaves
+    at its next round. "propagate" is polled from every node's database by this script;
+    "applied" is the same span read from the nodes' change-log timestamps (free of the
+    polling). Both are the median of --repeat changes (an add, then edits);
+  - how long `recollect`, asked at that leaf (or --recollect-at root), takes to return with the
+    CLI's deadline (recollect_timeout + 5 s), of which "collect" is until the last directory
+    entry arrived, and how many nodes its summary says it listed, found unreachable and
+    published the directory to (-1: no summary came). Between recollects it waits for the
+    process to be idle again and logs which directory every node then holds.
+It also prints the CPU the idle tree uses: every node runs in this one process (one GIL), so
+once that nears 100% of a CPU the figures measure this process rather than the product. At the
+default intervals a 127-node tree does; `--heartbeat-seconds 5 --sync-seconds 1` keeps it near
+half a CPU (on 2 CPUs). A benchmark, not a test: it prints figures and never fails on them.
+
+    python bench/hierarchy.py                               # 7, 31, 127 nodes; 0.5 s / 0.2 s
+    python bench/hierarchy.py --sizes 7 31 127 --heartbeat-seconds 5 --sync-seconds 1
+    python bench/hierarchy.py --sizes 7 31 --repeat 5 --recollect-at root
+
+Progress goes to stderr; `kill -USR1 <pid>` dumps every thread's stack there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # first: this file's own name would shadow the package
+
+import grpc  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from hierarchy import neighbours  # noqa: E402
+from hierarchy.plane import ControlPlane  # noqa: E402
+from hierarchy.rpc import control_pb2 as pb  # noqa: E402
+from hierarchy.rpc import control_pb2_grpc as rpc  # noqa: E402
+from node import config, devices  # noqa: E402
+from node.config import Settings  # noqa: E402
+from node.db.database import Database  # noqa: E402
+from node.db.models import (  # noqa: E402
+    Device,
+    DeviceChange,
+    DirectoryNode,
+    ReplicatedDevice,
+)
+from node.service import ensure_bootstrap_partition, open_database  # noqa: E402
+
+DEVICE = "BENCHDEV"
+POLL_SECONDS = 0.01
+SATURATED = 0.7  # idle CPU share above which the process, not the product, sets the pace
+
+
+@dataclass
+class Member:
+    index: int  # breadth-first position: the parent of i is (i - 1) // 2
+    settings: Settings
+    db: Database
+    plane: ControlPlane
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    @property
+    def control(self) -> str:
+        return self.settings.hierarchy.control_listen
+
+
+@dataclass
+class Recollected:
+    seconds: float
+    collect_seconds: float  # until the last directory entry arrived
+    cpu_seconds: float  # this process's CPU meanwhile (every node's work, and the idle load)
+    done: pb.RecollectDone | None
+
+
+@dataclass
+class Figures:
+    nodes: int
+    levels: int
+    startup_s: float
+    idle_cpu: float  # CPU seconds per second this process spends with the tree idle
+    propagate_s: float  # polled: change committed at the leaf -> seen in every database
+    applied_s: float  # change-log timestamps: committed at the leaf -> applied at the last node
+    recollect: Recollected  # the median run
+    threads: int
+    fds: int
+
+    @property
+    def hops(self) -> int:
+        """From the last leaf to the first: up to the root and down again."""
+        return 2 * (self.levels - 1)
+
+
+# --- the tree ------------------------------------------------------------------------------
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: every socket is held until all are chosen."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def levels_of(nodes: int) -> int:
+    levels = (nodes + 1).bit_length() - 1
+    if nodes < 1 or 2 ** levels - 1 != nodes:
+        raise SystemExit(f"{nodes} nodes is not a complete binary tree (7, 15, 31, 63, 127...)")
+    return levels
+
+
+def node_toml(work: Path, name: str, dicom_port: int, control_port: int,
+              parent_port: int | None, args: argparse.Namespace) -> Path:
+    parent = f'parent = "127.0.0.1:{parent_port}"\n' if parent_port is not None else ""
+    path = work / f"{name}.toml"
+    path.write_text(f'[node]\nname = "{name}"\ndata_dir = "{work / name}"\n'
+                    f'log_level = "WARNING"\n'
+                    f'[bootstrap_partition]\nae_title = "{name.upper()}"\nport = {dicom_port}\n'
+                    f'[hierarchy]\nnode_id = "{name}"\n'
+                    f'control_listen = "127.0.0.1:{control_port}"\n{parent}'
+                    f"heartbeat_seconds = {args.heartbeat_seconds}\n"
+                    f"sync_seconds = {args.sync_seconds}\n"
+                    f"rpc_timeout = {args.rpc_timeout}\n"
+                    f"recollect_timeout = {args.recollect_timeout}\n")
+    return path
+
+
+def template_database(work: Path, args: argparse.Namespace) -> Path:
+    """A migrated, empty database to copy for every node: running the migrations takes about
+    0.3 s a node, and far longer once the nodes already started keep the process busy."""
+    settings = config.load(node_toml(work, "template", 40000, free_ports(1)[0], None, args))
+    open_database(settings).dispose()
+    path = settings.data_dir / "pacsnode.db"
+    conn = sqlite3.connect(path)
+    try:
+        with conn:  # each node records its own id when it opens its copy
+            conn.execute("DELETE FROM node_meta WHERE key = 'node_id'")
+    finally:
+        conn.close()
+    return path
+
+
+def start_tree(work: Path, nodes: int, args: argparse.Namespace) -> list[Member]:
+    """Breadth-first, so every parent serves before its children register."""
+    ports = free_ports(nodes)
+    template = template_database(work, args)
+    members: list[Member] = []
+    try:
+        for i in range(nodes):
+            parent_port = ports[(i - 1) // 2] if i else None
+            settings = config.load(node_toml(work, f"n{i}", 40000 + i, ports[i], parent_port,
+                                             args))
+            settings.data_dir.mkdir(parents=True)
+            shutil.copyfile(template, settings.data_dir / "pacsnode.db")
+            db = open_database(settings)
+            ensure_bootstrap_partition(db, settings)
+            plane = ControlPlane(settings)
+            members.append(Member(i, settings, db, plane))
+            plane.start_with(db)
+    except BaseException:
+        stop_tree(members)
+        raise
+    return members
+
+
+def registered(child: Member, parent: Member) -> bool:
+    with child.db.session() as s:
+        up = neighbours.parent(s)
+    with parent.db.session() as s:
+        down = neighbours.get(s, child.node_id)
+    return up is not None and down is not None
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_registered(members: list[Member], timeout: float) -> None:
+    pending = list(members[1:])
+
+    def done() -> bool:
+        pending[:] = [m for m in pending if not registered(m, members[(m.index - 1) // 2])]
+        return not pending
+
+    wait_until(done, timeout, "every node to register with its parent")
+
+
+def stop_tree(members: list[Member]) -> None:
+    """Deepest level first, each level's planes in parallel (one stop takes up to 1 s)."""
+    by_level: dict[int, list[Member]] = {}
+    for m in members:
+        by_level.setdefault((m.index + 1).bit_length(), []).append(m)
+    for level in sorted(by_level, reverse=True):
+        threads = [threading.Thread(target=m.plane.stop) for m in by_level[level]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for m in members:
+        m.db.dispose()
+
+
+# --- measurements --------------------------------------------------------------------------
+
+def change_device(leaf: Member, round_: int) -> tuple[str, str]:
+    """Add the device (round 0) or edit its description: (the description, the version)."""
+    description = f"v{round_}"
+    with leaf.db.transaction() as session:
+        if round_ == 0:
+            devices.add(session, name=DEVICE, ae_title=DEVICE, host="127.0.0.1", port=104,
+                        scope="hierarchy", description=description)
+        else:
+            devices.edit(session, DEVICE, description=description)
+    with leaf.db.session() as session:
+        row = session.get(ReplicatedDevice, DEVICE)
+        assert row is not None
+        return description, row.version
+
+
+def description_at(member: Member) -> str | None:
+    with member.db.session() as s:
+        return s.scalar(select(Device.description).where(Device.name == DEVICE))
+
+
+def applied_at(member: Member, version: str) -> datetime | None:
+    with member.db.session() as s:
+        return s.scalar(select(DeviceChange.created_at)
+                        .where(DeviceChange.name == DEVICE, DeviceChange.version == version)
+                        .order_by(DeviceChange.seq).limit(1))
+
+
+def propagate_once(members: list[Member], round_: int, timeout: float) -> tuple[float, float]:
+    """(seconds until every database shows the change, the same from change-log timestamps)."""
+    leaf = members[-1]
+    started, cpu = time.monotonic(), time.process_time()
+    description, version = change_device(leaf, round_)
+    pending = [m for m in members if m is not leaf]
+    while pending:
+        pending = [m for m in pending if description_at(m) != description]
+        if pending and time.monotonic() - started > timeout:
+            raise SystemExit(f"change v{round_} reached only {len(members) - len(pending)} of "
+                             f"{len(members)} nodes in {timeout:.0f} s (missing: "
+                             f"{', '.join(m.node_id for m in pending[:10])})")
+        if pending:
+            time.sleep(POLL_SECONDS)
+    seconds = time.monotonic() - started
+    progress(f"{len(members)} nodes: change v{round_} everywhere after {seconds:.3f} s "
+             f"({time.process_time() - cpu:.1f} CPU s)")
+    stamps = [applied_at(m, version) for m in members]
+    first = stamps[-1]
+    if first is None or any(s is None for s in stamps):
+        return seconds, float("nan")
+    return seconds, max((s - first).total_seconds() for s in stamps if s is not None)
+
+
+def recollect_once(member: Member, timeout: float) -> Recollected:
+    """Recollect asked at `member`, as `pacsnode hierarchy recollect` asks it."""
+    with grpc.insecure_channel(member.control) as channel:
+        stub = rpc.ControlStub(channel)
+        started, cpu = time.monotonic(), time.process_time()
+        collected = 0.0
+        done = None
+        for event in stub.Recollect(pb.RecollectRequest(), timeout=timeout):
+            if event.HasField("done"):
+                done = event.done
+            else:
+                collected = time.monotonic() - started
+        return Recollected(time.monotonic() - started, collected, time.process_time() - cpu,
+                           done)
+
+
+def settle(idle: float, limit: float) -> float:
+    """Seconds until this process is back to its idle CPU use: a walk that overran its
+    deadline goes on below the nodes that gave up on it, and would slow the next one."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit and idle_cpu(1.0) > 1.5 * idle + 0.05:
+        pass
+    return time.monotonic() - started
+
+
+def directory_census(members: list[Member]) -> dict[int, int]:
+    """{directory size: how many nodes hold a directory of that size}."""
+    sizes: dict[int, int] = {}
+    for m in members:
+        with m.db.session() as s:
+            size = s.scalar(select(func.count()).select_from(DirectoryNode)) or 0
+        sizes[size] = sizes.get(size, 0) + 1
+    return dict(sorted(sizes.items()))
+
+
+def idle_cpu(seconds: float) -> float:
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(seconds)
+    return (time.process_time() - cpu) / (time.monotonic() - wall)
+
+
+def open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def progress(message: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def run_tree(nodes: int, args: argparse.Namespace) -> Figures:
+    levels = levels_of(nodes)
+    work = Path(tempfile.mkdtemp(prefix=f"pacsnode-hierarchy-{nodes}-", dir=args.work))
+    members: list[Member] = []
+    try:
+        started = time.monotonic()
+        members = start_tree(work, nodes, args)
+        progress(f"{nodes} nodes: started in {time.monotonic() - started:.1f} s")
+        wait_registered(members, args.timeout)
+        startup = time.monotonic() - started
+        progress(f"{nodes} nodes: all registered after {startup:.1f} s")
+        # Let the re-registrations that follow a node's first child (its role changes) pass.
+        time.sleep(2 * args.heartbeat_seconds)
+        idle = idle_cpu(args.idle_seconds)
+        progress(f"{nodes} nodes: idle, this process uses {100 * idle:.0f}% of a CPU")
+        rounds = []
+        for i in range(args.repeat):
+            rounds.append(propagate_once(members, i, args.timeout))
+        recollects = []
+        for _ in range(args.repeat):
+            asked = members[0] if args.recollect_at == "root" else members[-1]
+            recollects.append(recollect_once(asked, args.recollect_call_timeout))
+            r = recollects[-1]
+            d = r.done
+            summary = (f"{d.nodes} listed, {d.unreachable} unreachable, {d.published} "
+                       "published" if d is not None else "no done event")
+            progress(f"{nodes} nodes: recollect returned after {r.seconds:.3f} s (collected "
+                     f"{r.collect_seconds:.3f} s, {r.cpu_seconds:.1f} CPU s): {summary}")
+            waited = settle(idle, args.timeout)
+            progress(f"{nodes} nodes: idle again {waited:.0f} s later; directories held "
+                     f"({{entries: nodes}}): {directory_census(members)}")
+        return Figures(
+            nodes=nodes, levels=levels, startup_s=startup, idle_cpu=idle,
+            propagate_s=statistics.median(r[0] for r in rounds),
+            applied_s=statistics.median(r[1] for r in rounds),
+            recollect=sorted(recollects, key=lambda r: r.seconds)[len(recollects) // 2],
+            threads=threading.active_count(), fds=open_fds())
+    finally:
+        stopping = time.monotonic()
+        stop_tree(members)
+        progress(f"{nodes} nodes: stopped in {time.monotonic() - stopping:.1f} s")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- report --------------------------------------------------------------------------------
+
+HEADER = ("| nodes | levels | hops | idle CPU % | propagate s | applied s | recollect s "
+          "| collect s | listed | unreachable | published | start s | threads | fds |")
+
+
+def row(f: Figures) -> str:
+    done = f.recollect.done
+    listed, unreachable, published = ((done.nodes, done.unreachable, done.published)
+                                      if done is not None else (-1, -1, -1))
+    return (f"| {f.nodes:>5} | {f.levels:>6} | {f.hops:>4} | {100 * f.idle_cpu:>10.0f} "
+            f"| {f.propagate_s:>11.3f} | {f.applied_s:>9.3f} | {f.recollect.seconds:>11.3f} "
+            f"| {f.recollect.collect_seconds:>9.3f} | {listed:>6} | {unreachable:>11} "
+            f"| {published:>9} | {f.startup_s:>7.1f} | {f.threads:>7} | {f.fds:>3} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 31, 127],
+                        help="tree sizes (complete binary trees: 7, 15, 31, 63, 127...)")
+    # Shorter intervals than these keep 127 nodes sharing one process (one GIL) busy doing
+    # nothing, and the figures then measure the process, not the product.
+    parser.add_argument("--sync-seconds", type=float, default=1.0,
+                        help="[hierarchy] sync_seconds of every node")
+    parser.add_argument("--heartbeat-seconds", type=float, default=5.0,
+                        help="[hierarchy] heartbeat_seconds of every node")
+    parser.add_argument("--rpc-timeout", type=float, default=5.0,
+                        help="[hierarchy] rpc_timeout of every node")
+    parser.add_argument("--recollect-timeout", type=float, default=30.0,
+                        help="[hierarchy] recollect_timeout of every node")
+    parser.add_argument("--recollect-call-timeout", type=float, default=None,
+                        help="deadline of the Recollect call (default: recollect_timeout + 5, "
+                             "as the CLI)")
+    parser.add_argument("--recollect-at", choices=("leaf", "root"), default="leaf",
+                        help="where recollect is asked (a leaf relays it up to the root)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="device changes and recollects per tree (the median is printed)")
+    parser.add_argument("--idle-seconds", type=float, default=3.0,
+                        help="how long the idle tree's CPU use is measured")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="give up waiting for registration or a change after this long")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="parent of the temporary data directories (default: system temp)")
+    parser.add_argument("--log-level", default="ERROR", help="level of the nodes' log (stderr)")
+    args = parser.parse_args()
+    if args.recollect_call_timeout is None:
+        args.recollect_call_timeout = args.recollect_timeout + 5
+    for size in args.sizes:
+        levels_of(size)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()
+    faulthandler.register(signal.SIGUSR1)
+    print(f"pacsnode hierarchy, {os.cpu_count()} CPUs, SQLite, every node in this process on "
+          f"loopback\nsync_seconds={args.sync_seconds} heartbeat_seconds="
+          f"{args.heartbeat_seconds} rpc_timeout={args.rpc_timeout} recollect_timeout="
+          f"{args.recollect_timeout} (Recollect call deadline {args.recollect_call_timeout} s); "
+          f"median of {args.repeat}\nchange made at the last leaf, sync loop not woken; "
+          f"recollect asked at the {'root' if args.recollect_at == 'root' else 'last leaf'}\n")
+    print(HEADER)
+    print("|" + "---:|" * (HEADER.count("|") - 1))
+    saturated = []
+    for size in args.sizes:
+        figures = run_tree(size, args)
+        print(row(figures), flush=True)
+        if figures.idle_cpu > SATURATED:
+            saturated.append(size)
+    if saturated:
+        print(f"\nnote: idle, the {', '.join(map(str, saturated))}-node tree(s) already kept this "
+              f"process {100 * SATURATED:.0f}%+ busy (one GIL for every node): their figures "
+              "are set by this process; longer --sync-seconds/--heartbeat-seconds lighten it")
+
+
+if __name__ == "__main__":
+    main()

@@ -79,6 +79,28 @@ def store(session: Session, entries: list[pb.DirectoryEntry], root_id: str,
         session.execute(insert(DirectoryPartition), partitions)
 
 
+def not_reached(session: Session, reached: set[str]) -> list[pb.DirectoryEntry]:
+    """Nodes the stored directory knows that a recollect did not reach (a node above them did
+    not answer for its subtree): listed as unreachable rather than silently left out."""
+    partitions: dict[str, list[pb.Partition]] = {}
+    for p in session.scalars(select(DirectoryPartition)
+                             .where(DirectoryPartition.node_id.not_in(reached))
+                             .order_by(DirectoryPartition.id)):
+        partitions.setdefault(p.node_id, []).append(
+            pb.Partition(ae_title=p.ae_title, port=p.port, tls_port=p.tls_port,
+                         enabled=p.enabled))
+    out = []
+    for row in session.scalars(select(DirectoryNode).where(DirectoryNode.node_id.not_in(reached))
+                               .order_by(DirectoryNode.node_id)):
+        info = pb.NodeInfo(node_id=row.node_id, site=row.site,
+                           control_address=row.control_address, dicom_host=row.dicom_host,
+                           partitions=partitions.get(row.node_id, []), role=row.role,
+                           version=row.version, parent_id=row.parent_id)
+        out.append(entry(info, reachable=False, last_seen=row.last_seen,
+                         error="not reached: a node above it did not answer for its subtree"))
+    return out
+
+
 def listing(session: Session) -> list[dict[str, Any]]:
     partitions: dict[str, list[dict[str, Any]]] = {}
     for p in session.scalars(select(DirectoryPartition).order_by(DirectoryPartition.id)):

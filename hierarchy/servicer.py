@@ -215,6 +215,11 @@ class ControlServicer(rpc.ControlServicer):
         for e in self._collect(remaining * 0.45, False):
             entries.append(e)
             yield pb.RecollectEvent(entry=e)
+        with self.db.session() as session:
+            missing = directory.not_reached(session, {e.node.node_id for e in entries})
+        for e in missing:
+            entries.append(e)
+            yield pb.RecollectEvent(entry=e)
         publish = pb.PublishDirectoryRequest(root_id=self.me, collected_ms=directory.ms(utcnow()),
                                              entries=entries)
         published = self._store_and_pass_on(publish, remaining * 0.35)

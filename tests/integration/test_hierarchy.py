@@ -254,6 +254,27 @@ def test_recollect_marks_a_stopped_node_unreachable_within_the_timeout(
         "root": True, "a": True, "b": False}
 
 
+def test_nodes_below_a_silent_node_are_listed_as_not_reached(make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    mid = make_node(name="mid", hierarchy=child_of(root))
+    leaf = make_node(name="leaf", hierarchy=child_of(mid))
+    assert wait_for(lambda: registered(mid, root) and registered(leaf, mid), 10)
+    assert root.cli("recollect").exit_code == 0
+    mid.node.stop()
+    result = root.cli("recollect", "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    found = {n["node"]["node_id"]: n for n in answer["nodes"]}
+    assert set(found) == {"root", "mid", "leaf"}
+    assert not found["mid"]["reachable"] and "UNAVAILABLE" in found["mid"]["error"]
+    assert not found["leaf"]["reachable"] and "not reached" in found["leaf"]["error"]
+    assert found["leaf"]["node"]["partitions"][0]["port"] == leaf.port
+    # The leaf itself still has the directory from before; the root's is the new one.
+    stored = {r["node_id"]: r for r in json.loads(root.cli("hierarchy", "directory",
+                                                            "--json").output)}
+    assert not stored["leaf"]["reachable"]
+
+
 def test_refresh_ip_across_the_tree_reports_each_node(make_node: Start) -> None:
     root = make_node(name="root", hierarchy=FAST)
     leaf = make_node(name="leaf", hierarchy=child_of(root))

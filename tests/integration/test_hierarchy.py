@@ -51,6 +51,13 @@ def registered(child: RunningNode, parent: RunningNode) -> bool:
     return up is not None and down is not None
 
 
+def recollect(node: RunningNode) -> dict[str, dict[str, object]]:
+    """`pacsnode recollect --json` at `node`: each listed node's entry by node id."""
+    result = node.cli("recollect", "--json")
+    assert result.exit_code == 0, result.output
+    return {n["node"]["node_id"]: n for n in json.loads(result.output)["nodes"]}
+
+
 def test_registration_creates_parent_and_child_entries_and_forwarding_uses_them(
         make_node: Start) -> None:
     root = make_node(name="central", ae_title="CENTRAL", hierarchy=FAST + 'site = "HQ"')
@@ -240,9 +247,7 @@ def test_recollect_marks_a_stopped_node_unreachable_within_the_timeout(
     assert wait_for(lambda: registered(a, root) and registered(b, root), 10)
     assert root.cli("recollect").exit_code == 0
     b.node.stop()
-    result = a.cli("recollect", "--json")
-    assert result.exit_code == 0, result.output
-    found = {n["node"]["node_id"]: n for n in json.loads(result.output)["nodes"]}
+    found = recollect(a)
     assert found["a"]["reachable"] and found["root"]["reachable"]
     assert not found["b"]["reachable"] and "UNAVAILABLE" in found["b"]["error"]
     stored = {r["node_id"]: r for r in json.loads(a.cli("hierarchy", "directory",
@@ -261,10 +266,7 @@ def test_nodes_below_a_silent_node_are_listed_as_not_reached(make_node: Start) -
     assert wait_for(lambda: registered(mid, root) and registered(leaf, mid), 10)
     assert root.cli("recollect").exit_code == 0
     mid.node.stop()
-    result = root.cli("recollect", "--json")
-    assert result.exit_code == 0, result.output
-    answer = json.loads(result.output)
-    found = {n["node"]["node_id"]: n for n in answer["nodes"]}
+    found = recollect(root)
     assert set(found) == {"root", "mid", "leaf"}
     assert not found["mid"]["reachable"] and "UNAVAILABLE" in found["mid"]["error"]
     assert not found["leaf"]["reachable"] and "not reached" in found["leaf"]["error"]

@@ -167,8 +167,9 @@ def control_address(settings: Settings) -> str:
 
 
 @contextlib.contextmanager
-def control_stub(settings: Settings) -> Iterator[rpc.ControlStub]:
-    channel = open_channel(settings, control_address(settings))
+def control_stub(settings: Settings, address: str | None = None) -> Iterator[rpc.ControlStub]:
+    """A stub for this node's control plane, or another node's at `address`."""
+    channel = open_channel(settings, address or control_address(settings))
     try:
         yield rpc.ControlStub(channel)
     finally:
@@ -254,14 +255,12 @@ def node_queue(
         if not address:
             fail(f"node {node_id} is neither a neighbour nor in the DotCom directory"
                  " (run pacsnode recollect)")
-    channel = open_channel(settings, address)
-    try:
-        answer = rpc.ControlStub(channel).QueueStatus(pb.QueueStatusRequest(),
-                                                      timeout=settings.hierarchy.rpc_timeout)
-    except grpc.RpcError as exc:
-        fail(f"the control plane at {address} failed: {describe(exc)}")
-    finally:
-        channel.close()
+    with control_stub(settings, address) as stub:
+        try:
+            answer = stub.QueueStatus(pb.QueueStatusRequest(),
+                                      timeout=settings.hierarchy.rpc_timeout)
+        except grpc.RpcError as exc:
+            fail(f"the control plane at {address} failed: {describe(exc)}")
     if as_json:
         print_json(message_dict(answer))
         return

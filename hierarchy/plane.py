@@ -107,6 +107,7 @@ class ControlPlane:
             thread.join(timeout=self.settings.hierarchy.rpc_timeout + 1)
         self._threads.clear()
         self.peers.close()
+        log.info("control plane stopped")
 
     def wake(self) -> None:
         self._wake.set()

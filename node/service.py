@@ -34,8 +34,13 @@ def open_database(settings: Settings) -> Database:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     migrate.upgrade(db.engine)
-    with db.transaction() as session:
-        replication.set_node_id(session, settings.node_id)
+    # Read first: every CLI command opens the database, and a write transaction would take
+    # SQLite's write lock each time for a value that rarely changes.
+    with db.session() as session:
+        current = replication.node_id(session)
+    if current != settings.node_id:
+        with db.transaction() as session:
+            replication.set_node_id(session, settings.node_id)
     return db
 
 

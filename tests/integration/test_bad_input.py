@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -43,10 +44,16 @@ def echo_ok(node: RunningNode) -> bool:
 def raw_exchange(port: int, payload: bytes, *, close_write: bool = False) -> bytes:
     """Send raw bytes; return the node's answer once it closes or has sent an A-ABORT PDU."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        # The node may close first (it refuses some PDUs on their header alone); then sending
+        # breaks the pipe and shutting down finds the socket already disconnected (ENOTCONN).
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(payload)
             if close_write:
-                s.shutdown(socket.SHUT_WR)
+                try:
+                    s.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:
+                        raise
         received = b""
         with contextlib.suppress(ConnectionResetError):
             while chunk := s.recv(4096):

@@ -96,6 +96,46 @@ class ForwardingSettings:
 
 
 @dataclass
+class StorageSettings:
+    """Disk watermarks, auto-purge and the activity log (seed 004).
+
+    Watermarks are percentages of the filesystem in use (as `df` shows it), checked for every
+    filesystem that holds the storage root or a partition's folder.
+    """
+
+    high_watermark: float = 90.0  # above: purge studies stored elsewhere ...
+    low_watermark: float = 80.0  # ... until usage is back at or below this
+    critical_watermark: float = 95.0  # at or above: C-STORE answers 0xA700 (suspended)
+    check_interval_seconds: float = 30.0  # how often disk usage is checked (and purge runs)
+    auto_purge: bool = True
+    purge_order: str = "received"  # "received": oldest received first; "accessed": least
+    # recently received or retrieved first
+    purge_batch_size: int = 10  # studies deleted per batch, then usage is measured again
+    protected_studies: int = 0  # purging stops when a filesystem holds this many studies
+    cpu_idle_threshold: float = 0.0  # purge only while the CPU is at least this % idle
+    # A study counts as stored elsewhere when every instance reached a device of these types
+    # (and was committed there, where the device asks for storage commitment).
+    archive_device_types: list[str] = field(
+        default_factory=lambda: ["PARENT", "BACKUP_TARGET"])
+    activity_log: bool = True  # record DICOM activity in the database
+    activity_retention_days: int = 30  # then removed; 0: kept forever
+
+
+@dataclass
+class NotifySettings:
+    """E-mail when storage is suspended or resumes (an error is always logged)."""
+
+    email_to: str = ""  # comma-separated addresses; empty: no e-mail
+    email_from: str = ""  # empty: pacsnode@<host name>
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_timeout: float = 10.0
+
+
+@dataclass
 class HierarchySettings:
     """This node's place in the tree and its gRPC control plane (served by `pacsnode serve`)."""
 
@@ -139,6 +179,8 @@ class Settings:
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     bootstrap_partition: BootstrapPartition = field(default_factory=BootstrapPartition)
     hierarchy: HierarchySettings = field(default_factory=HierarchySettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     source: Path | None = None
 
     @property
@@ -188,6 +230,8 @@ _SECTIONS: dict[str, type] = {
     "forwarding": ForwardingSettings,
     "bootstrap_partition": BootstrapPartition,
     "hierarchy": HierarchySettings,
+    "storage": StorageSettings,
+    "notify": NotifySettings,
 }
 
 
@@ -247,6 +291,42 @@ def validate(settings: Settings) -> None:
     if settings.node.partition_poll_seconds <= 0:
         raise ConfigError("node.partition_poll_seconds must be positive")
     _validate_hierarchy(settings)
+    _validate_storage(settings)
+
+
+def _validate_storage(settings: Settings) -> None:
+    s = settings.storage
+    for key in ("low_watermark", "high_watermark", "critical_watermark"):
+        if not 0 < getattr(s, key) <= 100:
+            raise ConfigError(f"storage.{key} must be a percentage of the disk in use, 0-100")
+    if not s.low_watermark <= s.high_watermark <= s.critical_watermark:
+        raise ConfigError("storage watermarks must satisfy low_watermark <= high_watermark <= "
+                          f"critical_watermark (got {s.low_watermark}, {s.high_watermark}, "
+                          f"{s.critical_watermark})")
+    if s.check_interval_seconds <= 0:
+        raise ConfigError("storage.check_interval_seconds must be positive")
+    if s.purge_order not in ("received", "accessed"):
+        raise ConfigError("storage.purge_order must be 'received' or 'accessed'")
+    if s.purge_batch_size < 1:
+        raise ConfigError("storage.purge_batch_size must be at least 1")
+    if s.protected_studies < 0 or s.activity_retention_days < 0:
+        raise ConfigError("storage.protected_studies and activity_retention_days must not be"
+                          " negative")
+    if not 0 <= s.cpu_idle_threshold <= 100:
+        raise ConfigError("storage.cpu_idle_threshold must be a percentage, 0-100")
+    known = {"DICOM", "PARENT", "CHILD", "BACKUP_SOURCE", "BACKUP_TARGET", "MEDIA_CREATOR",
+             "VIEWER", "WEB_SERVICE"}
+    types = [str(t).upper() for t in s.archive_device_types]
+    unknown = [t for t in types if t not in known]
+    if unknown or not types:
+        raise ConfigError(f"storage.archive_device_types must name device types from "
+                          f"{', '.join(sorted(known))} (got {s.archive_device_types!r})")
+    s.archive_device_types = types
+    n = settings.notify
+    if n.email_to and not n.smtp_host:
+        raise ConfigError("notify.email_to needs notify.smtp_host")
+    if not 0 < n.smtp_port < 65536 or n.smtp_timeout <= 0:
+        raise ConfigError("notify.smtp_port must be 1-65535 and smtp_timeout positive")
 
 
 def split_address(value: str, key: str) -> tuple[str, int]:

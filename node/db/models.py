@@ -223,8 +223,13 @@ class Study(Base):
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     modalities: Mapped[str] = mapped_column(String(256), default="")  # delimited: \CT\SR\
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                  index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Last time the study was received into or retrieved from (C-MOVE/C-GET): the purge order
+    # "accessed" deletes the least recently accessed first.
+    accessed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                  index=True)
 
 
 class Series(Base):
@@ -413,3 +418,55 @@ class DirectoryPartition(Base):
     port: Mapped[int] = mapped_column(Integer)
     tls_port: Mapped[int] = mapped_column(Integer, default=0)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class DeletedStudy(Base):
+    """A study deleted by an administrator while its partition tracks deletes (seed 000).
+
+    Its files were moved, not removed, to `folder` (relative to the storage root), from where
+    it can be restored.
+    """
+
+    __tablename__ = "deleted_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition_id: Mapped[int] = mapped_column(
+        ForeignKey("partitions.id", ondelete="CASCADE"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    modalities: Mapped[str] = mapped_column(String(256), default="")
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    folder: Mapped[str] = mapped_column(String(512))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Activity(Base):
+    """The DICOM activity log (seed 004): associations, stores, queries, retrieves, forwards.
+
+    Written in batches off the hot path and removed after storage.activity_retention_days.
+    """
+
+    __tablename__ = "activity"
+    __table_args__ = (Index("ix_activity_kind_at", "kind", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # association | reject | echo | store | find | move | get | commitment | forward | purge
+    # | delete | restore
+    kind: Mapped[str] = mapped_column(String(16))
+    partition: Mapped[str] = mapped_column(String(16), default="")  # the partition's AE title
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer: Mapped[str] = mapped_column(String(128), default="")  # address or device name
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)  # instances, matches, sub-ops
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok | warning | failed
+    detail: Mapped[str] = mapped_column(Text, default="")

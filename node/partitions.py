@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Device, DuplicatePolicy, Partition, Study
+from node.db.models import DeletedStudy, Device, DuplicatePolicy, Partition, Study
 from node.storage.paths import is_valid_folder_name
 
 
@@ -107,6 +107,12 @@ def delete(session: Session, ae_title: str) -> None:
     if studies:
         raise AdminError(f"partition {partition.ae_title} holds {studies} "
                          f"stud{'y' if studies == 1 else 'ies'}; delete them first")
+    kept = session.scalar(select(func.count()).select_from(DeletedStudy)
+                          .where(DeletedStudy.partition_id == partition.id)) or 0
+    if kept:
+        raise AdminError(f"partition {partition.ae_title} keeps {kept} deleted "
+                         f"stud{'y' if kept == 1 else 'ies'}; restore them or remove them "
+                         "(pacsnode deleted remove) first")
     for device in session.scalars(select(Device).where(Device.partition_id == partition.id)):
         session.delete(device)
     session.delete(partition)

@@ -15,16 +15,20 @@ from typing import Protocol
 from sqlalchemy import select
 
 from node import replication
+from node.activity import ActivityLog
 from node.config import Settings
 from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
 from node.forwarding.service import Forwarder
+from node.notify import Notifier
 from node.scp.commitment import StorageCommitment
 from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
-from node.storage import files
+from node.storage import deletion, files
+from node.storage.monitor import StorageMonitor
+from node.storage.space import StorageGuard
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,10 @@ class Node:
         self.db: Database | None = None
         self.server: DicomServer | None = None
         self.forwarder: Forwarder | None = None
+        self.guard: StorageGuard | None = None
+        self.monitor: StorageMonitor | None = None
+        self.notifier: Notifier | None = None
+        self.activity: ActivityLog | None = None
         self.extensions = list(extensions)
         self._started: list[Extension] = []
         self._stopped = threading.Event()
@@ -83,18 +91,29 @@ class Node:
         if swept:
             log.warning("removed %d incomplete temporary file(s) from %s", swept,
                         storage / files.INCOMING)
+        deletion.recover(self.db, storage)
+        self.guard = StorageGuard(storage, settings.storage.critical_watermark)
         # pynetdicom streams each incoming dataset to a temporary file; on the storage
         # filesystem, putting it into the archive is a link, not a copy.
         tempfile.tempdir = str(storage / files.INCOMING)
         configure_pynetdicom()
-        self.forwarder = Forwarder(self.db, settings, storage, owner=settings.node.name)
+        self.activity = ActivityLog(self.db, settings.storage.activity_log)
+        self.activity.start()
+        self.forwarder = Forwarder(self.db, settings, storage, owner=settings.node.name,
+                                   activity=self.activity)
         ingest = Ingest(self.db, storage, settings.forwarding.send_updates,
-                        on_queued=self.forwarder.wake)
+                        on_queued=self.forwarder.wake, guard=self.guard)
         self.server = DicomServer(settings, self.db, ingest,
-                                  QueryRetrieve(self.db, settings, storage),
-                                  StorageCommitment(self.db, storage))
+                                  QueryRetrieve(self.db, settings, storage, self.activity),
+                                  StorageCommitment(self.db, storage, self.activity),
+                                  self.activity)
         self.server.start()
         self.forwarder.start()
+        self.notifier = Notifier(settings.notify, settings.node.name)
+        self.notifier.start()
+        self.monitor = StorageMonitor(self.db, settings, storage, self.guard,
+                                      getattr(self, "activity", None), self.notifier)
+        self.monitor.start()
         for extension in self.extensions:
             extension.start(self)
             self._started.append(extension)
@@ -105,6 +124,12 @@ class Node:
         started = time.monotonic()
         while self._started:
             self._started.pop().stop()
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        if self.notifier is not None:
+            self.notifier.stop()
+            self.notifier = None
         if self.forwarder is not None:
             self.forwarder.stop()
             self.forwarder = None
@@ -114,6 +139,10 @@ class Node:
             self.server = None
             log.info("DICOM listeners and associations stopped (%.1f s)",
                      time.monotonic() - started)
+        if self.activity is not None:
+            # Last: the server and forwarder record until they have stopped.
+            self.activity.stop()
+            self.activity = None
         if self.db is not None:
             self.db.dispose()
             self.db = None

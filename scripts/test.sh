@@ -36,7 +36,7 @@ END \$\$;
 GRANT pg_signal_backend TO pacsnode_test;
 SQL
 export PACSNODE_TEST_PG_URL="postgresql+psycopg://pacsnode_test:pacsnode_test@127.0.0.1:$PG_PORT/postgres"
-export PACSNODE_REQUIRE_POSTGRES=1 PACSNODE_REQUIRE_DCMTK=1
+export PACSNODE_REQUIRE_POSTGRES=1 PACSNODE_REQUIRE_DCMTK=1 PACSNODE_REQUIRE_SMALL_FS=1
 
 # The project and its test dependencies in a virtual environment of its own.
 VENV=${VENV:-.venv}

@@ -147,12 +147,14 @@ class RunningNode:
         return run_cli(self.config_path, *args)
 
 
-def node_toml(data_dir: Path, db: str, port: int, extra: str = "", bootstrap: bool = True
-              ) -> str:
+def node_toml(data_dir: Path, db: str, port: int, extra: str = "", bootstrap: bool = True,
+              storage_dir: Path | None = None) -> str:
     partition = f"[bootstrap_partition]\nport = {port}\n" if bootstrap else ""
+    storage = f'storage_dir = "{storage_dir}"' if storage_dir else ""
     return f"""
 [node]
 data_dir = "{data_dir}"
+{storage}
 database_url = "{db}"
 listen_host = "127.0.0.1"
 partition_poll_seconds = 0.2
@@ -169,7 +171,7 @@ def make_node(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[object]:
     started: list[Node] = []
 
     def start(extra: str = "", name: str = "node", hierarchy: str | None = None,
-              ae_title: str | None = None) -> RunningNode:
+              ae_title: str | None = None, storage_dir: Path | None = None) -> RunningNode:
         """`hierarchy`: lines for the [hierarchy] section; the node then also runs its control
         plane (node_id = name, on a free loopback port)."""
         port = free_port()
@@ -180,7 +182,7 @@ def make_node(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[object]:
                       f"control_listen = \"127.0.0.1:{free_port()}\"\n{hierarchy}\n")
         path = write_config(tmp_path / f"{name}.toml",
                             node_toml(tmp_path / name, new_db(name), port, extra,
-                                      bootstrap=ae_title is None))
+                                      bootstrap=ae_title is None, storage_dir=storage_dir))
         settings = config.load(path)
         node = Node(settings, [ControlPlane(settings)] if hierarchy is not None else [])
         node.start()

@@ -6,7 +6,19 @@ from collections.abc import Callable
 
 import typer
 
-from node.cli import category, db, device, integrity, partition, queue, serve
+from node.cli import (
+    activity,
+    category,
+    db,
+    deleted,
+    device,
+    integrity,
+    partition,
+    queue,
+    serve,
+    status,
+    study,
+)
 
 HELP = "A hierarchical PACS node: DICOM archive, partitions, devices and their administration."
 
@@ -23,6 +35,10 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
     app.add_typer(integrity.app, name="integrity")
     app.add_typer(queue.app, name="queue")
     app.add_typer(category.app, name="category")
+    app.command("activity")(activity.activity)
+    app.add_typer(study.app, name="study")
+    app.add_typer(deleted.app, name="deleted")
+    app.command("status")(status.status)
     app.command("refresh-ip")(refresh_ip_command)
     return app
 

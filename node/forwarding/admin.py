@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from node.db.models import Device, ForwardJob, Instance, JobState, Series, utcnow
+from node.db.models import Device, ForwardJob, Instance, JobState, Study, utcnow
 from node.partitions import AdminError
+from node.storage import purge
 
 STATES = [s.value for s in JobState]
 
@@ -121,15 +123,10 @@ def depth(session: Session) -> tuple[int, int]:
     return waiting, rows.get(JobState.FAILED, 0)
 
 
-def stored_elsewhere(session: Session, study_pk: int) -> bool:
-    """Every instance of the study is safely at some destination: delivered to a device
-    without storage commitment, or committed by one with it (what purging relies on)."""
-    instance_ids = select(Instance.id).join(Series, Series.id == Instance.series_pk).where(
-        Series.study_pk == study_pk)
-    total = session.scalar(select(func.count()).select_from(instance_ids.subquery())) or 0
-    safe = session.scalar(
-        select(func.count(func.distinct(ForwardJob.instance_pk)))
-        .join(Device, Device.id == ForwardJob.device_id)
-        .where(ForwardJob.instance_pk.in_(instance_ids), ForwardJob.state == JobState.DONE,
-               (Device.storage_commitment.is_(False)) | (ForwardJob.commitment == "committed")))
-    return total > 0 and safe == total
+def stored_elsewhere(session: Session, study_pk: int,
+                     archive_types: Sequence[str] = ("PARENT", "BACKUP_TARGET")) -> bool:
+    """The study may be purged: the rule of node.storage.purge, for one study."""
+    uid, partition_id = session.execute(
+        select(Study.study_instance_uid, Study.partition_id).where(Study.id == study_pk)).one()
+    [candidate] = purge.describe(session, [(study_pk, uid, partition_id)], archive_types)
+    return candidate.stored_elsewhere

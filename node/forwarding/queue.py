@@ -27,6 +27,7 @@ class Job:
     sop_instance: str
     transfer_syntax: str
     attempts: int
+    study_instance_uid: str = ""
 
 
 def _claimable(now: datetime, lease_seconds: float) -> object:
@@ -69,11 +70,12 @@ def claim(db: Database, device_id: int, limit: int, owner: str, lease_seconds: f
             state=JobState.SENDING, claimed_by=owner, claimed_at=now))
         rows = session.execute(
             select(ForwardJob.id, ForwardJob.attempts, Instance.path, Instance.sop_class_uid,
-                   Instance.sop_instance_uid, Instance.transfer_syntax_uid)
+                   Instance.sop_instance_uid, Instance.transfer_syntax_uid,
+                   ForwardJob.study_instance_uid)
             .join(Instance, Instance.id == ForwardJob.instance_pk)
             .where(ForwardJob.id.in_(ids)).order_by(ForwardJob.id))
-        return [Job(job_id, device_id, storage_root / path, sop_class, sop, ts, attempts)
-                for job_id, attempts, path, sop_class, sop, ts in rows]
+        return [Job(job_id, device_id, storage_root / path, sop_class, sop, ts, attempts, study)
+                for job_id, attempts, path, sop_class, sop, ts, study in rows]
 
 
 def mark_done(db: Database, job_ids: list[int]) -> None:

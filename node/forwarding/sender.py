@@ -187,23 +187,29 @@ class Connection:
         return job.transfer_syntax in UNCOMPRESSED and any(
             (job.sop_class, ts) in accepted for ts in UNCOMPRESSED)
 
-    def request_commitment(self, transaction: str, refs: list[tuple[str, str]]) -> str | None:
-        """N-ACTION storage commitment for `refs` on this association; an error or None."""
+    def request_commitment(self, transaction: str, refs: list[tuple[str, str]]
+                           ) -> tuple[str, str] | None:
+        """N-ACTION storage commitment for `refs` on this association.
+
+        None when requested; else (job commitment state, error): "unsupported" when the
+        destination did not accept the Storage Commitment context, "failed" otherwise.
+        """
         with self.lock:
             if not self.is_open:
-                return "the association closed before commitment could be requested"
+                return "failed", "the association closed before commitment could be requested"
             assert self.assoc is not None
             try:
                 status, _ = self.assoc.send_n_action(
                     request_dataset(transaction, refs), 1, StorageCommitmentPushModel,
                     WELL_KNOWN_INSTANCE)
             except ValueError as exc:
-                return f"{self.target.name} does not support storage commitment: {exc}"
+                return "unsupported", (f"{self.target.name} does not support storage"
+                                       f" commitment: {exc}")
             self.last_used = time.monotonic()
             if "Status" not in status:
-                return "no N-ACTION response"
+                return "failed", "no N-ACTION response"
             if int(status.Status) != 0:
-                return f"N-ACTION answered 0x{int(status.Status):04X}"
+                return "failed", f"N-ACTION answered 0x{int(status.Status):04X}"
             return None
 
     def keepalive(self, interval: float, idle_limit: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,11 +14,12 @@ from pynetdicom import evt
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from node.activity import ActivityLog, Event
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Category, Device, Partition
 from node.forwarding import queue
-from node.forwarding.sender import Connection, Target
+from node.forwarding.sender import Connection, Result, Target
 from node.scp.commitment import on_report
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,11 @@ class Forwarder:
     """Claims due jobs per destination and sends them, never exceeding a device's
     max_outbound_tasks or its category's max_connections (open associations, in this node)."""
 
-    def __init__(self, db: Database, settings: Settings, storage_root: Path, owner: str) -> None:
+    def __init__(self, db: Database, settings: Settings, storage_root: Path, owner: str,
+                 activity: ActivityLog | None = None) -> None:
+        """`activity`: where one row per study of each batch sent goes (None: not recorded)."""
         self.db = db
+        self.activity = activity
         self.settings = settings
         self.root = storage_root
         self.owner = owner
@@ -189,6 +194,7 @@ class Forwarder:
                                self.f.lease_seconds, self.root)
             if jobs:
                 result = connection.send(jobs)
+                self._record(target, jobs, result)
                 queue.mark_done(self.db, result.done)
                 for job, error in result.retry:
                     log.warning("forward of %s to %s failed (attempt %d): %s",
@@ -218,18 +224,42 @@ class Forwarder:
                         mine.remove(connection)
             self._wake.set()  # more may be due for this device
 
+    def _record(self, target: Target, jobs: list[queue.Job], result: Result) -> None:
+        """One activity row per study of the batch: sent, failed, and why."""
+        if self.activity is None:
+            return
+        done = set(result.done)
+        failures = [*result.retry, *result.failed]
+        untried = {job.id for job in result.untried}
+        for study in dict.fromkeys(job.study_instance_uid for job in jobs):
+            mine = [job for job in jobs if job.study_instance_uid == study]
+            sent = sum(1 for job in mine if job.id in done)
+            errors = Counter(error for job, error in failures if job.study_instance_uid == study)
+            failed = sum(errors.values())
+            waiting = sum(1 for job in mine if job.id in untried)
+            summary = [f"{n} x {error}" if n > 1 else error for error, n in errors.items()]
+            if waiting:
+                summary.append(f"{waiting} not tried (connection lost), queued again")
+            self.activity.record(Event(
+                "forward", calling_ae=target.calling_ae, called_ae=target.ae_title,
+                peer=target.name, study_instance_uid=study, count=sent, failed=failed,
+                outcome="ok" if not failed and not waiting else "warning" if sent else "failed",
+                detail="; ".join(summary)))
+
     def _request_commitment(self, connection: Connection, jobs: list[queue.Job],
                             done: list[int]) -> None:
         sent = [job for job in jobs if job.id in set(done)]
         transaction = generate_uid()
-        error = connection.request_commitment(
+        refused = connection.request_commitment(
             transaction, [(job.sop_class, job.sop_instance) for job in sent])
-        if error is None:
+        if refused is None:
             queue.mark_commitment(self.db, done, "requested", transaction)
         else:
+            state, error = refused
             log.error("storage commitment from %s not requested: %s", connection.target.name,
                       error)
-            queue.mark_commitment(self.db, done, "failed")
+            # "unsupported": the destination cannot commit, so purging relies on delivery.
+            queue.mark_commitment(self.db, done, state)
 
     def _on_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
         return on_report(self.db, event)

@@ -18,6 +18,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import select, update
 
+from node.activity import ActivityLog, Event
 from node.db.database import Database
 from node.db.models import ForwardJob, Instance, utcnow
 from node.scp import lookup
@@ -57,9 +58,12 @@ def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:
 
 
 class StorageCommitment:
-    def __init__(self, db: Database, storage_root: Path) -> None:
+    def __init__(self, db: Database, storage_root: Path,
+                 activity: ActivityLog | None = None) -> None:
+        """`activity`: where one row per commitment request goes (None: not recorded)."""
         self.db = db
         self.root = storage_root
+        self.activity = activity
 
     def on_action(self, event: evt.Event, peer: Peer) -> tuple[int, Dataset | None]:
         request = event.action_information
@@ -77,6 +81,13 @@ class StorageCommitment:
         missing = [(c, s) for c, s in refs if (c, s) not in ok]
         log.info("storage commitment %s from %s: %d held, %d not", transaction, peer, len(ok),
                  len(missing))
+        if self.activity is not None:
+            self.activity.record(Event(
+                "commitment", partition=peer.partition.ae_title, calling_ae=peer.calling_ae,
+                called_ae=peer.partition.ae_title, peer=peer.address, count=len(refs),
+                failed=len(missing),
+                outcome="ok" if not missing else "warning" if ok else "failed",
+                detail=f"transaction {transaction}: {len(ok)} held, {len(missing)} not"))
         threading.Thread(target=self._report, args=(peer, transaction, ok, missing),
                          name="commitment-report", daemon=True).start()
         return 0x0000, None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from sqlalchemy.exc import SQLAlchemyError
 
+from node.activity import ActivityLog, Event
 from node.db.database import Database
 from node.scp import admission, lookup
 from node.scp.coercion import CoercionError, parse_rules
@@ -30,15 +33,55 @@ def _peer_address(assoc: Association) -> tuple[str, int]:
     return assoc.requestor.address, assoc.requestor.port
 
 
+# How a reject reads in the activity log: what the peer was told, then why.
+REJECTED = {
+    admission.RejectReason.CALLED_AE_NOT_RECOGNISED: "called AE not recognised",
+    admission.RejectReason.CALLING_AE_NOT_RECOGNISED: "calling AE not recognised",
+    admission.RejectReason.LOCAL_LIMIT_EXCEEDED: "local limit exceeded",
+}
+
+
+@dataclass
+class Usage:
+    """What one accepted association did; written as activity rows when it closes."""
+
+    called_ae: str
+    opened: float = field(default_factory=time.monotonic)
+    echoes: int = 0
+    stored: int = 0
+    store_failures: int = 0
+    finds: int = 0
+    moves: int = 0
+    gets: int = 0
+    commitments: int = 0
+    aborted: bool = False
+    studies: dict[str, list[int]] = field(default_factory=dict)  # study UID -> [ok, failed]
+    last_failure: dict[str, str] = field(default_factory=dict)  # study UID -> status, comment
+
+    def study(self, uid: str) -> list[int]:
+        return self.studies.setdefault(uid, [0, 0])
+
+    def summary(self) -> str:
+        parts = [(self.stored, "store"), (self.store_failures, "failed store"),
+                 (self.finds, "find"), (self.moves, "move"), (self.gets, "get"),
+                 (self.commitments, "commitment"), (self.echoes, "echo")]
+        text = ", ".join(f"{n} {word}{'es' if word == 'echo' else 's'}" if n != 1
+                         else f"{n} {word}" for n, word in parts if n)
+        return text or "nothing"
+
+
 class ScpHandlers:
     """One instance per node; the port a listener serves is bound as a handler argument."""
 
     def __init__(self, db: Database, ingest: Ingest, qr: QueryRetrieve,
                  commitment: StorageCommitment,
-                 supported: Mapping[str, PresentationContext], by_requestor: bool) -> None:
+                 supported: Mapping[str, PresentationContext], by_requestor: bool,
+                 activity: ActivityLog | None = None) -> None:
         """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
-        order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor")."""
+        order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor");
+        `activity`: where association, reject and store rows go (None: not recorded)."""
         self.db = db
+        self.activity = activity if activity is not None and activity.enabled else None
         self.ingest = ingest
         self.qr = qr
         self.commitment = commitment
@@ -47,6 +90,7 @@ class ScpHandlers:
             {uid: [str(ts) for ts in cx.transfer_syntax] for uid, cx in supported.items()}
             if by_requestor else None)
         self._peers: dict[Association, Peer] = {}
+        self._usage: dict[Association, Usage] = {}
         self._lock = threading.Lock()
 
     def for_port(self, port: int) -> list[Any]:
@@ -67,6 +111,14 @@ class ScpHandlers:
         with self._lock:
             return self._peers.get(assoc)
 
+    def _used(self, assoc: Association) -> Usage | None:
+        with self._lock:
+            return self._usage.get(assoc)
+
+    def _record(self, event: Event) -> None:
+        if self.activity is not None:
+            self.activity.record(event)
+
     def on_requested(self, event: evt.Event, port: int) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
@@ -84,6 +136,9 @@ class ScpHandlers:
             log.error("association from %s@%s:%s refused: index unavailable: %s",
                       calling, ip, peer_port, exc)
             self._reject(assoc, admission.RejectReason.LOCAL_LIMIT_EXCEEDED)
+            self._record(Event("reject", calling_ae=calling, called_ae=called,
+                               peer=f"{ip}:{peer_port}", outcome="failed",
+                               detail="local limit exceeded: index database unavailable"))
             return
         decision = admission.decide(partition, device, calling, called)
         if not decision.accepted:
@@ -91,6 +146,10 @@ class ScpHandlers:
             log.warning("association from %s@%s:%s to %s on port %d rejected: %s",
                         calling, ip, peer_port, called, port, decision.explanation)
             self._reject(assoc, decision.reason)
+            self._record(Event("reject", partition=partition.ae_title if partition else "",
+                               calling_ae=calling, called_ae=called, peer=f"{ip}:{peer_port}",
+                               outcome="failed",
+                               detail=f"{REJECTED[decision.reason]}: {decision.explanation}"))
             return
         assert partition is not None
         if decision.auto_insert:
@@ -111,8 +170,17 @@ class ScpHandlers:
                 for abstract, syntaxes in requestor_first(requested, self.requestor_order)
             ]
         with self._lock:
+            # pynetdicom ends some associations without EVT_CONN_CLOSE (an exception in its
+            # reactor, e.g. the disk filling mid-transfer): forget those here, and drop the
+            # temporary file they were writing.
+            for dead in [a for a in self._peers if not a.is_alive() and a is not assoc]:
+                self._peers.pop(dead, None)
+                self._usage.pop(dead, None)
+                _discard_partial_dataset(dead)
             self._peers[assoc] = Peer(partition, device, rules, calling, f"{ip}:{peer_port}",
                                       routes, send_updates)
+            if self.activity is not None:
+                self._usage[assoc] = Usage(called)
         log.info("association from %s@%s:%s to %s accepted", calling, ip, peer_port, called)
 
     def _context(self, abstract: str, syntaxes: list[str]) -> PresentationContext:
@@ -130,6 +198,9 @@ class ScpHandlers:
         assoc.kill()
 
     def on_echo(self, event: evt.Event) -> int:
+        usage = self._used(event.assoc)
+        if usage is not None:
+            usage.echoes += 1
         return 0x0000
 
     def on_store(self, event: evt.Event) -> Dataset:
@@ -146,6 +217,19 @@ class ScpHandlers:
         rsp.Status = outcome.status
         if outcome.comment:
             rsp.ErrorComment = outcome.comment[:64]
+        usage = self._used(event.assoc)
+        if usage is not None:
+            # Handlers of one association run on its own thread: no lock needed for `usage`.
+            counts = usage.study(outcome.study)
+            if outcome.ok:
+                usage.stored += 1
+                counts[0] += 1
+            else:
+                usage.store_failures += 1
+                counts[1] += 1
+                usage.last_failure[outcome.study] = (
+                    f"last failure 0x{outcome.status:04X}"
+                    + (f": {outcome.comment}" if outcome.comment else ""))
         return rsp
 
     def on_find(self, event: evt.Event) -> Iterator[Any]:
@@ -153,6 +237,9 @@ class ScpHandlers:
         if peer is None:
             yield PROCESSING_FAILURE, None
             return
+        usage = self._used(event.assoc)
+        if usage is not None:
+            usage.finds += 1
         yield from self.qr.find(event, peer)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -160,6 +247,9 @@ class ScpHandlers:
         if peer is None:
             yield None, None
             return
+        usage = self._used(event.assoc)
+        if usage is not None:
+            usage.moves += 1
         yield from self.qr.move(event, peer)
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
@@ -167,12 +257,18 @@ class ScpHandlers:
         if peer is None:
             yield 0
             return
+        usage = self._used(event.assoc)
+        if usage is not None:
+            usage.gets += 1
         yield from self.qr.get(event, peer)
 
     def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         peer = self.peer(event.assoc)
         if peer is None:
             return PROCESSING_FAILURE, None
+        usage = self._used(event.assoc)
+        if usage is not None:
+            usage.commitments += 1
         return self.commitment.on_action(event, peer)
 
     def on_n_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
@@ -182,16 +278,47 @@ class ScpHandlers:
         peer = self.peer(event.assoc)
         ip, port = _peer_address(event.assoc)
         log.warning("association with %s aborted", peer or f"{ip}:{port}")
+        usage = self._used(event.assoc)
+        if usage is not None:
+            usage.aborted = True
 
     def on_conn_close(self, event: evt.Event) -> None:
         assoc = event.assoc
         with self._lock:
             peer = self._peers.pop(assoc, None)
+            usage = self._usage.pop(assoc, None)
         _discard_partial_dataset(assoc)
         if peer is None and not assoc.is_rejected:
             ip, port = _peer_address(assoc)
             log.warning("connection from %s:%s closed without an accepted association "
                         "(no or invalid A-ASSOCIATE-RQ)", ip, port)
+        if peer is not None and usage is not None:
+            try:
+                self._record_association(assoc, peer, usage)
+            except Exception:
+                log.exception("activity of the association with %s not recorded", peer)
+
+    def _record_association(self, assoc: Association, peer: Peer, usage: Usage) -> None:
+        """One row for the association, one per study it stored into."""
+        who = {"partition": peer.partition.ae_title, "calling_ae": peer.calling_ae,
+               "called_ae": usage.called_ae, "peer": peer.address}
+        for study, (ok, failed) in usage.studies.items():
+            self._record(Event(
+                "store", **who, study_instance_uid=study, count=ok, failed=failed,
+                outcome="ok" if not failed else "warning" if ok else "failed",
+                detail=usage.last_failure.get(study, "")))
+        if usage.aborted or assoc.is_aborted:
+            end = "aborted"
+        elif assoc.is_released:
+            end = "released"
+        else:
+            end = "connection closed"
+        self._record(Event(
+            "association", **who,
+            count=(usage.stored + usage.store_failures + usage.finds + usage.moves
+                   + usage.gets + usage.commitments + usage.echoes),
+            failed=usage.store_failures, outcome="ok" if end == "released" else "warning",
+            detail=f"{usage.summary()}; {end} after {time.monotonic() - usage.opened:.1f} s"))
 
 
 def _discard_partial_dataset(assoc: Association) -> None:

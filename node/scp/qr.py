@@ -13,12 +13,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
+from node.activity import ActivityLog, Event
 from node.config import QuerySettings, Settings
 from node.db.database import Database
-from node.db.models import Device
-from node.query.conditions import Query, QueryError, parse_identifier
+from node.db.models import Device, Study, utcnow
+from node.query.conditions import Match, Query, QueryError, parse_identifier
 from node.query.index import MatchSettings, identifier, statement
 from node.scp import lookup
 from node.scp.store import Peer
@@ -75,38 +77,102 @@ class Stored:
     sop_class: str
     sop_instance: str
     transfer_syntax: str
+    study_pk: int = 0
+    study_uid: str = ""
+
+
+@dataclass
+class Report:
+    """How one request went, filled in as it runs; becomes its activity row at the end."""
+
+    detail: str = ""
+    count: int = 0
+    failed: int = 0
+    outcome: str = "ok"
+    study_uid: str = ""
+    note: str = ""  # how it ended, when not simply done
+
+    def end(self, outcome: str, note: str) -> None:
+        self.outcome, self.note = outcome, note
+
+
+def describe(query: Query) -> str:
+    """The request's level and matching keys, briefly (the activity row's detail)."""
+    keys = []
+    for c in query.conditions:
+        if c.match is Match.RANGE:
+            value = "-".join(c.values)
+        elif c.match is Match.LIST:
+            value = f"{len(c.values)} UIDs" if len(c.values) > 2 else "\\".join(c.values)
+        else:
+            value = c.values[0] if c.values else ""
+        keys.append(f"{c.keyword}={value}")
+    return " ".join([query.level, *keys])[:500]
+
+
+def single_study(query: Query) -> str:
+    """The Study Instance UID a request names, if it names exactly one."""
+    c = query.condition("StudyInstanceUID")
+    return c.values[0] if c is not None and c.match is Match.SINGLE and c.values else ""
 
 
 class QueryRetrieve:
-    def __init__(self, db: Database, settings: Settings, storage_root: Path) -> None:
+    def __init__(self, db: Database, settings: Settings, storage_root: Path,
+                 activity: ActivityLog | None = None) -> None:
+        """`activity`: where one row per C-FIND, C-MOVE and C-GET goes (None: not recorded)."""
         self.db = db
         self.settings = settings
         self.root = storage_root
+        self.activity = activity
+
+    def _record(self, kind: str, peer: Peer, report: Report) -> None:
+        if self.activity is None:
+            return
+        detail = "; ".join(part for part in (report.detail, report.note) if part)
+        # The called AE title is the partition's: admission matched it exactly.
+        self.activity.record(Event(
+            kind, partition=peer.partition.ae_title, calling_ae=peer.calling_ae,
+            called_ae=peer.partition.ae_title, peer=peer.address,
+            study_instance_uid=report.study_uid, count=report.count, failed=report.failed,
+            outcome=report.outcome, detail=detail))
 
     def _match(self, peer: Peer) -> MatchSettings:
         return match_settings(peer, self.settings.query, self.db.engine.dialect.name)
 
     # C-FIND -------------------------------------------------------------------------------
     def find(self, event: evt.Event, peer: Peer) -> Iterator[tuple[Any, Dataset | None]]:
+        report = Report()
+        try:
+            yield from self._find(event, peer, report)
+        finally:
+            # Also when pynetdicom drops the generator (the association went away).
+            self._record("find", peer, report)
+
+    def _find(self, event: evt.Event, peer: Peer, report: Report
+              ) -> Iterator[tuple[Any, Dataset | None]]:
         if peer.device is not None and not peer.device.allow_query:
             log.warning("C-FIND from %s refused: device %s has no query right", peer,
                         peer.device.name)
+            report.end("failed", "refused: this device may not query")
             yield status(REFUSED_NOT_AUTHORISED, "this device may not query"), None
             return
         try:
             query = parse_identifier(event.identifier)
         except (QueryError, ValueError, KeyError) as exc:
+            report.end("failed", f"unable to process: {exc}")
             yield status(UNABLE_TO_PROCESS, str(exc)), None
             return
+        report.detail = describe(query)
         settings = self._match(peer)
         try:
-            yield from self._answers(event, peer, query, settings)
+            yield from self._answers(event, peer, query, settings, report)
         except SQLAlchemyError as exc:
             log.error("C-FIND from %s: index unavailable: %s", peer, exc)
+            report.end("failed", "index database unavailable")
             yield status(UNABLE_TO_PROCESS, "the index database is unavailable"), None
 
-    def _answers(self, event: evt.Event, peer: Peer, query: Query, settings: MatchSettings
-                 ) -> Iterator[tuple[Any, Dataset | None]]:
+    def _answers(self, event: evt.Event, peer: Peer, query: Query, settings: MatchSettings,
+                 report: Report) -> Iterator[tuple[Any, Dataset | None]]:
         started = time.perf_counter()
         sent = 0
         with self.db.session() as session:
@@ -116,16 +182,19 @@ class QueryRetrieve:
             for row in session.execute(stmt.execution_options(yield_per=200)):
                 if event.is_cancelled:
                     log.info("C-FIND from %s cancelled after %d matches", peer, sent)
+                    report.end("warning", "cancelled")
                     yield CANCELLED, None
                     return
                 if settings.limit and sent == settings.limit:
                     log.warning("C-FIND %s from %s stopped at the limit of %d matches",
                                 query.level, peer, settings.limit)
+                    report.end("warning", f"stopped at the limit of {settings.limit} matches")
                     yield status(LIMIT_EXCEEDED, f"more than {settings.limit} matches: "
                                  "narrow the query"), None
                     return
                 yield PENDING, identifier(query, row, peer.partition.ae_title)
                 sent += 1
+                report.count = sent
         log.info("C-FIND %s from %s: %d matches in %.1f ms", query.level, peer, sent,
                  (time.perf_counter() - started) * 1000)
 
@@ -134,13 +203,26 @@ class QueryRetrieve:
         settings = self._match(peer)
         with self.db.session() as session:
             stmt = statement(query, peer.partition.id, settings, level="IMAGE")
-            rows = [row.Instance for row in session.execute(stmt)]
-        return [Stored(self.root / r.path, r.sop_class_uid, r.sop_instance_uid,
-                       r.transfer_syntax_uid) for r in rows]
+            rows = [(row.Instance, row.Study) for row in session.execute(stmt)]
+        return [Stored(self.root / i.path, i.sop_class_uid, i.sop_instance_uid,
+                       i.transfer_syntax_uid, s.id, s.study_instance_uid) for i, s in rows]
 
-    def _resolve(self, event: evt.Event, peer: Peer, verb: str
+    def _resolve(self, event: evt.Event, peer: Peer, verb: str, report: Report
                  ) -> tuple[list[Stored] | None, Dataset | None]:
-        """The instances to send, or the failure status that ends the request."""
+        """The instances to send, or the failure status that ends the request (and the
+        reason, in `report`)."""
+        instances, failure = self._lookup(event, peer, verb, report)
+        if failure is not None:
+            report.end("failed", str(failure.get("ErrorComment", "")))
+        elif instances is not None:
+            report.count = len(instances)
+            studies = {item.study_uid for item in instances}
+            if len(studies) == 1:
+                report.study_uid = studies.pop()
+        return instances, failure
+
+    def _lookup(self, event: evt.Event, peer: Peer, verb: str, report: Report
+                ) -> tuple[list[Stored] | None, Dataset | None]:
         if peer.device is not None and not peer.device.allow_retrieve:
             log.warning("%s from %s refused: device %s has no retrieve right", verb, peer,
                         peer.device.name)
@@ -149,6 +231,8 @@ class QueryRetrieve:
             query = parse_identifier(event.identifier)
         except (QueryError, ValueError, KeyError) as exc:
             return None, status(UNABLE_TO_PROCESS, str(exc))
+        report.detail = " ".join(part for part in (report.detail, describe(query)) if part)
+        report.study_uid = single_study(query)
         if not query.conditions:
             return None, status(NO_MATCH_KEY, "a retrieve needs a unique key")
         try:
@@ -165,18 +249,47 @@ class QueryRetrieve:
         log.info("%s %s from %s: %d instances", verb, query.level, peer, len(instances))
         return instances, None
 
-    def _datasets(self, event: evt.Event, instances: list[Stored], refused: list[str]
+    def _retrieved(self, kind: str, peer: Peer, report: Report, delivered: list[Stored],
+                   refused: list[str]) -> None:
+        """After the sends: the studies that went out count as accessed; the request's row."""
+        gone = set(refused)
+        studies = {item.study_pk for item in delivered
+                   if item.sop_instance not in gone and item.study_pk}
+        report.failed += len(gone)  # the unreadable ones are counted already
+        if report.outcome == "ok" and report.failed:
+            report.outcome = "failed" if report.failed >= report.count else "warning"
+        if report.outcome == "ok" and report.count and not delivered:
+            # pynetdicom could not associate with the move destination, or the association
+            # ended first: nothing was tried.
+            report.failed = report.count
+            report.end("failed", "the move destination could not be reached" if kind == "move"
+                       else "the association ended before any sub-operation")
+        if studies:
+            try:
+                # One UPDATE for the request, in its own short transaction: the purge order
+                # "accessed" reads it, and nothing here may fail a retrieve that was done.
+                with self.db.transaction() as session:
+                    session.execute(update(Study).where(Study.id.in_(sorted(studies)))
+                                    .values(accessed_at=utcnow()))
+            except SQLAlchemyError as exc:
+                log.error("%s from %s: studies not marked accessed: %s", kind, peer, exc)
+        self._record(kind, peer, report)
+
+    def _datasets(self, event: evt.Event, instances: list[Stored], refused: list[str],
+                  delivered: list[Stored], report: Report
                   ) -> Iterator[tuple[Any, Dataset | None]]:
         """Pending (0xFF00, dataset) per instance, then our own final status if any failed.
 
         A file that cannot be read is never handed to pynetdicom (its send_c_store would fail
         half-way and upset the association); it is yielded as a non-dataset, which pynetdicom
         counts as a failed sub-operation. `refused` fills with the UIDs the destination
-        answered with a failure, so the final Failed SOP Instance UID List names them all.
+        answered with a failure, so the final Failed SOP Instance UID List names them all;
+        `delivered` with the instances handed over for sending.
         """
         missing: list[str] = []
         for item in instances:
             if event.is_cancelled:
+                report.end("warning", f"cancelled after {len(delivered)} instances")
                 yield CANCELLED, None
                 return
             ds: Dataset | None = None
@@ -191,6 +304,9 @@ class QueryRetrieve:
                 log.error("stored instance %s is missing", item.path)
             if ds is None:
                 missing.append(item.sop_instance)
+                report.failed += 1
+            else:
+                delivered.append(item)
             yield PENDING, ds
         failed = missing + refused
         if failed:
@@ -202,7 +318,8 @@ class QueryRetrieve:
 
     def move(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
         destination_ae = event.move_destination.strip()
-        instances, failure = self._resolve(event, peer, "C-MOVE")
+        report = Report(detail=f"to {destination_ae}:")
+        instances, failure = self._resolve(event, peer, "C-MOVE", report)
         with self.db.session() as session:
             device = (lookup.device_row(session, peer.partition.id, destination_ae,
                                         enabled_only=True)
@@ -211,12 +328,16 @@ class QueryRetrieve:
                 log.warning("C-MOVE from %s: destination %r is in neither the device table"
                             " nor the DotCom directory",
                             peer, destination_ae)
+                report.count = 0
+                report.end("failed", "move destination unknown")
+                self._record("move", peer, report)
                 yield None, None  # 0xA801 move destination unknown
                 return
             address = device.ip or device.host
             kwargs = self._outbound(device, instances or [])
             port = device.port
         if failure is not None:
+            self._record("move", peer, report)
             # pynetdicom associates with the destination before it sends any status, so the
             # destination sees a short association (Verification only) and no sub-operation.
             yield address, port, {**kwargs, "contexts": [build_context(Verification)]}
@@ -225,26 +346,34 @@ class QueryRetrieve:
             return
         assert instances is not None
         refused: list[str] = []
+        delivered: list[Stored] = []
         kwargs["evt_handlers"] = [*kwargs["evt_handlers"],
                                   (evt.EVT_DIMSE_RECV, collect_refusals, [refused])]
-        yield address, port, kwargs
-        yield len(instances)
-        yield from self._datasets(event, instances, refused)
+        try:
+            yield address, port, kwargs
+            yield len(instances)
+            yield from self._datasets(event, instances, refused, delivered, report)
+        finally:
+            self._retrieved("move", peer, report, delivered, refused)
 
     def get(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
-        instances, failure = self._resolve(event, peer, "C-GET")
+        report = Report()
+        instances, failure = self._resolve(event, peer, "C-GET", report)
         if failure is not None:
+            self._record("get", peer, report)
             yield 1
             yield failure, None
             return
         assert instances is not None
         refused: list[str] = []
+        delivered: list[Stored] = []
         event.assoc.bind(evt.EVT_DIMSE_RECV, collect_refusals, [refused])
         try:
             yield len(instances)
-            yield from self._datasets(event, instances, refused)
+            yield from self._datasets(event, instances, refused, delivered, report)
         finally:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, collect_refusals)
+            self._retrieved("get", peer, report, delivered, refused)
 
     def _outbound(self, device: Device, instances: list[Stored]) -> dict[str, Any]:
         """Association settings for sub-operations to `device` (its own, else the node's)."""

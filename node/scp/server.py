@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node import __version__
+from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
@@ -84,14 +85,16 @@ def build_ae(settings: Settings) -> AE:
 
 class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
-                 qr: QueryRetrieve, commitment: StorageCommitment) -> None:
+                 qr: QueryRetrieve, commitment: StorageCommitment,
+                 activity: ActivityLog | None = None) -> None:
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
         by_requestor = (settings.dicom.transfer_syntax_preference == "requestor"
                         and not settings.dicom.enforce_default_transfer_syntax)
         supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
-        self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor)
+        self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor,
+                                    activity)
         self.listeners: dict[int, ScreeningAssociationServer] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None

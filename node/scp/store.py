@@ -6,6 +6,7 @@ transaction that covers it has committed.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -38,6 +39,7 @@ from node.scp.matching import Difference, demographic_differences
 from node.storage import compare, files
 from node.storage.paths import instance_relpath, is_valid_uid
 from node.storage.rewrite import rewrite_header
+from node.storage.space import StorageGuard
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class Outcome:
     status: int
     comment: str = ""
     integrity: list[Difference] = field(default_factory=list)
+    study: str = ""  # the dataset's Study Instance UID, once it was read (activity log)
 
     @property
     def ok(self) -> bool:
@@ -91,9 +94,12 @@ class Refused(Exception):
 
 class Ingest:
     def __init__(self, db: Database, storage_root: Path, send_updates: bool = True,
-                 on_queued: Callable[[], None] | None = None) -> None:
+                 on_queued: Callable[[], None] | None = None,
+                 guard: StorageGuard | None = None) -> None:
         """`send_updates`: the node default for forwarding new instances of a study that
-        was already forwarded to a device; `on_queued`: called after forward jobs commit."""
+        was already forwarded to a device; `on_queued`: called after forward jobs commit;
+        `guard`: refuses stores while the partition's disk is above the critical watermark."""
+        self.guard = guard
         self.db = db
         self.root = storage_root
         self.incoming = storage_root / files.INCOMING
@@ -103,10 +109,15 @@ class Ingest:
     def store(self, peer: Peer, received: Path, sop_class: str, sop_instance: str) -> Outcome:
         """Handle one C-STORE whose dataset pynetdicom wrote to `received` (with file meta)."""
         coerced: Path | None = None
+        study = ""
         try:
             if peer.device is not None and not peer.device.allow_storage:
                 raise Refused(REFUSED_NOT_AUTHORISED,
                               f"device {peer.device.name} may not store to this node")
+            if self.guard is not None:
+                admitted, why = self.guard.admit(peer.partition.folder, received.stat().st_size)
+                if not admitted:
+                    raise Refused(OUT_OF_RESOURCES, why)
             if peer.rules:
                 coerced = self.incoming / f"{received.name}.coerced"
                 header = self._read(received, lambda: rewrite_header(
@@ -118,17 +129,21 @@ class Ingest:
                 files.fsync_file(received)
                 source = received
             attrs = extract(header)
+            study = attrs["StudyInstanceUID"][:64]
             _validate(attrs, sop_class, sop_instance)
-            return self._persist(peer, source, attrs, str(header.file_meta.TransferSyntaxUID))
+            outcome = self._persist(peer, source, attrs,
+                                    str(header.file_meta.TransferSyntaxUID))
+            return dataclasses.replace(outcome, study=study)
         except Refused as refused:
             log.warning("C-STORE %s from %s refused (0x%04X): %s",
                         sop_instance, peer, refused.status, refused.comment)
-            return Outcome(refused.status, refused.comment)
+            return Outcome(refused.status, refused.comment, study=study)
         except OSError as exc:
-            status = OUT_OF_RESOURCES
+            if exc.errno == errno.ENOSPC and self.guard is not None:
+                self.guard.disk_full(peer.partition.folder)
             comment = f"storage write failed: {os.strerror(exc.errno or errno.EIO)}"
             log.error("C-STORE %s from %s failed: %s", sop_instance, peer, exc)
-            return Outcome(status, comment)
+            return Outcome(OUT_OF_RESOURCES, comment)
         except SQLAlchemyError as exc:
             log.error("C-STORE %s from %s: index unavailable: %s", sop_instance, peer, exc)
             return Outcome(PROCESSING_FAILURE, "the index database is unavailable")

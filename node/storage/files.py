@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 INCOMING = ".incoming"
@@ -81,19 +82,40 @@ def replace(source: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def replace_keeping_source(source: Path, target: Path) -> None:
+    """Like `replace`, but `source` stays where it is (a second link, or a copy)."""
+    beside = target.with_name(f".{target.name}.{os.getpid()}.restore")
+    try:
+        os.link(source, beside)
+    except OSError:
+        shutil.copyfile(source, beside)
+        fsync_file(beside)
+    os.replace(beside, target)
+    fsync_dir(target.parent)
+
+
 def remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
 
-def sweep_incoming(storage_root: Path) -> int:
-    """Remove temporary files a crash or an aborted transfer left; returns how many."""
+def sweep_incoming(storage_root: Path, idle_seconds: float | None = None) -> int:
+    """Remove temporary files a crash or an aborted transfer left; returns how many.
+
+    `idle_seconds`: only files not written to for that long (a live transfer appends to its
+    file with every PDU, so one idle longer than the network timeout has no live association).
+    """
     incoming = storage_root / INCOMING
     if not incoming.is_dir():
         return 0
     removed = 0
+    cutoff = time.time() - idle_seconds if idle_seconds is not None else None
     for entry in incoming.iterdir():
-        if entry.is_file():
-            remove_quietly(entry)
-            removed += 1
+        try:
+            if not entry.is_file() or (cutoff is not None and entry.stat().st_mtime > cutoff):
+                continue
+        except FileNotFoundError:
+            continue  # its store finished meanwhile
+        remove_quietly(entry)
+        removed += 1
     return removed

@@ -389,3 +389,39 @@ def test_remote_listening_without_tls_needs_an_explicit_yes(tmp_path: Path) -> N
     tls = load(_write(tmp_path, '[hierarchy]\ncontrol_listen = "0.0.0.0:50051"\n'
                                 'tls_ca = "ca.crt"\ntls_cert = "node.crt"\ntls_key = "node.key"\n'))
     assert tls.tls_file("tls_ca") == tmp_path / "ca.crt"  # relative to the settings file
+
+
+def test_storage_lifecycle_settings_are_read(tmp_path: Path) -> None:
+    settings = load(_write(tmp_path, """
+[storage]
+low_watermark = 70
+high_watermark = 85.5
+critical_watermark = 97
+purge_order = "accessed"
+protected_studies = 100
+archive_device_types = ["parent", "DICOM"]
+[notify]
+email_to = "pacs-admin@example.org"
+smtp_host = "127.0.0.1"
+"""))
+    assert (settings.storage.low_watermark, settings.storage.high_watermark,
+            settings.storage.critical_watermark) == (70.0, 85.5, 97.0)
+    assert settings.storage.purge_order == "accessed"
+    assert settings.storage.archive_device_types == ["PARENT", "DICOM"]
+    assert settings.notify.email_to == "pacs-admin@example.org"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[storage]\nlow_watermark = 90\nhigh_watermark = 80", "low_watermark <= high_watermark"),
+    ("[storage]\ncritical_watermark = 85", "high_watermark <= critical_watermark"),
+    ("[storage]\nhigh_watermark = 120", "storage.high_watermark must be a percentage"),
+    ("[storage]\npurge_order = \"newest\"", "storage.purge_order"),
+    ("[storage]\npurge_batch_size = 0", "storage.purge_batch_size"),
+    ("[storage]\narchive_device_types = [\"TAPE\"]", "storage.archive_device_types"),
+    ("[storage]\ncpu_idle_threshold = 101", "storage.cpu_idle_threshold"),
+    ("[notify]\nemail_to = \"a@b\"", "notify.email_to needs notify.smtp_host"),
+])
+def test_bad_storage_settings_are_refused_naming_the_key(tmp_path: Path, text: str,
+                                                         message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(_write(tmp_path, text))

@@ -158,3 +158,35 @@ def test_recover_finishes_a_committed_delete(node: RunningNode) -> None:
     (holding / deletion.MANIFEST).write_text(json.dumps({"files": ["PACSNODE/9/1.2/1.2.3.dcm"]}))
     assert deletion.recover(node.db, node.storage) == 1
     assert not holding.exists() and not (node.storage / "PACSNODE/9/1.2/1.2.3.dcm").exists()
+
+
+def test_purge_rechecks_under_the_lock_that_the_study_is_still_stored_elsewhere(
+        make_node: object) -> None:
+    from node.storage import purge
+    from node.storage.monitor import StorageMonitor
+    from tests.conftest import wait_for
+    from tests.destination import CountingSCP
+    from tests.integration.test_forward import FAST
+
+    parent = CountingSCP(ae_title="PARENT").start()
+    try:
+        node = make_node(FAST)  # type: ignore[operator]
+        assert node.cli("device", "add", "PARENT", "--ae-title", "PARENT", "--type", "PARENT",
+                        "--host", "127.0.0.1", "--port", str(parent.port)).exit_code == 0
+        first = make_instance()
+        assert statuses(store(node.port, [first])) == [0]
+        def chosen() -> purge.Candidate:
+            with node.db.session() as session:
+                [c] = list(purge.candidates(session, [1], "received", ["PARENT"]))
+                return c
+        assert wait_for(lambda: chosen().stored_elsewhere, timeout=20)
+        candidate = chosen()
+    finally:
+        parent.stop()
+    # Chosen for purging; then a new instance of the study arrives (its forward job waits).
+    assert statuses(store(node.port, [make_instance(study_uid=first.StudyInstanceUID)])) == [0]
+    monitor: StorageMonitor = node.node.monitor
+    removed = deletion.delete_study(node.db, node.storage, candidate.study_pk, keep=False,
+                                    reason="test", still_wanted=monitor._still_purgeable(candidate))
+    assert removed is None
+    assert len(dcm_files(node, str(first.StudyInstanceUID))) == 2

@@ -20,6 +20,7 @@ from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
 from tests.integration.test_find import find
 from tests.integration.test_forward import FAST
+from tests.integration.test_retrieve import move
 from tests.scu import statuses, store
 from tests.smallfs import MiB, fill, small_fs  # noqa: F401  (the fixture)
 
@@ -196,9 +197,17 @@ smtp_port = {mailbox.port}  # type: ignore[attr-defined]
     # Nothing written: no new file (nor a temporary one), nothing indexed.
     assert stored_files(node.storage) == files_before
     assert held_studies(node) == {kept}
-    # Queries keep working.
+    # Queries and retrieves keep working.
     found, final = find(node, "STUDY", StudyInstanceUID="")
     assert final == 0 and [str(ds.StudyInstanceUID) for ds in found] == [kept]
+    viewer = CountingSCP(ae_title="VIEWER").start()
+    try:
+        assert node.cli("device", "add", "VIEWER", "--ae-title", "VIEWER", "--host",
+                        "127.0.0.1", "--port", str(viewer.port)).exit_code == 0
+        final_rsp = move(node, "STUDY", destination="VIEWER", StudyInstanceUID=kept)[-1]
+        assert int(final_rsp.Status) == 0 and len(viewer.received) == INSTANCES_PER_STUDY
+    finally:
+        viewer.stop()
     assert wait_for(lambda: any("storage suspended" in m for m in mailbox.messages), 10)
     status = json.loads(node.cli("status", "--json").output)
     assert any(f["suspended"] for f in status["filesystems"])

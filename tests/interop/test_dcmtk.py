@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
 from node.db.models import Instance
+from node.storage.space import measure
 from tests.conftest import RunningNode, dcmtk_env
 from tests.dicomgen import make_instance, write_study
+from tests.smallfs import MiB, fill, small_fs  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.interop
 
@@ -107,3 +110,26 @@ def test_node_order_when_configured(make_node: object, dcmtk: Path) -> None:
     assert storescu(dcmtk, node, original, options=("-xr",)).returncode == 0
     kept = dcmread(stored_path(node, original))
     assert kept.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+
+def test_storescu_sees_out_of_resources_while_storage_is_suspended_and_findscu_works(
+        make_node: Callable[..., RunningNode], small_fs: Callable[[int], Path],  # noqa: F811
+        dcmtk: Path, tmp_path: Path) -> None:
+    disk = small_fs(8 * MiB)
+    node = make_node("[storage]\nlow_watermark = 50\nhigh_watermark = 60\n"
+                     "critical_watermark = 70\nauto_purge = false\n",
+                     storage_dir=disk / "storage")
+    fill(disk / "ballast", int(measure(disk).total * 0.8))
+    node.node.monitor.check()  # type: ignore[union-attr]  (the interval's check, now)
+    [path] = write_study(tmp_path / "s", 1, size=64)
+    refused = run(dcmtk / "storescu", "-d", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
+                  str(path))
+    output = refused.stdout + refused.stderr
+    assert "0xa700" in output.lower() and "storage suspended" in output
+    assert list(node.storage.rglob("*.dcm")) == []
+    found = run(dcmtk / "findscu", "-S", "-aec", "PACSNODE", "-k", "QueryRetrieveLevel=STUDY",
+                "-k", "StudyInstanceUID", "127.0.0.1", str(node.port))
+    assert found.returncode == 0, found.stderr
+    (disk / "ballast").unlink()
+    assert storescu(dcmtk, node, path).returncode == 0
+    assert len(list(node.storage.rglob("*.dcm"))) == 1

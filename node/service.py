@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
@@ -146,6 +147,10 @@ class Node:
         if self.db is not None:
             self.db.dispose()
             self.db = None
+        if self.settings.storage_dir / files.INCOMING == Path(tempfile.tempdir or "/"):
+            # Process-wide: leave no pointer to a folder that may go away with this node
+            # (several nodes share a process in tests and the benchmarks).
+            tempfile.tempdir = None
         self._stopped.set()
 
     def run_until_signalled(self) -> None:

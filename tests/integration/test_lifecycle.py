@@ -85,8 +85,8 @@ class Archive:
 
 
 @pytest.fixture
-def archive(make_node: Callable[..., RunningNode],
-            small_fs: Callable[[int], Path]) -> Callable[..., Archive]:  # noqa: F811
+def archive(small_fs: Callable[[int], Path],  # noqa: F811  (first: unmounted last)
+            make_node: Callable[..., RunningNode]) -> Callable[..., Archive]:
     parent = CountingSCP(ae_title="PARENT").start()
 
     def build(**watermarks: object) -> Archive:
@@ -175,8 +175,9 @@ def mailbox() -> Mailbox:
 
 
 def test_critical_watermark_suspends_storage_and_it_resumes_by_itself(
-        make_node: Callable[..., RunningNode], small_fs: Callable[[int], Path],  # noqa: F811
-        mailbox: Mailbox, caplog: pytest.LogCaptureFixture) -> None:
+        small_fs: Callable[[int], Path],  # noqa: F811  (first: unmounted last)
+        make_node: Callable[..., RunningNode], mailbox: Mailbox,
+        caplog: pytest.LogCaptureFixture) -> None:
     disk = small_fs(16 * MiB)
     node = make_node(lifecycle(low=50, high=60, critical=70, extra=f"""auto_purge = false
 [notify]
@@ -222,8 +223,8 @@ smtp_port = {mailbox.port}  # type: ignore[attr-defined]
 
 
 def test_the_guard_refuses_before_a_store_would_cross_the_critical_watermark(
-        make_node: Callable[..., RunningNode], small_fs: Callable[[int], Path]  # noqa: F811
-        ) -> None:
+        small_fs: Callable[[int], Path],  # noqa: F811  (first: unmounted last)
+        make_node: Callable[..., RunningNode]) -> None:
     disk = small_fs(16 * MiB)
     node = make_node(lifecycle(low=50, high=60, critical=80, extra="auto_purge = false"),
                      storage_dir=disk / "storage")
@@ -242,8 +243,8 @@ def test_the_guard_refuses_before_a_store_would_cross_the_critical_watermark(
 
 
 def test_a_disk_that_fills_mid_transfer_loses_nothing_and_leaves_nothing(
-        make_node: Callable[..., RunningNode], small_fs: Callable[[int], Path]  # noqa: F811
-        ) -> None:
+        small_fs: Callable[[int], Path],  # noqa: F811  (first: unmounted last)
+        make_node: Callable[..., RunningNode]) -> None:
     # No watermark to stop it (critical 100%): the disk really runs out while pynetdicom writes
     # the incoming dataset. The association is aborted; what was stored before is intact.
     disk = small_fs(8 * MiB)

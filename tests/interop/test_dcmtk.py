@@ -113,8 +113,8 @@ def test_node_order_when_configured(make_node: object, dcmtk: Path) -> None:
 
 
 def test_storescu_sees_out_of_resources_while_storage_is_suspended_and_findscu_works(
-        make_node: Callable[..., RunningNode], small_fs: Callable[[int], Path],  # noqa: F811
-        dcmtk: Path, tmp_path: Path) -> None:
+        small_fs: Callable[[int], Path],  # noqa: F811  (first: unmounted last)
+        make_node: Callable[..., RunningNode], dcmtk: Path, tmp_path: Path) -> None:
     disk = small_fs(8 * MiB)
     node = make_node("[storage]\nlow_watermark = 50\nhigh_watermark = 60\n"
                      "critical_watermark = 70\nauto_purge = false\n",

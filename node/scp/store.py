@@ -114,8 +114,9 @@ class Ingest:
             if peer.device is not None and not peer.device.allow_storage:
                 raise Refused(REFUSED_NOT_AUTHORISED,
                               f"device {peer.device.name} may not store to this node")
+            size = received.stat().st_size
             if self.guard is not None:
-                admitted, why = self.guard.admit(peer.partition.folder, received.stat().st_size)
+                admitted, why = self.guard.admit(peer.partition.folder, size)
                 if not admitted:
                     raise Refused(OUT_OF_RESOURCES, why)
             if peer.rules:
@@ -123,6 +124,7 @@ class Ingest:
                 header = self._read(received, lambda: rewrite_header(
                     received, coerced, lambda ds: apply_rules(list(peer.rules), ds)))
                 source = coerced
+                size = coerced.stat().st_size
             else:
                 header = self._read(received, lambda: dcmread(
                     received, stop_before_pixels=True, specific_tags=INDEX_TAGS))
@@ -131,7 +133,7 @@ class Ingest:
             attrs = extract(header)
             study = attrs["StudyInstanceUID"][:64]
             _validate(attrs, sop_class, sop_instance)
-            outcome = self._persist(peer, source, attrs,
+            outcome = self._persist(peer, source, size, attrs,
                                     str(header.file_meta.TransferSyntaxUID))
             return dataclasses.replace(outcome, study=study)
         except Refused as refused:
@@ -166,13 +168,12 @@ class Ingest:
             raise Refused(CANNOT_PARSE, "the dataset has no transfer syntax")
         return ds
 
-    def _persist(self, peer: Peer, source: Path, attrs: InstanceAttributes,
+    def _persist(self, peer: Peer, source: Path, size: int, attrs: InstanceAttributes,
                  transfer_syntax: str) -> Outcome:
         partition = peer.partition
         relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
                                    attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
         final = self.root / relpath
-        size = source.stat().st_size
         for _ in range(_INDEX_ATTEMPTS):
             placed = False
             try:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -226,7 +226,7 @@ class StorageMonitor:
                     stopped or "low watermark reached")
         return stopped
 
-    def _still_purgeable(self, candidate: purge.Candidate) -> Any:
+    def _still_purgeable(self, candidate: purge.Candidate) -> Callable[[Session], bool]:
         def check(session: Session) -> bool:
             [now] = purge.describe(session, [(candidate.study_pk, candidate.study_instance_uid,
                                               candidate.partition_id)],

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,8 @@ class StorageGuard:
         self._estimate: dict[int, Usage] = {}
         self._path_of: dict[int, Path] = {}
         self._suspended: set[int] = set()
-        self.on_change: list[object] = []  # callables(device, suspended, usage, path)
+        # Called (under the guard's lock: do not block) when a filesystem is suspended/resumed.
+        self.on_change: list[Callable[[int, bool, Usage, Path], None]] = []
 
     def folder_path(self, folder: str) -> Path:
         return self.root / folder
@@ -159,6 +161,6 @@ class StorageGuard:
         path = self._path_of.get(device, self.root)
         for callback in self.on_change:
             try:
-                callback(device, suspended, usage, path)  # type: ignore[operator]
+                callback(device, suspended, usage, path)
             except Exception:
                 log.exception("storage state callback failed")

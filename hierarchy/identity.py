@@ -45,7 +45,8 @@ def role(has_parent: bool, children: int) -> str:
 
 
 def local_info(session: Session, settings: Settings) -> pb.NodeInfo:
-    partitions = [pb.Partition(ae_title=p.ae_title, port=p.port, tls_port=0, enabled=p.enabled)
+    partitions = [pb.Partition(ae_title=p.ae_title, port=p.port, tls_port=p.tls_port,
+                               enabled=p.enabled)
                   for p in session.scalars(select(Partition).order_by(Partition.id))]
     parent_id = session.scalar(select(Neighbour.node_id).where(Neighbour.role == "parent")) or ""
     children = len(session.scalars(select(Neighbour.node_id)

@@ -73,7 +73,7 @@ def record_child(session: Session, info: pb.NodeInfo) -> None:
     current = []
     for p in info.partitions:
         device = _managed_device(session, _by_ae(session, info.node_id, p.ae_title), info,
-                                 p.ae_title, info.dicom_host, p.port, DeviceType.CHILD)
+                                 p, info.dicom_host, DeviceType.CHILD)
         device.enabled = p.enabled
         current.append(device.id)
     _disable_others(session, info.node_id, current)
@@ -104,9 +104,8 @@ def record_parent(session: Session, info: pb.NodeInfo, settings: Settings) -> st
     target = partitions[0]
     if existing is None:
         existing = _adoptable(session, target.ae_title)
-    device = _managed_device(session, existing, info, target.ae_title,
-                             h.parent_dicom_host or info.dicom_host, target.port,
-                             DeviceType.PARENT)
+    device = _managed_device(session, existing, info, target,
+                             h.parent_dicom_host or info.dicom_host, DeviceType.PARENT)
     device.enabled = True
     return target.ae_title
 
@@ -126,9 +125,10 @@ def _adoptable(session: Session, ae_title: str) -> Device | None:
                                                Device.scope == "local"))
 
 
-def _managed_device(session: Session, device: Device | None, info: pb.NodeInfo, ae_title: str,
-                    host: str, port: int, device_type: DeviceType) -> Device:
+def _managed_device(session: Session, device: Device | None, info: pb.NodeInfo,
+                    partition: pb.Partition, host: str, device_type: DeviceType) -> Device:
     """The device entry for a neighbour's partition, created or brought up to date."""
+    ae_title = partition.ae_title
     if device is None:
         names = [info.node_id, f"{info.node_id}-{ae_title}"[:64]]
         taken = set(session.scalars(select(Device.name).where(Device.name.in_(names))))
@@ -143,7 +143,9 @@ def _managed_device(session: Session, device: Device | None, info: pb.NodeInfo, 
     if device.host != host or not device.ip:
         device.host = host
         device.ip = resolve_ip(host)
-    device.port = port
+    # Its TLS port too: forwarding to it then uses TLS when this node has a client certificate.
+    device.port = partition.port
+    device.tls_port = partition.tls_port
     device.partition_id = None
     session.flush()
     return device

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hierarchy import neighbours
+from hierarchy.authz import Authorizer
 from hierarchy.channels import Peers, describe, server_credentials, uses_tls
 from hierarchy.identity import local_info
 from hierarchy.rpc import control_pb2 as pb
@@ -59,18 +60,24 @@ class ControlPlane:
         """Serve and start the background work, on an open, migrated database."""
         self.db = db
         h = self.settings.hierarchy
+        tls = uses_tls(self.settings)
+        if not tls and h.allow_insecure_remote:
+            log.warning("hierarchy.allow_insecure_remote: the control plane has no TLS, so any"
+                        " client that reaches %s may register, push device changes and"
+                        " publish the directory", h.control_listen)
         # Streams (recollect, status) hold a worker for their lifetime, and each tree walk
         # holds one per level: leave room for several at once.
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="control"),
             # gRPC sets SO_REUSEPORT by default: a second node on the same control port would
             # start and silently share it. Fail instead.
-            options=[("grpc.so_reuseport", 0)])
+            options=[("grpc.so_reuseport", 0)],
+            interceptors=[Authorizer(tls, h.allow_insecure_remote, self._parent_id)])
         rpc.add_ControlServicer_to_server(
             ControlServicer(self.settings, db, self.peers, self.wake), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
-            if uses_tls(self.settings):
+            if tls:
                 port = self.server.add_secure_port(h.control_listen,
                                                    server_credentials(self.settings))
             else:
@@ -86,7 +93,7 @@ class ControlPlane:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("control plane of node %s listening on %s (%s)", self.settings.node_id,
-                 h.control_listen, "mutual TLS" if uses_tls(self.settings) else "no TLS")
+                 h.control_listen, "mutual TLS" if tls else "no TLS")
         self._spawn("control-sync", self._sync_loop)
         if h.parent:
             self._spawn("control-registrar", self._registrar_loop)
@@ -111,6 +118,16 @@ class ControlPlane:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _parent_id(self) -> str | None:
+        """The registered parent, whose certificate alone may send what flows down the tree
+        (a root whose parent setting was removed keeps the old row: it has no parent)."""
+        assert self.db is not None
+        if not self.settings.hierarchy.parent:
+            return None
+        with self.db.session() as session:
+            parent = neighbours.parent(session)
+            return parent.node_id if parent is not None else None
 
     # --- registration and heartbeat ----------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""The Control service: what a node answers to its neighbours and to its own CLI."""
+"""The Control service: what a node answers to its neighbours and to its own CLI.
+
+Who may call each RPC is decided before it gets here (hierarchy/authz.py: an interceptor).
+"""
 
 from __future__ import annotations
 

@@ -65,7 +65,25 @@ class DicomSettings:
     network_timeout: float = 120.0
     connection_timeout: float = 10.0
     send_implementation_version_name: bool = True
-    maximum_associations: int = 64
+    maximum_associations: int = 64  # inbound, over all partitions (seed 004)
+    # Inbound associations one calling device (AE title) may hold at once; a device's own
+    # max_inbound_associations overrides it; 0: no limit below maximum_associations.
+    max_associations_per_device: int = 16
+
+
+@dataclass
+class TlsSettings:
+    """DICOM TLS (seeds 001, 003): a partition's TLS port, and associations the node opens to
+    devices that have a TLS port. Files are PEM; relative paths are relative to this file."""
+
+    cert: str = ""  # the node's certificate (server identity; client identity by default)
+    key: str = ""  # its private key
+    ca: str = ""  # CA bundle: verifies client certificates and the devices' server certificates
+    verify_client: str = "optional"  # "required", "optional" (verified when sent) or "none"
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    client_cert: str = ""  # certificate for outbound associations; empty: cert
+    client_key: str = ""  # empty: key
+    verify_server: bool = True  # check a device's certificate against ca and its host name
 
 
 @dataclass
@@ -167,6 +185,7 @@ class BootstrapPartition:
 
     ae_title: str = "PACSNODE"
     port: int = 11112
+    tls_port: int = 0  # 0: no TLS port (needs [tls] cert and key)
     folder: str = "PACSNODE"
     description: str = "Default partition"
 
@@ -181,6 +200,7 @@ class Settings:
     hierarchy: HierarchySettings = field(default_factory=HierarchySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     source: Path | None = None
 
     @property
@@ -190,6 +210,12 @@ class Settings:
     def tls_file(self, key: str) -> Path | None:
         """One of the [hierarchy] tls_* files, resolved like every path in the file."""
         value = getattr(self.hierarchy, key)
+        return _resolve(value, self.source) if value else None
+
+    def dicom_tls_file(self, key: str) -> Path | None:
+        """One of the [tls] files (client_cert/client_key fall back to cert/key)."""
+        value = getattr(self.tls, key) or (getattr(self.tls, key.removeprefix("client_"))
+                                           if key.startswith("client_") else "")
         return _resolve(value, self.source) if value else None
 
     @property
@@ -232,6 +258,7 @@ _SECTIONS: dict[str, type] = {
     "hierarchy": HierarchySettings,
     "storage": StorageSettings,
     "notify": NotifySettings,
+    "tls": TlsSettings,
 }
 
 
@@ -265,6 +292,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"dicom.{key} must be positive")
     if d.maximum_associations < 1:
         raise ConfigError("dicom.maximum_associations must be at least 1")
+    if d.max_associations_per_device < 0:
+        raise ConfigError("dicom.max_associations_per_device must be 0 (no limit) or positive")
     if d.transfer_syntax_preference not in ("requestor", "node"):
         raise ConfigError("dicom.transfer_syntax_preference must be 'requestor' or 'node'")
     if not d.transfer_syntaxes:
@@ -286,12 +315,39 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"forwarding.{key} must be positive")
     if settings.query.limit < 0:
         raise ConfigError("query.limit must be 0 (no limit) or positive")
-    if not 0 < settings.bootstrap_partition.port < 65536:
-        raise ConfigError("bootstrap_partition.port must be between 1 and 65535")
+    b = settings.bootstrap_partition
+    if not (0 <= b.port < 65536 and 0 <= b.tls_port < 65536) or not (b.port or b.tls_port):
+        raise ConfigError("bootstrap_partition.port and tls_port must be between 0 (off) and"
+                          " 65535, and at least one of them set")
+    if b.port and b.port == b.tls_port:
+        raise ConfigError("bootstrap_partition.port and tls_port must differ")
+    if b.tls_port and not settings.tls.cert:
+        raise ConfigError("bootstrap_partition.tls_port needs [tls] cert and key")
     if settings.node.partition_poll_seconds <= 0:
         raise ConfigError("node.partition_poll_seconds must be positive")
     _validate_hierarchy(settings)
     _validate_storage(settings)
+    _validate_tls(settings)
+
+
+def _validate_tls(settings: Settings) -> None:
+    t = settings.tls
+    if bool(t.cert) != bool(t.key):
+        raise ConfigError("tls.cert and tls.key must be given together")
+    if bool(t.client_cert) != bool(t.client_key):
+        raise ConfigError("tls.client_cert and tls.client_key must be given together")
+    for key in ("cert", "key", "ca", "client_cert", "client_key"):
+        if getattr(t, key):
+            path = settings.dicom_tls_file(key)
+            if path is None or not path.is_file():
+                raise ConfigError(f"tls.{key}: {path} does not exist")
+    if t.verify_client not in ("required", "optional", "none"):
+        raise ConfigError("tls.verify_client must be 'required', 'optional' or 'none'")
+    if t.verify_client != "none" and t.cert and not t.ca:
+        raise ConfigError(f"tls.verify_client = {t.verify_client!r} needs tls.ca (the CA that"
+                          " signs client certificates), or set it to 'none'")
+    if t.min_version not in ("1.2", "1.3"):
+        raise ConfigError("tls.min_version must be '1.2' or '1.3'")
 
 
 def _validate_storage(settings: Settings) -> None:

@@ -25,6 +25,7 @@ EDITABLE = (
     "max_pdu_size", "acse_timeout", "dimse_timeout", "network_timeout", "transfer_syntaxes",
     "forward", "forward_rules", "max_outbound_tasks", "category", "heartbeat",
     "remove_private_tags", "send_updates", "storage_commitment", "scope",
+    "max_inbound_associations",
 )
 
 
@@ -76,6 +77,9 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
             raise AdminError(f"invalid forwarding rule: {exc}") from None
     if values.get("max_outbound_tasks") is not None and values["max_outbound_tasks"] < 1:
         raise AdminError("max outbound tasks must be at least 1")
+    if values.get("max_inbound_associations") is not None and values[
+            "max_inbound_associations"] < 0:
+        raise AdminError("max inbound associations must be 0 (node default) or positive")
     if "category" in values:
         category = values.pop("category")
         if category:

@@ -10,6 +10,7 @@ import threading
 from email.message import EmailMessage
 
 from node.config import NotifySettings
+from node.redact import scrub, smtp_secrets
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ class Notifier:
                 self._deliver(subject, body)
                 self.sent += 1
             except (OSError, smtplib.SMTPException) as exc:
+                # A mail server may quote what it was sent, credentials included.
+                reason = scrub(str(exc), smtp_secrets(self.settings.smtp_user,
+                                                      self.settings.smtp_password))
                 log.error("cannot send the notification %r to %s via %s:%d: %s", subject,
                           self.settings.email_to, self.settings.smtp_host,
-                          self.settings.smtp_port, exc)
+                          self.settings.smtp_port, reason)
 
     def _deliver(self, subject: str, body: str) -> None:
         s = self.settings

@@ -17,7 +17,8 @@ class AdminError(ValueError):
 
 
 EDITABLE = (
-    "ae_title", "port", "description", "folder", "enabled", "duplicate_policy",
+    "ae_title", "port", "tls_port", "max_associations", "description", "folder", "enabled",
+    "duplicate_policy",
     "accept_any_device", "auto_insert_devices", "default_remote_port", "match_patient_name",
     "match_patient_id", "match_patient_sex", "match_patient_birth_date",
     "match_accession_number", "match_issuer_of_patient_id", "track_deleted_studies",
@@ -57,8 +58,12 @@ def _validate(session: Session, values: dict[str, Any], current: Partition | Non
         clash = session.scalar(select(Partition).where(Partition.folder == values["folder"]))
         if clash is not None and clash is not current:
             raise AdminError(f"folder {values['folder']} is already used by another partition")
-    if "port" in values:
-        check_port(values["port"])
+    for key, what in (("port", "port"), ("tls_port", "TLS port")):
+        if key in values:
+            check_port(values[key], what, allow_zero=True)
+    _check_ports(session, values, current)
+    if values.get("max_associations") is not None and values["max_associations"] < 0:
+        raise AdminError("max associations must be 0 (only the node's limit) or positive")
     if values.get("query_limit") is not None and values["query_limit"] < 0:
         raise AdminError("query limit must be 0 (no limit) or positive")
     if "default_remote_port" in values:
@@ -73,6 +78,24 @@ def _validate(session: Session, values: dict[str, Any], current: Partition | Non
     unknown = set(values) - set(EDITABLE)
     if unknown:
         raise AdminError(f"unknown partition setting(s): {', '.join(sorted(unknown))}")
+
+
+def _check_ports(session: Session, values: dict[str, Any], current: Partition | None) -> None:
+    """At least one port; a port number serves plain DICOM or TLS, never both (the listener
+    on it cannot tell which a connection wants before reading from it)."""
+    port = values.get("port", current.port if current is not None else 0)
+    tls_port = values.get("tls_port", current.tls_port if current is not None else 0)
+    if not port and not tls_port:
+        raise AdminError("a partition needs a TCP port or a TLS port (both are 0)")
+    if port and port == tls_port:
+        raise AdminError(f"port {port} cannot be both the TCP and the TLS port")
+    others = session.execute(select(Partition.ae_title, Partition.port, Partition.tls_port)
+                             .where(Partition.id != (current.id if current else -1))).all()
+    for ae_title, other_port, other_tls in others:
+        if port and port == other_tls:
+            raise AdminError(f"port {port} is the TLS port of partition {ae_title}")
+        if tls_port and tls_port == other_port:
+            raise AdminError(f"TLS port {tls_port} is the TCP port of partition {ae_title}")
 
 
 def get(session: Session, ae_title: str, /) -> Partition:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from sqlalchemy import select
 
-from node import replication
+from node import permissions, replication, tls
 from node.activity import ActivityLog
 from node.config import Settings
 from node.db import migrate
@@ -23,11 +23,12 @@ from node.db.database import Database
 from node.db.models import Partition
 from node.forwarding.service import Forwarder
 from node.notify import Notifier
+from node.redact import redact_url
 from node.scp.commitment import StorageCommitment
 from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
-from node.storage import deletion, files
+from node.storage import deletion, files, reconcile
 from node.storage.monitor import StorageMonitor
 from node.storage.space import StorageGuard
 
@@ -55,9 +56,11 @@ def ensure_bootstrap_partition(db: Database, settings: Settings) -> None:
         if session.scalar(select(Partition.id).limit(1)) is not None:
             return
         b = settings.bootstrap_partition
-        session.add(Partition(ae_title=b.ae_title, port=b.port, folder=b.folder,
-                              description=b.description, accept_any_device=True))
-        log.info("created partition %s on port %d", b.ae_title, b.port)
+        session.add(Partition(ae_title=b.ae_title, port=b.port, tls_port=b.tls_port,
+                              folder=b.folder, description=b.description,
+                              accept_any_device=True))
+        log.info("created partition %s on port %d, TLS port %d", b.ae_title, b.port,
+                 b.tls_port)
 
 
 class Extension(Protocol):
@@ -84,15 +87,26 @@ class Node:
 
     def start(self) -> None:
         settings = self.settings
+        # Before anything is created: whatever umask the node inherited, nothing it makes is
+        # world-writable.
+        permissions.tighten_umask()
+        permissions.warn_about_key_files(settings)
+        # Certificates that cannot be loaded stop the start, not the first TLS association.
+        tls.server_context(settings)
+        tls.client_context(settings)
         self.db = open_database(settings)
         ensure_bootstrap_partition(self.db, settings)
         storage = settings.storage_dir
         files.ensure_dir(storage / files.INCOMING)
+        deletion.recover(self.db, storage)
+        # After an interrupted delete has put its files back (so no indexed file looks missing),
+        # before the sweep: the temporary files a crash left name the instances that may have
+        # been placed but not indexed.
+        reconcile.reconcile(self.db, storage)
         swept = files.sweep_incoming(storage)
         if swept:
             log.warning("removed %d incomplete temporary file(s) from %s", swept,
                         storage / files.INCOMING)
-        deletion.recover(self.db, storage)
         self.guard = StorageGuard(storage, settings.storage.critical_watermark)
         # pynetdicom streams each incoming dataset to a temporary file; on the storage
         # filesystem, putting it into the archive is a link, not a copy.
@@ -106,7 +120,8 @@ class Node:
                         on_queued=self.forwarder.wake, guard=self.guard)
         self.server = DicomServer(settings, self.db, ingest,
                                   QueryRetrieve(self.db, settings, storage, self.activity),
-                                  StorageCommitment(self.db, storage, self.activity),
+                                  StorageCommitment(self.settings, self.db, storage,
+                                                    self.activity),
                                   self.activity)
         self.server.start()
         self.forwarder.start()
@@ -119,7 +134,7 @@ class Node:
             extension.start(self)
             self._started.append(extension)
         log.info("node %s ready: database %s, storage %s", settings.node.name,
-                 self.db.engine.url.render_as_string(hide_password=True), storage)
+                 redact_url(settings.database_url), storage)
 
     def stop(self) -> None:
         started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from node.scu.tuning import CONNECTION_HANDLERS
 
 def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
               contexts: Iterable[str] | None = None,
-              syntaxes: list[str] | None = None) -> Association:
+              syntaxes: list[str] | None = None,
+              tls_args: tuple[ssl.SSLContext, str] | None = None) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = 10
     ae.dimse_timeout = 20
@@ -26,7 +28,8 @@ def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",
     for cx in contexts or [*(c.abstract_syntax for c in StoragePresentationContexts[:100]),
                            Verification]:
         ae.add_requested_context(cx, syntaxes)  # type: ignore[arg-type]
-    return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=CONNECTION_HANDLERS)
+    return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=CONNECTION_HANDLERS,
+                        tls_args=tls_args)
 
 
 def store(port: int, items: Iterable[Path | Dataset], called: str = "PACSNODE",

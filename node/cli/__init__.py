@@ -27,7 +27,10 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
               refresh_ip_command: Callable[..., None] = device.refresh_ip) -> typer.Typer:
     """The node's commands; the hierarchy package builds the full `pacsnode` with its own
     serve (which adds the control plane) and refresh-ip (which adds --hierarchy)."""
-    app = typer.Typer(name="pacsnode", help=HELP, no_args_is_help=True, add_completion=False)
+    # A traceback never lists local variables: they hold the settings, passwords included
+    # (older typer versions show them by default).
+    app = typer.Typer(name="pacsnode", help=HELP, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_show_locals=False)
     app.command("serve")(serve_command)
     app.add_typer(db.app, name="db")
     app.add_typer(partition.app, name="partition")

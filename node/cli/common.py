@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from node import config
 from node.db.database import Database
 from node.partitions import AdminError
+from node.permissions import tighten_umask
+from node.redact import known_secrets, redact_url, scrub
 from node.service import ensure_bootstrap_partition, open_database
 
 ConfigOption = Annotated[
@@ -55,15 +57,23 @@ def load_settings(path: Path | None) -> config.Settings:
 @contextlib.contextmanager
 def database(path: Path | None) -> Iterator[tuple[config.Settings, Database]]:
     settings = load_settings(path)
+    # Commands create files too (the database, deleted and exported studies).
+    tighten_umask()
     try:
         db = open_database(settings)
         ensure_bootstrap_partition(db, settings)
     except (SQLAlchemyError, OSError) as exc:
-        fail(f"cannot open the database {settings.database_url}: {exc}")
+        fail(database_error(settings, exc))
     try:
         yield settings, db
     finally:
         db.dispose()
+
+
+def database_error(settings: config.Settings, exc: Exception) -> str:
+    """Why the database cannot be used, without its password."""
+    return (f"cannot open the database {redact_url(settings.database_url)}:"
+            f" {scrub(str(exc), known_secrets(settings))}")
 
 
 @contextlib.contextmanager

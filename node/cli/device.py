@@ -24,6 +24,7 @@ from node.cli.common import (
 from node.db.models import DeviceType, Partition
 from node.hostnames import resolve_ip
 from node.scu.echo import echo as send_echo
+from node.tls import TlsError, endpoint
 
 app = typer.Typer(help="Device table: the DICOM peers this node knows.", no_args_is_help=True)
 
@@ -72,6 +73,9 @@ ClearForwardRules = Annotated[bool, typer.Option("--clear-forward-rules",
                                                  help="Forward everything again.")]
 MaxTasks = Annotated[int | None, typer.Option(
     "--max-tasks", help="Most associations the node opens to the device at once.")]
+MaxInbound = Annotated[int | None, typer.Option(
+    "--max-inbound", help="Most associations the device may hold open to this node at once "
+    "(0: the node's dicom.max_associations_per_device).")]
 CategoryOption = Annotated[str | None, typer.Option(
     "--category", help="Category whose members share a connection limit ('' = none).")]
 Heartbeat = Annotated[str | None, typer.Option(
@@ -134,6 +138,7 @@ _FIELDS = {
     "acse_timeout": "acse_timeout", "dimse_timeout": "dimse_timeout",
     "network_timeout": "network_timeout", "transfer_syntaxes": "transfer_syntaxes",
     "storage_commitment": "storage_commitment", "scope": "scope",
+    "max_inbound": "max_inbound_associations",
 }
 
 
@@ -174,6 +179,7 @@ def add(
     forward_rule: ForwardRule = None,
     clear_forward_rules: ClearForwardRules = False,
     max_tasks: MaxTasks = None,
+    max_inbound: MaxInbound = None,
     category: CategoryOption = None,
     heartbeat: Heartbeat = None,
     remove_private_tags: RemovePrivate = None,
@@ -267,6 +273,7 @@ def edit(
     forward_rule: ForwardRule = None,
     clear_forward_rules: ClearForwardRules = False,
     max_tasks: MaxTasks = None,
+    max_inbound: MaxInbound = None,
     category: CategoryOption = None,
     heartbeat: Heartbeat = None,
     remove_private_tags: RemovePrivate = None,
@@ -323,14 +330,18 @@ def echo(
         address = d.ip or resolve_ip(d.host)
         if not address:
             fail(f"device {name} has no resolvable host ({d.host!r})")
-        target = (d.ae_title, address, d.port)
-    result = send_echo(settings, address=target[1], port=target[2], called_ae=target[0],
-                       calling_ae=calling_ae)
+        try:
+            where = endpoint(settings, host=d.host, ip=address, port=d.port,
+                             tls_port=d.tls_port)
+        except TlsError as exc:
+            fail(str(exc))
+        called = d.ae_title
+    result = send_echo(settings, endpoint=where, called_ae=called, calling_ae=calling_ae)
     if as_json:
         print_json({"device": name, "ok": result.ok, "status": result.status,
                     "round_trip_ms": round(result.round_trip_ms, 1), "detail": result.detail})
     else:
-        typer.echo(f"C-ECHO {calling_ae} -> {target[0]}@{target[1]}:{target[2]}: "
+        typer.echo(f"C-ECHO {calling_ae} -> {called}@{where}: "
                    f"{result.detail} in {result.round_trip_ms:.1f} ms")
     if not result.ok:
         raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -14,6 +15,7 @@ from node.cli.common import (
     database,
     fail,
     fields,
+    load_settings,
     print_json,
     switch,
     table,
@@ -24,7 +26,11 @@ from node.scp.matching import MATCH_FIELDS
 app = typer.Typer(help="Partitions: AE title + port virtual archives.", no_args_is_help=True)
 
 AeArg = Annotated[str, typer.Argument(help="The partition's AE title.")]
-Port = Annotated[int | None, typer.Option(help="TCP listen port (may be shared).")]
+Port = Annotated[int | None, typer.Option(help="TCP listen port (may be shared; 0: none).")]
+TlsPort = Annotated[int | None, typer.Option(
+    "--tls-port", help="DICOM TLS listen port (may be shared; 0: none; needs [tls] cert).")]
+MaxAssociations = Annotated[int | None, typer.Option(
+    "--max-associations", help="Inbound associations at once (0: only the node's limit).")]
 Folder = Annotated[str | None, typer.Option(help="Storage folder (default: the AE title).")]
 Description = Annotated[str | None, typer.Option(help="Free text shown in listings and logs.")]
 Enabled = Annotated[bool | None, typer.Option("--enabled/--disabled",
@@ -105,10 +111,24 @@ def _show(p: Any, studies: int) -> None:
     fields(data)
 
 
+def _check_tls(config: Path | None, values: dict[str, Any]) -> None:
+    if values.get("tls_port") and not load_settings(config).tls.cert:
+        fail("a TLS port needs the node's certificate: set tls.cert and tls.key in the settings"
+             " file first")
+
+
+def _ports(p: Any) -> str:
+    ports = [f"port {p.port}"] if p.port else []
+    ports += [f"TLS port {p.tls_port}"] if p.tls_port else []
+    return " and ".join(ports)
+
+
 @app.command()
 def add(
     ae_title: AeArg,
     port: Port = None,
+    tls_port: TlsPort = None,
+    max_associations: MaxAssociations = None,
     folder: Folder = None,
     description: Description = None,
     enabled: Enabled = None,
@@ -125,16 +145,18 @@ def add(
     config: ConfigOption = None,
 ) -> None:
     """Add a partition (port defaults to 11112)."""
-    values = _values(port=port if port is not None else 11112, folder=folder,
+    values = _values(port=port if port is not None else (0 if tls_port else 11112),
+                     tls_port=tls_port, max_associations=max_associations, folder=folder,
                      description=description, enabled=enabled,
                      duplicate_policy=duplicate_policy, accept_any_device=accept_any,
                      auto_insert_devices=auto_insert, default_remote_port=default_remote_port,
                      match=match, track_deleted_studies=track_deleted,
                      case_sensitive=case_sensitive, empty_matching=empty_matching,
                      query_limit=query_limit, forwarding_enabled=forwarding)
+    _check_tls(config, values)
     with transaction(config) as session:
         p = partitions.add(session, ae_title=ae_title, **values)
-        typer.echo(f"added partition {p.ae_title} on port {p.port} (folder {p.folder})")
+        typer.echo(f"added partition {p.ae_title} on {_ports(p)} (folder {p.folder})")
 
 
 @app.command("list")
@@ -145,9 +167,10 @@ def list_(as_json: JsonOption = False, config: ConfigOption = None) -> None:
         if as_json:
             print_json([partitions.as_dict(r.partition, r.studies) for r in rows])
             return
-        table("Partitions", ["AE title", "port", "enabled", "studies", "folder", "duplicates",
-                             "accept any", "auto insert", "description"],
-              [[r.partition.ae_title, r.partition.port, r.partition.enabled, r.studies,
+        table("Partitions", ["AE title", "port", "TLS", "enabled", "studies", "folder",
+                             "duplicates", "accept any", "auto insert", "description"],
+              [[r.partition.ae_title, r.partition.port or "", r.partition.tls_port or "",
+                r.partition.enabled, r.studies,
                 r.partition.folder, r.partition.duplicate_policy, r.partition.accept_any_device,
                 r.partition.auto_insert_devices, r.partition.description] for r in rows])
 
@@ -172,6 +195,8 @@ def edit(
     ae_title: AeArg,
     new_ae_title: NewAe = None,
     port: Port = None,
+    tls_port: TlsPort = None,
+    max_associations: MaxAssociations = None,
     folder: Folder = None,
     description: Description = None,
     enabled: Enabled = None,
@@ -188,7 +213,8 @@ def edit(
     config: ConfigOption = None,
 ) -> None:
     """Change a partition's settings; a running node applies them without a restart."""
-    values = _values(ae_title=new_ae_title, port=port, folder=folder, description=description,
+    values = _values(ae_title=new_ae_title, port=port, tls_port=tls_port,
+                     max_associations=max_associations, folder=folder, description=description,
                      enabled=enabled, duplicate_policy=duplicate_policy,
                      accept_any_device=accept_any, auto_insert_devices=auto_insert,
                      default_remote_port=default_remote_port, match=match,
@@ -197,6 +223,7 @@ def edit(
                      forwarding_enabled=forwarding)
     if not values:
         fail("nothing to change: give at least one option (see --help)")
+    _check_tls(config, values)
     with transaction(config) as session:
         p = partitions.edit(session, ae_title, **values)
         typer.echo(f"updated partition {p.ae_title}")

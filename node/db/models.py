@@ -72,7 +72,11 @@ class Partition(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ae_title: Mapped[str] = mapped_column(String(16), unique=True)
-    port: Mapped[int] = mapped_column(Integer, index=True)
+    port: Mapped[int] = mapped_column(Integer, index=True)  # 0: no plain TCP port
+    # DICOM TLS port (seeds 001, 003); 0: none. A port number is either TCP or TLS.
+    tls_port: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Inbound associations to this partition at once; 0: only the node's limit applies.
+    max_associations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     description: Mapped[str] = mapped_column(String(256), default="")
     folder: Mapped[str] = mapped_column(String(64), unique=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -142,6 +146,10 @@ class Device(Base):
     forward: Mapped[bool] = mapped_column(Boolean, default=True)
     forward_rules: Mapped[str] = mapped_column(Text, default="")
     max_outbound_tasks: Mapped[int] = mapped_column(Integer, default=1)
+    # Associations the device may hold open to this node at once (seed 004); 0: the node's
+    # [dicom] max_associations_per_device.
+    max_inbound_associations: Mapped[int] = mapped_column(Integer, default=0,
+                                                          server_default="0")
     category_id: Mapped[int | None] = mapped_column(
         ForeignKey("categories.id", ondelete="SET NULL"), nullable=True)
     # NULL: the node's [forwarding] default.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class Target:
     heartbeat: bool
     remove_private_tags: bool
     storage_commitment: bool = False
+    tls_args: tuple[ssl.SSLContext, str] | None = None  # the device's TLS port is used
 
 
 @dataclass
@@ -106,10 +108,12 @@ class Connection:
         roles = ([build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]
                  if t.storage_commitment else [])
         assoc = ae.associate(t.address, t.port, ae_title=t.ae_title, contexts=contexts,
-                             max_pdu=t.max_pdu, evt_handlers=handlers, ext_neg=roles)
+                             max_pdu=t.max_pdu, evt_handlers=handlers, ext_neg=roles,
+                             tls_args=t.tls_args)
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "no answer or aborted"
-            return f"cannot associate with {t.ae_title}@{t.address}:{t.port} ({reason})"
+            secure = " over TLS" if t.tls_args else ""
+            return f"cannot associate with {t.ae_title}@{t.address}:{t.port}{secure} ({reason})"
         if t.heartbeat:
             # Idle past network_timeout: release (not abort) the association.
             assoc.network_timeout_response = "A-RELEASE"

@@ -21,6 +21,7 @@ from node.db.models import Category, Device, Partition
 from node.forwarding import queue
 from node.forwarding.sender import Connection, Result, Target
 from node.scp.commitment import on_report
+from node.tls import endpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,11 @@ class Forwarder:
                 if not device.enabled:
                     continue
                 calling = device.partition.ae_title if device.partition else first_ae
+                where = endpoint(self.settings, host=device.host, ip=device.ip,
+                                 port=device.port, tls_port=device.tls_port)
                 target = Target(
                     device_id=device.id, name=device.name, ae_title=device.ae_title,
-                    address=device.ip or device.host, port=device.port,
+                    address=where.address, port=where.port, tls_args=where.tls_args,
                     calling_ae=calling or "PACSNODE",
                     max_pdu=device.max_pdu_size or d.max_pdu_size,
                     acse_timeout=device.acse_timeout or d.acse_timeout,

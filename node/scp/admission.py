@@ -31,6 +31,7 @@ class PartitionPolicy:
     empty_matching: bool | None = None
     query_limit: int | None = None
     forwarding_enabled: bool = True
+    max_associations: int = 0  # 0: only the node's limit
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class DeviceView:
     coercion_rules: str
     allow_query: bool = True
     allow_retrieve: bool = True
+    max_inbound_associations: int = 0  # 0: the node's per-device default
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,36 @@ def decide(
         return Admission(False, RejectReason.CALLING_AE_NOT_RECOGNISED,
                          f"{calling_ae!r} is not in the device table of {called_ae!r}")
     return Admission(True, auto_insert=partition.auto_insert_devices)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Inbound association limits (seed 004: maximum inbound associations); 0: no limit."""
+
+    node: int
+    per_device: int  # the default for devices without a limit of their own
+
+
+@dataclass(frozen=True)
+class OpenAssociations:
+    """Associations already admitted: over the node, to the partition, from the device."""
+
+    node: int
+    partition: int
+    device: int
+
+
+def over_limit(limits: Limits, partition: PartitionPolicy, device: DeviceView | None,
+               calling_ae: str, open_now: OpenAssociations) -> str | None:
+    """Why one more association would exceed a limit (a transient reject), or None."""
+    if limits.node and open_now.node >= limits.node:
+        return f"the node already has {open_now.node} associations (limit {limits.node})"
+    if partition.max_associations and open_now.partition >= partition.max_associations:
+        return (f"partition {partition.ae_title} already has {open_now.partition} "
+                f"associations (limit {partition.max_associations})")
+    device_limit = (device.max_inbound_associations if device is not None
+                    and device.max_inbound_associations else limits.per_device)
+    if device_limit and open_now.device >= device_limit:
+        who = f"device {device.name!r}" if device is not None else f"calling AE {calling_ae!r}"
+        return f"{who} already has {open_now.device} associations (limit {device_limit})"
+    return None

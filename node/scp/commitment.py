@@ -19,11 +19,13 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import select, update
 
 from node.activity import ActivityLog, Event
+from node.config import Settings
 from node.db.database import Database
 from node.db.models import ForwardJob, Instance, utcnow
 from node.scp import lookup
 from node.scp.store import Peer
 from node.scu.tuning import CONNECTION_HANDLERS
+from node.tls import endpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,10 @@ def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:
 
 
 class StorageCommitment:
-    def __init__(self, db: Database, storage_root: Path,
+    def __init__(self, settings: Settings, db: Database, storage_root: Path,
                  activity: ActivityLog | None = None) -> None:
         """`activity`: where one row per commitment request goes (None: not recorded)."""
+        self.settings = settings
         self.db = db
         self.root = storage_root
         self.activity = activity
@@ -97,7 +100,9 @@ class StorageCommitment:
         with self.db.session() as session:
             device = lookup.device_row(session, peer.partition.id, peer.calling_ae,
                                        enabled_only=True)
-            target = (device.ae_title, device.ip or device.host, device.port) if device else None
+            target = (device.ae_title, endpoint(self.settings, host=device.host, ip=device.ip,
+                                                port=device.port, tls_port=device.tls_port)
+                      ) if device else None
         if target is None:
             log.error("storage commitment %s: %s is not in the device table; no report sent",
                       transaction, peer.calling_ae)
@@ -109,9 +114,10 @@ class StorageCommitment:
             report.FailedSOPSequence = [_ref(c, s, NO_SUCH_OBJECT_INSTANCE) for c, s in missing]
         ae = AE(ae_title=peer.partition.ae_title)
         ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate(target[1], target[2], ae_title=target[0],
+        where = target[1]
+        assoc = ae.associate(where.address, where.port, ae_title=target[0],
                              ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
-                             evt_handlers=CONNECTION_HANDLERS)
+                             evt_handlers=CONNECTION_HANDLERS, tls_args=where.tls_args)
         if not assoc.is_established:
             log.error("storage commitment %s: cannot associate with %s to report", transaction,
                       target[0])

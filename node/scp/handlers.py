@@ -76,11 +76,14 @@ class ScpHandlers:
     def __init__(self, db: Database, ingest: Ingest, qr: QueryRetrieve,
                  commitment: StorageCommitment,
                  supported: Mapping[str, PresentationContext], by_requestor: bool,
-                 activity: ActivityLog | None = None) -> None:
+                 activity: ActivityLog | None = None,
+                 limits: admission.Limits = admission.Limits(0, 0)) -> None:
         """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
         order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor");
-        `activity`: where association, reject and store rows go (None: not recorded)."""
+        `activity`: where association, reject and store rows go (None: not recorded);
+        `limits`: inbound associations allowed at once."""
         self.db = db
+        self.limits = limits
         self.activity = activity if activity is not None and activity.enabled else None
         self.ingest = ingest
         self.qr = qr
@@ -93,9 +96,9 @@ class ScpHandlers:
         self._usage: dict[Association, Usage] = {}
         self._lock = threading.Lock()
 
-    def for_port(self, port: int) -> list[Any]:
+    def for_port(self, port: int, tls: bool = False) -> list[Any]:
         return [
-            (evt.EVT_REQUESTED, self.on_requested, [port]),
+            (evt.EVT_REQUESTED, self.on_requested, [port, tls]),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -119,7 +122,7 @@ class ScpHandlers:
         if self.activity is not None:
             self.activity.record(event)
 
-    def on_requested(self, event: evt.Event, port: int) -> None:
+    def on_requested(self, event: evt.Event, port: int, tls: bool) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         called = primitive.called_ae_title.strip()
@@ -127,7 +130,7 @@ class ScpHandlers:
         ip, peer_port = _peer_address(assoc)
         try:
             with self.db.session() as session:
-                partition = lookup.partition_for(session, called, port)
+                partition = lookup.partition_for(session, called, port, tls)
                 device = (lookup.device_for(session, partition.id, calling)
                           if partition is not None else None)
                 routes, send_updates = (lookup.routes_for(session, partition.id)
@@ -143,17 +146,9 @@ class ScpHandlers:
         decision = admission.decide(partition, device, calling, called)
         if not decision.accepted:
             assert decision.reason is not None
-            log.warning("association from %s@%s:%s to %s on port %d rejected: %s",
-                        calling, ip, peer_port, called, port, decision.explanation)
-            self._reject(assoc, decision.reason)
-            self._record(Event("reject", partition=partition.ae_title if partition else "",
-                               calling_ae=calling, called_ae=called, peer=f"{ip}:{peer_port}",
-                               outcome="failed",
-                               detail=f"{REJECTED[decision.reason]}: {decision.explanation}"))
+            self._refuse(assoc, decision, port, tls, partition)
             return
         assert partition is not None
-        if decision.auto_insert:
-            lookup.auto_insert(self.db, partition, calling, ip)
         rules = ()
         if device is not None and device.coercion_rules.strip():
             try:
@@ -169,6 +164,8 @@ class ScpHandlers:
                 self._context(abstract, syntaxes)
                 for abstract, syntaxes in requestor_first(requested, self.requestor_order)
             ]
+        peer = Peer(partition, device, rules, calling, f"{ip}:{peer_port}", routes,
+                    send_updates)
         with self._lock:
             # pynetdicom ends some associations without EVT_CONN_CLOSE (an exception in its
             # reactor, e.g. the disk filling mid-transfer): forget those here, and drop the
@@ -177,11 +174,49 @@ class ScpHandlers:
                 self._peers.pop(dead, None)
                 self._usage.pop(dead, None)
                 _discard_partial_dataset(dead)
-            self._peers[assoc] = Peer(partition, device, rules, calling, f"{ip}:{peer_port}",
-                                      routes, send_updates)
-            if self.activity is not None:
-                self._usage[assoc] = Usage(called)
-        log.info("association from %s@%s:%s to %s accepted", calling, ip, peer_port, called)
+            # Counted and registered under one lock: simultaneous requests cannot all pass.
+            too_many = admission.over_limit(self.limits, partition, device, calling,
+                                            self._open_now(peer))
+            if too_many is None:
+                self._peers[assoc] = peer
+                if self.activity is not None:
+                    self._usage[assoc] = Usage(called)
+        if too_many is not None:
+            self._refuse(assoc, admission.Admission(
+                False, admission.RejectReason.LOCAL_LIMIT_EXCEEDED, too_many), port, tls,
+                partition)
+            return
+        if decision.auto_insert:
+            lookup.auto_insert(self.db, partition, calling, ip)
+        log.info("association from %s@%s:%s to %s accepted%s", calling, ip, peer_port, called,
+                 " (TLS)" if tls else "")
+
+    def _open_now(self, peer: Peer) -> admission.OpenAssociations:
+        """Admitted associations that are still open; call with the lock held."""
+        same_device = ((lambda p: p.device is not None and p.device.id == peer.device.id)
+                       if peer.device is not None
+                       else (lambda p: p.device is None and p.calling_ae == peer.calling_ae))
+        peers = list(self._peers.values())
+        return admission.OpenAssociations(
+            node=len(peers),
+            partition=sum(p.partition.id == peer.partition.id for p in peers),
+            device=sum(1 for p in peers if same_device(p)))
+
+    def _refuse(self, assoc: Association, decision: admission.Admission, port: int,
+                tls: bool, partition: admission.PartitionPolicy | None) -> None:
+        assert decision.reason is not None
+        primitive = assoc.requestor.primitive
+        called = primitive.called_ae_title.strip()
+        calling = primitive.calling_ae_title.strip()
+        ip, peer_port = _peer_address(assoc)
+        log.warning("association from %s@%s:%s to %s on %sport %d rejected: %s",
+                    calling, ip, peer_port, called, "TLS " if tls else "", port,
+                    decision.explanation)
+        self._reject(assoc, decision.reason)
+        self._record(Event("reject", partition=partition.ae_title if partition else "",
+                           calling_ae=calling, called_ae=called, peer=f"{ip}:{peer_port}",
+                           outcome="failed",
+                           detail=f"{REJECTED[decision.reason]}: {decision.explanation}"))
 
     def _context(self, abstract: str, syntaxes: list[str]) -> PresentationContext:
         """A supported context with the syntaxes reordered, keeping its role selection."""

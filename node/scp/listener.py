@@ -1,4 +1,4 @@
-"""The TCP side of a DICOM listener: screen each connection before pynetdicom takes it.
+"""The TCP/TLS side of a DICOM listener: screen each connection before pynetdicom takes it.
 
 pynetdicom reads whatever arrives first as a PDU: garbage or a port scanner keeps an acceptor
 thread waiting for its timers, and a peer that connects and closes holds one for the whole ACSE
@@ -12,9 +12,12 @@ import contextlib
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 
 from pynetdicom.transport import ThreadedAssociationServer
+
+from node.tls import tls_reason
 
 log = logging.getLogger(__name__)
 
@@ -39,42 +42,107 @@ def screen(header: bytes) -> tuple[bytes, str] | None:
 
 
 class ScreeningAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, plus a screen and TCP_NODELAY on every connection."""
+    """pynetdicom's threaded server, plus a screen, TCP_NODELAY and timeouts on every
+    connection, and TLS handshakes done in the connection's own thread.
+
+    pynetdicom does the handshake in its accept loop, so one client that connects and never
+    sends a ClientHello would block every new association on the port.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
 
     def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
                                client_address: tuple[str, int] | str) -> None:
-        if isinstance(request, socket.socket) and not self._admit(request, client_address):
-            self.shutdown_request(request)
-            return
+        if isinstance(request, socket.socket):
+            admitted = self._admit(request, client_address)
+            if admitted is None:
+                self.shutdown_request(request)
+                return
+            request = admitted
         super().process_request_thread(request, client_address)
 
-    def _admit(self, sock: socket.socket, client_address: tuple[str, int] | str) -> bool:
+    def _admit(self, sock: socket.socket, client_address: tuple[str, int] | str
+               ) -> socket.socket | None:
+        """The socket pynetdicom may use (TLS-wrapped on a TLS port), or None if refused."""
         # Small C-STORE responses would otherwise wait for Nagle's algorithm on some peers.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        previous = sock.gettimeout()
-        sock.settimeout(self.ae.acse_timeout)
-        try:
-            header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
-        except (TimeoutError, OSError) as exc:
-            header, timeout_reason = b"", f"no A-ASSOCIATE-RQ ({exc or 'timed out'})"
-        else:
-            timeout_reason = ""
-        finally:
-            sock.settimeout(previous)
-        verdict = screen(header)
-        if verdict is None:
-            return True
-        abort, reason = verdict
         peer = (f"{client_address[0]}:{client_address[1]}"
                 if isinstance(client_address, tuple) else client_address)
-        log.warning("connection from %s refused: %s", peer, timeout_reason or reason)
-        if abort:
+        sock.settimeout(self.ae.acse_timeout)
+        if self.ssl_context is not None:
+            secured = self._handshake(sock, peer)
+            if secured is None:
+                return None
+            sock = secured
+        else:
+            verdict = _screen_socket(sock)
+            if verdict is not None:
+                abort, reason = verdict
+                log.warning("connection from %s refused: %s", peer, reason)
+                if abort:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(abort)
+                return None
+        # pynetdicom's DUL reads a PDU's body with a blocking recv() once its header came in:
+        # a peer that stops mid-PDU (or stops reading our sends) would hold the association's
+        # threads for ever. The idle timer only runs between PDUs.
+        sock.settimeout(self.ae.network_timeout)
+        return sock
+
+    def _handshake(self, sock: socket.socket, peer: str) -> ssl.SSLSocket | None:
+        assert self.ssl_context is not None
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            log.warning("TLS connection from %s refused: nothing received (%s)", peer,
+                        exc or "timed out")
+            return None
+        if first[:1] == bytes([A_ASSOCIATE_RQ]):
+            # A plain DICOM peer on the TLS port: an A-ABORT it understands, not a TLS alert.
+            log.warning("connection from %s refused: plain DICOM (no TLS) on TLS port %d",
+                        peer, self.server_address[1])
             with contextlib.suppress(OSError):
-                sock.sendall(abort)
-        return False
+                sock.sendall(_ABORT_UNRECOGNISED)
+            return None
+        try:
+            secured = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                   do_handshake_on_connect=False)
+            secured.do_handshake()
+        except ssl.SSLError as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, tls_reason(exc))
+            return None
+        except OSError as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc or "timed out")
+            return None
+        subject = _subject(secured)
+        log.info("TLS connection from %s (%s, %s)", peer, secured.version(),
+                 f"client certificate {subject}" if subject else "no client certificate")
+        return secured
 
     def shutdown(self) -> None:
         """Stop accepting and close the socket (the node keeps its own list of listeners)."""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def _screen_socket(sock: socket.socket) -> tuple[bytes, str] | None:
+    """Peek at the first PDU header (without consuming it) and judge it with `screen`."""
+    try:
+        header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+    except (TimeoutError, OSError) as exc:
+        return b"", f"no A-ASSOCIATE-RQ ({exc or 'timed out'})"
+    return screen(header)
+
+
+def _subject(sock: ssl.SSLSocket) -> str:
+    """The client certificate's common name, when one was sent and verified."""
+    cert = sock.getpeercert()
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""

@@ -31,6 +31,7 @@ def policy_of(p: Partition) -> PartitionPolicy:
         empty_matching=p.empty_matching,
         query_limit=p.query_limit,
         forwarding_enabled=p.forwarding_enabled,
+        max_associations=p.max_associations,
     )
 
 
@@ -44,6 +45,7 @@ def view_of(d: Device) -> DeviceView:
         coercion_rules=d.coercion_rules,
         allow_query=d.allow_query,
         allow_retrieve=d.allow_retrieve,
+        max_inbound_associations=d.max_inbound_associations,
     )
 
 
@@ -74,6 +76,7 @@ def directory_device(session: Session, ae_title: str) -> Device | None:
     # Every setting at its "node default" value, as for a device added with no options.
     return Device(name=f"{node.node_id}/{partition.ae_title}", ae_title=partition.ae_title,
                   host=node.dicom_host, ip=resolve_ip(node.dicom_host), port=partition.port,
+                  tls_port=partition.tls_port,
                   enabled=True, max_pdu_size=0, acse_timeout=0.0, dimse_timeout=0.0,
                   network_timeout=0.0, transfer_syntaxes="")
 
@@ -89,9 +92,13 @@ def routes_for(session: Session, partition_id: int) -> tuple[tuple[Route, ...], 
     return routes, {d.id: d.send_updates for d in devices if d.send_updates is not None}
 
 
-def partition_for(session: Session, called_ae: str, port: int) -> PartitionPolicy | None:
+def partition_for(session: Session, called_ae: str, port: int, tls: bool = False
+                  ) -> PartitionPolicy | None:
+    """The partition `called_ae` on this listener (a TLS listener serves partitions whose
+    TLS port it is, a plain one those whose TCP port it is)."""
+    column = Partition.tls_port if tls else Partition.port
     partition = session.scalar(
-        select(Partition).where(Partition.ae_title == called_ae, Partition.port == port)
+        select(Partition).where(Partition.ae_title == called_ae, column == port)
     )
     return policy_of(partition) if partition else None
 

@@ -26,6 +26,7 @@ from node.scp import lookup
 from node.scp.store import Peer
 from node.scu.contexts import sub_operation_contexts
 from node.scu.tuning import tcp_nodelay
+from node.tls import endpoint
 
 log = logging.getLogger(__name__)
 
@@ -333,9 +334,10 @@ class QueryRetrieve:
                 self._record("move", peer, report)
                 yield None, None  # 0xA801 move destination unknown
                 return
-            address = device.ip or device.host
-            kwargs = self._outbound(device, instances or [])
-            port = device.port
+            where = endpoint(self.settings, host=device.host, ip=device.ip,
+                             port=device.port, tls_port=device.tls_port)
+            address, port = where.address, where.port
+            kwargs = {**self._outbound(device, instances or []), **where.associate_kwargs()}
         if failure is not None:
             self._record("move", peer, report)
             # pynetdicom associates with the destination before it sends any status, so the

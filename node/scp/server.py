@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
@@ -25,11 +26,13 @@ from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
+from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
 from node.scp.handlers import ScpHandlers
 from node.scp.listener import ScreeningAssociationServer
 from node.scp.qr import QueryRetrieve
 from node.scp.store import Ingest
+from node.tls import TlsError, server_context
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,10 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = d.dimse_timeout
     ae.network_timeout = d.network_timeout
     ae.connection_timeout = d.connection_timeout
-    ae.maximum_associations = d.maximum_associations
+    # The node's limit is enforced (with a logged, recorded reject) when an association is
+    # admitted; pynetdicom's own count also includes threads still finishing, so it is only a
+    # backstop here.
+    ae.maximum_associations = 2 * d.maximum_associations
     ae.implementation_version_name = (
         IMPLEMENTATION_VERSION_NAME if d.send_implementation_version_name else None
     )
@@ -83,6 +89,16 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class Listen(NamedTuple):
+    """One listening socket: a port, plain DICOM or DICOM over TLS."""
+
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'TLS ' if self.tls else ''}port {self.port}"
+
+
 class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
                  qr: QueryRetrieve, commitment: StorageCommitment,
@@ -93,16 +109,22 @@ class DicomServer:
         by_requestor = (settings.dicom.transfer_syntax_preference == "requestor"
                         and not settings.dicom.enforce_default_transfer_syntax)
         supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
-        self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor,
-                                    activity)
-        self.listeners: dict[int, ScreeningAssociationServer] = {}
+        d = settings.dicom
+        self.handlers = ScpHandlers(
+            db, ingest, qr, commitment, supported, by_requestor, activity,
+            Limits(d.maximum_associations, d.max_associations_per_device))
+        self.listeners: dict[Listen, ScreeningAssociationServer] = {}
+        self.ssl_context = server_context(settings)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def desired_ports(self) -> set[int]:
+    def desired(self) -> set[Listen]:
+        """(port, TLS) of every enabled partition's TCP and TLS port."""
         with self.db.session() as session:
-            return set(session.scalars(
-                select(Partition.port).where(Partition.enabled.is_(True))).all())
+            rows = session.execute(select(Partition.port, Partition.tls_port)
+                                   .where(Partition.enabled.is_(True))).all()
+        wanted = {Listen(port, False) for port, _ in rows if port}
+        return wanted | {Listen(tls_port, True) for _, tls_port in rows if tls_port}
 
     def sync_listeners(self, *, strict: bool = False) -> None:
         """Open a listener for each port with an enabled partition, close the others.
@@ -110,29 +132,33 @@ class DicomServer:
         `strict` (at start-up) raises when a port cannot be opened; later a failure is logged
         and retried at the next poll, so one bad partition never takes the node down.
         """
-        desired = self.desired_ports()
-        for port in sorted(set(self.listeners) - desired):
-            log.info("closing DICOM listener on port %d (no enabled partition)", port)
-            self.listeners.pop(port).shutdown()
-        for port in sorted(desired - set(self.listeners)):
+        desired = self.desired()
+        for listen in sorted(set(self.listeners) - desired):
+            log.info("closing DICOM listener on %s (no enabled partition)", listen)
+            self.listeners.pop(listen).shutdown()
+        for listen in sorted(desired - set(self.listeners)):
             try:
-                server = self._listen(port)
-            except OSError as exc:
+                server = self._listen(listen)
+            except (OSError, TlsError) as exc:
+                message = (f"cannot listen on {listen}: "
+                           f"{exc.strerror if isinstance(exc, OSError) else exc}")
                 if strict:
-                    raise OSError(exc.errno, f"cannot listen on port {port}: {exc.strerror}"
-                                  ) from exc
-                log.error("cannot listen on port %d: %s", port, exc)
+                    raise OSError(getattr(exc, "errno", None), message) from exc
+                log.error("%s", message)
                 continue
-            self.listeners[port] = server
-            log.info("DICOM listener on %s:%d", self.settings.node.listen_host, port)
+            self.listeners[listen] = server
+            log.info("DICOM listener on %s:%s", self.settings.node.listen_host, listen)
 
-    def _listen(self, port: int) -> ScreeningAssociationServer:
+    def _listen(self, listen: Listen) -> ScreeningAssociationServer:
+        if listen.tls and self.ssl_context is None:
+            raise TlsError("a partition has this TLS port but [tls] has no cert and key")
         server = self.ae.make_server(
-            (self.settings.node.listen_host, port),
-            evt_handlers=self.handlers.for_port(port),
+            (self.settings.node.listen_host, listen.port),
+            evt_handlers=self.handlers.for_port(listen.port, listen.tls),
             server_class=ScreeningAssociationServer,
+            ssl_context=self.ssl_context if listen.tls else None,
         )
-        threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}",
+        threading.Thread(target=server.serve_forever, name=f"dicom-listener-{listen.port}",
                          daemon=True).start()
         return server
 

@@ -187,9 +187,11 @@ class Ingest:
                                          calling_ae=peer.calling_ae)
                     # The index row is flushed (so this association owns the SOP instance)
                     # before the file goes into place; an existing file is then an orphan of
-                    # an earlier crash and is replaced.
+                    # an earlier crash and is replaced. The temporary file stays in .incoming
+                    # until the commit either way: after a crash it is what names this file
+                    # to the start-up check (storage/reconcile.py).
                     if not files.place_new(source, final):
-                        files.replace(source, final)
+                        files.replace_keeping_source(source, final)
                     placed = True
                     queued = self._enqueue(session, peer, attrs, study)
                     mismatch = [] if study.is_new else demographic_differences(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import Settings
 from node.scu.tuning import CONNECTION_HANDLERS
+from node.tls import Endpoint, tls_reason
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class EchoResult:
     detail: str
 
 
-def echo(settings: Settings, *, address: str, port: int, called_ae: str,
+def echo(settings: Settings, *, endpoint: Endpoint, called_ae: str,
          calling_ae: str) -> EchoResult:
     d = settings.dicom
     ae = AE(ae_title=calling_ae)
@@ -32,15 +34,23 @@ def echo(settings: Settings, *, address: str, port: int, called_ae: str,
     ae.maximum_pdu_size = d.max_pdu_size
     ae.add_requested_context(Verification)
     started = time.perf_counter()
-    # pynetdicom reports a failed TCP connect as an abort; try the connection first so the
-    # administrator sees "connection refused" or "timed out", as a ping would show.
+    address, port = endpoint.address, endpoint.port
+    # pynetdicom reports a failed TCP connect or TLS handshake as an abort; try them first so
+    # the administrator sees "connection refused", "timed out" or "certificate verify failed".
     try:
-        socket.create_connection((address, port), timeout=d.connection_timeout).close()
+        with socket.create_connection((address, port), timeout=d.connection_timeout) as sock:
+            if endpoint.tls_args is not None:
+                context, server_name = endpoint.tls_args
+                context.wrap_socket(sock, server_hostname=server_name).close()
+    except ssl.SSLError as exc:
+        return EchoResult(False, None, (time.perf_counter() - started) * 1000,
+                          f"TLS with {endpoint} failed: {tls_reason(exc)}")
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         return EchoResult(False, None, (time.perf_counter() - started) * 1000,
                           f"TCP connection to {address}:{port} failed: {reason.lower()}")
-    assoc = ae.associate(address, port, ae_title=called_ae, evt_handlers=CONNECTION_HANDLERS)
+    assoc = ae.associate(address, port, ae_title=called_ae, evt_handlers=CONNECTION_HANDLERS,
+                         tls_args=endpoint.tls_args)
     if not assoc.is_established:
         elapsed = (time.perf_counter() - started) * 1000
         if assoc.is_rejected:

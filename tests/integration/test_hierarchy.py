@@ -5,6 +5,7 @@ an AE at another site, health checking and mutual TLS."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -342,3 +343,63 @@ def test_mutual_tls_registers_children_and_refuses_strangers(make_node: Start,
     wrong = grpc.ssl_channel_credentials(ca_pem, stranger.key.read_bytes(),
                                          stranger.cert.read_bytes())
     assert call(grpc.secure_channel(root.control, wrong)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_certificate_cannot_act_for_another_node(make_node: Start, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    ca = make_ca(tmp_path / "pki", "hospital")
+    root_id = ca.issue(tmp_path / "pki", "root")
+    site_id = ca.issue(tmp_path / "pki", "site")
+    other_id = ca.issue(tmp_path / "pki", "other")  # a genuine node of the tree, not "site"
+    root = make_node(name="root", hierarchy=FAST + tls_lines(ca.path, root_id.cert, root_id.key))
+    site = make_node(name="site", hierarchy=child_of(root, tls_lines(ca.path, site_id.cert,
+                                                                      site_id.key)))
+    assert wait_for(lambda: registered(site, root), 10)
+
+    credentials = grpc.ssl_channel_credentials(
+        ca.path.read_bytes(), other_id.key.read_bytes(), other_id.cert.read_bytes())
+    other_at_root = rpc.ControlStub(grpc.secure_channel(root.control, credentials))
+    other_at_site = rpc.ControlStub(grpc.secure_channel(site.control, credentials))
+
+    def refused(call: Callable[[], object]) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        return caught.value
+
+    # Any node's certificate may read...
+    assert other_at_root.GetNodeInfo(pb.GetNodeInfoRequest(), timeout=5).node.node_id == "root"
+    assert other_at_root.QueueStatus(pb.QueueStatusRequest(), timeout=5).node_id == "root"
+    # ... but not speak for "site".
+    impostor = pb.NodeInfo(node_id="site", control_address="127.0.0.1:1")
+    record = pb.DeviceRecord(name="EVIL", origin_node="site", version="9999999999999.000000.site",
+                             payload_json='{"ae_title": "EVIL", "host": "10.6.6.6"}')
+    caplog.set_level(logging.WARNING, logger="hierarchy.authz")
+    for call in (
+            lambda: other_at_root.Register(pb.RegisterRequest(child=impostor), timeout=5),
+            lambda: other_at_root.Heartbeat(pb.HeartbeatRequest(node_id="site"), timeout=5),
+            lambda: other_at_root.PushDeviceChanges(pb.PushDeviceChangesRequest(
+                from_node="site", records=[record]), timeout=5),
+            lambda: list(other_at_root.Recollect(pb.RecollectRequest(via="site"), timeout=5))):
+        error = refused(call)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+        assert "'site'" in error.details() and "names other" in error.details()
+    # Only the site's parent publishes a directory to it (C-MOVE destinations come from it).
+    fake = pb.PublishDirectoryRequest(root_id="root", entries=[directory_entry("other")])
+    error = refused(lambda: other_at_site.PublishDirectory(fake, timeout=5))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "parent root" in error.details()
+    assert "control plane refused PublishDirectory" in caplog.text
+    assert "control plane refused Register" in caplog.text
+
+    # Nothing of it took effect; the real site and the CLI (the node's own certificate) still
+    # change state.
+    assert "EVIL" not in devices(root)
+    with root.db.session() as s:
+        assert neighbours.get(s, "site").control_address != "127.0.0.1:1"  # type: ignore[union-attr]
+    assert site.cli("recollect").exit_code == 0
+    assert {r["node_id"] for r in json.loads(site.cli("hierarchy", "directory",
+                                                      "--json").output)} == {"root", "site"}
+
+
+def directory_entry(node_id: str) -> pb.DirectoryEntry:
+    return pb.DirectoryEntry(node=pb.NodeInfo(node_id=node_id), reachable=True)

@@ -1,0 +1,148 @@
+"""Start-up check: remove the files a crash left placed but never indexed.
+
+A store links its temporary file into the archive and then commits the index row; a crash
+between the two leaves a file no row points to. Its temporary file is still in `.incoming/`
+(pynetdicom removes it only after the handler returns, and the store keeps it while it works),
+so the temporary files name every instance that can have such an orphan. Checking only those
+costs nothing at run time and nothing in proportion to the archive at start-up: no storage scan.
+
+Run after `deletion.recover` (a file an interrupted delete held aside is back, not missing)
+and before `files.sweep_incoming`, which then removes the temporary files themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from node.db.database import Database
+from node.db.models import Instance, Partition
+from node.storage import files
+from node.storage.paths import instance_relpath
+
+log = logging.getLogger(__name__)
+
+_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What the check found; paths are relative to the storage root."""
+
+    temporary: int = 0  # temporary files examined
+    unreadable: int = 0  # of those, without the three UIDs (partial transfers, garbage)
+    removed: list[str] = field(default_factory=list)  # orphan files removed
+    missing: list[str] = field(default_factory=list)  # indexed, but the file is not there
+
+    def __str__(self) -> str:
+        return (f"{self.temporary} temporary file(s) examined ({self.unreadable} unreadable), "
+                f"{len(self.removed)} unindexed file(s) removed, {len(self.missing)} indexed "
+                "instance(s) without a file")
+
+
+def reconcile(db: Database, root: Path) -> Reconciled:
+    """Remove archive files of the instances named in `.incoming/` that no index row points to.
+
+    Must run while nothing stores (at start, before the listeners open): a store in progress
+    has placed its file before committing its row and would look the same.
+    """
+    incoming = root / files.INCOMING
+    if not incoming.is_dir():
+        return Reconciled()
+    temporary = unreadable = 0
+    instances: set[tuple[str, str, str]] = set()
+    for entry in sorted(incoming.iterdir()):
+        if not entry.is_file():
+            continue
+        temporary += 1
+        uids = _read_uids(entry)
+        if uids is None:
+            unreadable += 1
+        else:
+            instances.add(uids)  # a coerced copy names the same instance as its original
+    removed: list[str] = []
+    missing: list[str] = []
+    if instances:
+        with db.session() as session:
+            partitions = [(pid, folder) for pid, folder in
+                          session.execute(select(Partition.id, Partition.folder))]
+        for study, series, sop in sorted(instances):
+            _reconcile_one(db, root, partitions, study, series, sop, removed, missing)
+    result = Reconciled(temporary, unreadable, removed, missing)
+    if temporary:
+        log.info("start-up check of %s: %s", incoming, result)
+    for path in missing:
+        # Never expected (a file is placed and its directory fsynced before the row commits);
+        # reported, not repaired: only the sender has the data.
+        log.error("start-up check: %s is indexed but missing from the storage", path)
+    return result
+
+
+def _read_uids(path: Path) -> tuple[str, str, str] | None:
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS, force=True)
+        uids = tuple(str(ds.get(keyword, "")) for keyword in _UID_TAGS)
+    except Exception:  # whatever a truncated or hostile file raises: it cannot stop the start
+        return None
+    study, series, sop = uids
+    return (study, series, sop) if all(uids) else None
+
+
+def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]], study: str,
+                   series: str, sop: str, removed: list[str], missing: list[str]) -> None:
+    candidates: list[str] = []
+    for _, folder in partitions:
+        try:
+            candidates.append(instance_relpath(folder, study, series, sop))
+        except ValueError:
+            continue  # not valid UIDs: the store refused it before placing anything
+    if not candidates:
+        return
+    with db.session() as session:
+        # Any partition's row, by path: a row of another partition, or one whose partition's
+        # folder was renamed since, keeps the file it points to.
+        indexed = set(session.scalars(select(Instance.path).where(
+            Instance.partition_id.in_([pid for pid, _ in partitions]),
+            Instance.sop_instance_uid == sop)))
+    for path in sorted(indexed):
+        if not (root / path).exists():
+            missing.append(path)
+    for relpath in candidates:
+        final = root / relpath
+        series_dir = final.parent
+        if not series_dir.is_dir():
+            continue
+        changed = False
+        if relpath not in indexed and final.exists():
+            files.remove_quietly(final)
+            removed.append(relpath)
+            changed = True
+        # What a crash inside files.replace_keeping_source or the copy fallback of
+        # files.place_new leaves beside the final name.
+        for leftover in [*series_dir.glob(f".{final.name}.*.restore"),
+                         *series_dir.glob(f".{final.name}.*.partial")]:
+            files.remove_quietly(leftover)
+            removed.append(str(leftover.relative_to(root)))
+            changed = True
+        # Empty series/study folders of the orphan, or of a crash inside files.ensure_dir.
+        _prune(series_dir, stop=root / relpath.split("/", 1)[0])
+        if changed and series_dir.is_dir():
+            # Durable before the sweep removes the temporary file that names this instance.
+            files.fsync_dir(series_dir)
+
+
+def _prune(directory: Path, stop: Path) -> None:
+    """Remove `directory` and its parents up to (not including) `stop` while they are empty."""
+    while directory != stop:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (other instances), or gone
+        with contextlib.suppress(OSError):
+            files.fsync_dir(directory.parent)
+        directory = directory.parent

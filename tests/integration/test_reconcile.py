@@ -1,0 +1,162 @@
+"""The start-up check: files a crash placed but never indexed go, indexed ones stay."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from node import config
+from node.db.database import Database
+from node.db.indexer import add_instance, extract
+from node.db.models import Instance, Partition
+from node.service import Node, ensure_bootstrap_partition, open_database
+from node.storage import files
+from node.storage.paths import instance_relpath
+from node.storage.reconcile import reconcile
+from tests.conftest import RunningNode, free_port, incoming_files, node_toml, write_config
+from tests.dicomgen import make_instance, uid
+from tests.scu import statuses, store
+
+
+def _relpath(folder: str, ds: Dataset) -> str:
+    return instance_relpath(folder, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+def _temporary(incoming: Path, ds: Dataset, name: str) -> Path:
+    """What pynetdicom leaves in .incoming for a received dataset."""
+    path = incoming / name
+    ds.save_as(path, enforce_file_format=True)
+    files.fsync_file(path)
+    return path
+
+
+def _index(db: Database, partition_id: int, ds: Dataset, relpath: str) -> None:
+    with db.transaction() as session:
+        add_instance(session, partition_id, extract(ds), relpath=relpath, size=1,
+                     transfer_syntax=str(ds.file_meta.TransferSyntaxUID), calling_ae="CT1")
+
+
+def _settings(tmp_path: Path, db_url: str) -> config.Settings:
+    return config.load(write_config(tmp_path / "node.toml",
+                                    node_toml(tmp_path / "node", db_url, free_port())))
+
+
+def test_reconcile_removes_unindexed_files_named_in_incoming(
+        tmp_path: Path, new_db: Callable[[str], str]) -> None:
+    settings = _settings(tmp_path, new_db("node"))
+    db = open_database(settings)
+    try:
+        ensure_bootstrap_partition(db, settings)
+        with db.session() as session:
+            partition = session.scalars(select(Partition)).one()
+        folder = partition.folder
+        root = settings.storage_dir
+        incoming = root / files.INCOMING
+        files.ensure_dir(incoming)
+        study, series = uid(), uid()
+
+        # Committed; the crash came before pynetdicom removed its temporary file.
+        kept = make_instance(study_uid=study, series_uid=series, fill=1)
+        assert files.place_new(_temporary(incoming, kept, "tmpkept.dcm"),
+                               root / _relpath(folder, kept))
+        _index(db, partition.id, kept, _relpath(folder, kept))
+        # Placed, never committed, in a series that holds the kept instance.
+        orphan = make_instance(study_uid=study, series_uid=series, fill=2)
+        assert files.place_new(_temporary(incoming, orphan, "tmporphan.dcm"),
+                               root / _relpath(folder, orphan))
+        # Coerced: the coerced copy was placed; both temporary files name the instance.
+        coerced = make_instance(fill=3)
+        _temporary(incoming, coerced, "tmpcoerced.dcm")
+        assert files.place_new(_temporary(incoming, coerced, "tmpcoerced.dcm.coerced"),
+                               root / _relpath(folder, coerced))
+        # Killed inside files.replace_keeping_source: the link beside the final name is left.
+        replacing = make_instance(fill=4)
+        beside = (root / _relpath(folder, replacing)).with_name(
+            f".{replacing.SOPInstanceUID}.dcm.4242.restore")
+        files.ensure_dir(beside.parent)
+        os.link(_temporary(incoming, replacing, "tmpreplacing.dcm"), beside)
+        # Indexed but its file is gone: reported, the row is left alone.
+        lost = make_instance(fill=5)
+        _temporary(incoming, lost, "tmplost.dcm")
+        _index(db, partition.id, lost, _relpath(folder, lost))
+        # A transfer cut short: not even the UIDs can be read.
+        (incoming / "tmppartial.dcm").write_bytes(b"\0" * 128 + b"DICM\x02\x00")
+        # Not named by any temporary file: the check does not scan the storage.
+        untouched = make_instance(fill=6)
+        _temporary(tmp_path, untouched, "elsewhere.dcm")
+        assert files.place_new(tmp_path / "elsewhere.dcm", root / _relpath(folder, untouched))
+
+        result = reconcile(db, root)
+
+        assert result.temporary == 7
+        assert result.unreadable == 1
+        assert sorted(result.removed) == sorted([
+            _relpath(folder, orphan), _relpath(folder, coerced),
+            str(beside.relative_to(root))])
+        assert result.missing == [_relpath(folder, lost)]
+        assert (root / _relpath(folder, kept)).read_bytes() == \
+            (incoming / "tmpkept.dcm").read_bytes()
+        assert not (root / _relpath(folder, orphan)).exists()
+        assert (root / _relpath(folder, untouched)).exists()
+        # Emptied series and study folders go; the kept instance's stay.
+        for gone in (coerced, replacing):
+            assert not (root / folder / gone.StudyInstanceUID).exists()
+        assert (root / folder / study / series).is_dir()
+        # The temporary files are the sweep's business, after the check.
+        assert len(incoming_files(root)) == 7
+        with db.session() as session:
+            assert set(session.scalars(select(Instance.sop_instance_uid))) == {
+                kept.SOPInstanceUID, lost.SOPInstanceUID}
+    finally:
+        db.dispose()
+
+
+def test_node_start_reconciles_before_sweeping(tmp_path: Path,
+                                               new_db: Callable[[str], str]) -> None:
+    settings = _settings(tmp_path, new_db("node"))
+    db = open_database(settings)
+    try:
+        ensure_bootstrap_partition(db, settings)
+        with db.session() as session:
+            folder = session.scalars(select(Partition.folder)).one()
+    finally:
+        db.dispose()
+    root = settings.storage_dir
+    incoming = root / files.INCOMING
+    files.ensure_dir(incoming)
+    orphan = make_instance()
+    final = root / _relpath(folder, orphan)
+    assert files.place_new(_temporary(incoming, orphan, "tmpcrash.dcm"), final)
+
+    node = Node(settings)
+    node.start()
+    try:
+        assert not final.exists()
+        assert not (root / folder / orphan.StudyInstanceUID).exists()
+        assert incoming_files(root) == []
+    finally:
+        node.stop()
+
+
+def test_store_over_an_orphan_replaces_it(node: RunningNode) -> None:
+    """An orphan the check did not remove (any file without a row) is replaced by the store."""
+    ds = make_instance(fill=7)
+    with node.db.session() as session:
+        folder = session.scalars(select(Partition.folder)).one()
+    final = node.storage / _relpath(folder, ds)
+    files.ensure_dir(final.parent)
+    final.write_bytes(b"left by a crash")
+
+    assert statuses(store(node.port, [ds])) == [0]
+
+    with node.db.session() as session:
+        row = session.scalars(select(Instance)).one()
+    assert row.path == _relpath(folder, ds)
+    assert final.read_bytes() != b"left by a crash"
+    assert final.stat().st_size == row.size
+    assert not list(final.parent.glob(".*"))
+    assert incoming_files(node.storage) == []

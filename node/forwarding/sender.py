@@ -19,7 +19,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from node.forwarding.queue import Job
 from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
-from node.scu.tuning import tcp_nodelay
+from node.scu.tuning import CONNECTION_HANDLERS
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Connection:
         extra = [build_context(StorageCommitmentPushModel)] if t.storage_commitment else []
         contexts = [build_context(Verification), *extra,
                     *sub_operation_contexts(self.pairs, list(t.extra_syntaxes))][:128]
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, tcp_nodelay)]
+        handlers: list[Any] = list(CONNECTION_HANDLERS)
         if self.on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self.on_report))
         roles = ([build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]

@@ -22,7 +22,7 @@ from node.db.database import Database
 from node.db.models import Device, Study, utcnow
 from node.query.conditions import Match, Query, QueryError, parse_identifier
 from node.query.index import MatchSettings, identifier, statement
-from node.scp import lookup
+from node.scp import lookup, pdu_guard
 from node.scp.store import Peer
 from node.scu.contexts import sub_operation_contexts
 from node.scu.tuning import tcp_nodelay
@@ -396,5 +396,5 @@ class QueryRetrieve:
             "contexts": sub_operation_contexts(
                 [(i.sop_class, i.transfer_syntax) for i in instances], extra),
             "max_pdu": device.max_pdu_size or d.max_pdu_size,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, on_open)],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, on_open), *pdu_guard.HANDLERS],
         }

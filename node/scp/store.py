@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
@@ -40,6 +39,7 @@ from node.storage import compare, files
 from node.storage.paths import instance_relpath, is_valid_uid
 from node.storage.rewrite import rewrite_header
 from node.storage.space import StorageGuard
+from node.storage.structure import read_header
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class Ingest:
                 admitted, why = self.guard.admit(peer.partition.folder, size)
                 if not admitted:
                     raise Refused(OUT_OF_RESOURCES, why)
+            # Framing checked before anything is trusted (structure.py): refusals are 0xC000.
+            header = self._read(received, lambda: read_header(received, INDEX_TAGS))
             if peer.rules:
                 coerced = self.incoming / f"{received.name}.coerced"
                 header = self._read(received, lambda: rewrite_header(
@@ -126,8 +128,6 @@ class Ingest:
                 source = coerced
                 size = coerced.stat().st_size
             else:
-                header = self._read(received, lambda: dcmread(
-                    received, stop_before_pixels=True, specific_tags=INDEX_TAGS))
                 files.fsync_file(received)
                 source = received
             attrs = extract(header)

@@ -7,6 +7,8 @@ import socket
 
 from pynetdicom import evt
 
+from node.scp import pdu_guard
+
 
 def tcp_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: send small PDUs at once.
@@ -20,4 +22,6 @@ def tcp_nodelay(event: evt.Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-CONNECTION_HANDLERS = [(evt.EVT_CONN_OPEN, tcp_nodelay)]
+# The node's peers on outbound associations are devices it was told about, but what they send
+# back gets the same PDU checks as inbound traffic.
+CONNECTION_HANDLERS = [(evt.EVT_CONN_OPEN, tcp_nodelay), *pdu_guard.HANDLERS]

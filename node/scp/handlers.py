@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from node.scp import admission, lookup
 from node.scp.coercion import CoercionError, parse_rules
 from node.scp.commitment import StorageCommitment
 from node.scp.contexts import requestor_first
+from node.scp.pdu_guard import discard_partial_dataset
 from node.scp.qr import QueryRetrieve
 from node.scp.store import PROCESSING_FAILURE, Ingest, Peer
 
@@ -357,12 +357,4 @@ class ScpHandlers:
 
 
 def _discard_partial_dataset(assoc: Association) -> None:
-    """Remove the temporary file of a C-STORE cut off mid-transfer (pynetdicom leaves it)."""
-    message = getattr(assoc.dimse, "message", None)
-    partial = getattr(message, "_data_set_file", None)
-    if partial is None:
-        return
-    with contextlib.suppress(OSError):
-        partial.close()
-    with contextlib.suppress(OSError):
-        Path(partial.name).unlink()
+    discard_partial_dataset(getattr(assoc.dimse, "message", None))

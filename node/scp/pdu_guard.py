@@ -151,13 +151,18 @@ class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
 
     def _discard_message(self) -> None:
         message, self.message = self.message, None
-        partial = getattr(message, "_data_set_file", None)
-        if partial is None:
-            return
-        with contextlib.suppress(OSError):
-            partial.close()
-        with contextlib.suppress(OSError):
-            os.unlink(partial.name)
+        discard_partial_dataset(message)
+
+
+def discard_partial_dataset(message: object) -> None:
+    """Remove the temporary file of a C-STORE cut off mid-transfer (pynetdicom leaves it)."""
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    with contextlib.suppress(OSError):
+        partial.close()
+    with contextlib.suppress(OSError):
+        os.unlink(partial.name)
 
 
 # Events raised by the local user's primitives (A-ASSOCIATE, P-DATA, A-RELEASE, A-ABORT).

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -24,6 +24,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from tests.conftest import RunningNode, incoming_files, wait_for
 from tests.dicomgen import make_instance, uid
+from tests.hostile import part10
 from tests.scu import associate, statuses, store
 
 
@@ -99,16 +100,7 @@ def chunked_send() -> Iterator[None]:
 def raw_file(path: Path, dataset_bytes: bytes, sop_uid: str, sop_class: str = CTImageStorage
              ) -> Path:
     """A Part-10 file whose meta is valid and whose dataset is whatever bytes we like."""
-    from pydicom.dataset import FileMetaDataset
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    path.write_bytes(buffer.getvalue() + dataset_bytes)
+    path.write_bytes(part10(dataset_bytes, ExplicitVRLittleEndian, sop_uid, sop_class))
     return path
 
 

@@ -90,7 +90,8 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         # pynetdicom's DUL reads a PDU's body with a blocking recv() once its header came in:
         # a peer that stops mid-PDU (or stops reading our sends) would hold the association's
         # threads for ever. The idle timer only runs between PDUs.
-        sock.settimeout(self.ae.network_timeout)
+        sock.settimeout(None)
+        bound_blocking_io(sock, self.ae.network_timeout)
         return sock
 
     def _handshake(self, sock: socket.socket, peer: str) -> ssl.SSLSocket | None:
@@ -127,6 +128,23 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         """Stop accepting and close the socket (the node keeps its own list of listeners)."""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def bound_blocking_io(sock: socket.socket, seconds: float | None) -> None:
+    """Make each blocking recv/send on `sock` fail after `seconds` without progress.
+
+    Kernel timeouts, not `settimeout`: a Python-level timeout puts the socket in non-blocking
+    mode, and pynetdicom's DUL, which only reads when it has nothing queued to send, then
+    sends answers so much slower that a C-FIND streaming thousands of them never sees the
+    requestor's C-CANCEL.
+    """
+    if not seconds:
+        return
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _screen_socket(sock: socket.socket) -> tuple[bytes, str] | None:

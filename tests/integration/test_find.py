@@ -242,7 +242,7 @@ def test_c_cancel_stops_a_running_find(node: RunningNode) -> None:
         else:
             final = int(status.Status)
     assoc.release()
-    assert final == 0xFE00
+    assert final == 0xFE00, f"final 0x{final:04X} after {count} answers"
     assert count < 20_000
 
 

@@ -193,14 +193,11 @@ class ScpHandlers:
 
     def _open_now(self, peer: Peer) -> admission.OpenAssociations:
         """Admitted associations that are still open; call with the lock held."""
-        same_device = ((lambda p: p.device is not None and p.device.id == peer.device.id)
-                       if peer.device is not None
-                       else (lambda p: p.device is None and p.calling_ae == peer.calling_ae))
         peers = list(self._peers.values())
         return admission.OpenAssociations(
             node=len(peers),
             partition=sum(p.partition.id == peer.partition.id for p in peers),
-            device=sum(1 for p in peers if same_device(p)))
+            device=sum(_sender(p) == _sender(peer) for p in peers))
 
     def _refuse(self, assoc: Association, decision: admission.Admission, port: int,
                 tls: bool, partition: admission.PartitionPolicy | None) -> None:
@@ -354,6 +351,11 @@ class ScpHandlers:
                    + usage.gets + usage.commitments + usage.echoes),
             failed=usage.store_failures, outcome="ok" if end == "released" else "warning",
             detail=f"{usage.summary()}; {end} after {time.monotonic() - usage.opened:.1f} s"))
+
+
+def _sender(peer: Peer) -> tuple[str, object]:
+    """Who a per-device limit counts: the device entry, else (unknown) the calling AE."""
+    return ("device", peer.device.id) if peer.device is not None else ("ae", peer.calling_ae)
 
 
 def _discard_partial_dataset(assoc: Association) -> None:

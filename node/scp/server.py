@@ -148,7 +148,8 @@ class DicomServer:
                 log.error("%s", message)
                 continue
             self.listeners[listen] = server
-            log.info("DICOM listener on %s:%s", self.settings.node.listen_host, listen)
+            log.info("DICOM listener on %s:%d%s", self.settings.node.listen_host, listen.port,
+                     " (TLS)" if listen.tls else "")
 
     def _listen(self, listen: Listen) -> ScreeningAssociationServer:
         if listen.tls and self.ssl_context is None:

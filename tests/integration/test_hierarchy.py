@@ -21,9 +21,10 @@ from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
 from node.db.models import Device, DeviceChange, DeviceType, Instance
 from tests.certs import make_ca
-from tests.conftest import RunningNode, wait_for
+from tests.conftest import RunningNode, free_port, wait_for
 from tests.dicomgen import make_instance
 from tests.scu import identifier, statuses, store
+from tests.tlsnode import Pki, pki_fixture, tls_section  # noqa: F401 (fixture)
 
 FAST = "heartbeat_seconds = 0.3\nsync_seconds = 0.2\nrpc_timeout = 2\nrecollect_timeout = 6\n"
 Start = Callable[..., RunningNode]
@@ -188,20 +189,31 @@ def test_device_changes_travel_the_tree_and_do_not_loop(make_node: Start) -> Non
 
 
 def test_recollect_stores_the_directory_everywhere_and_c_move_resolves_through_it(
-        make_node: Start, tmp_path: Path) -> None:
+        make_node: Start, tmp_path: Path, pki: Pki) -> None:
     root = make_node(name="root", ae_title="ROOT", hierarchy=FAST)
-    west = make_node(name="west", ae_title="WEST", hierarchy=child_of(root))
+    west = make_node(name="west", ae_title="WEST", hierarchy=child_of(root),
+                     extra=tls_section(pki))
     east = make_node(name="east", ae_title="EAST", hierarchy=child_of(root))
     assert wait_for(lambda: registered(west, root) and registered(east, root), 10)
+    # A TLS port opened on a running child reaches the directory.
+    west_tls = free_port()
+    edited = west.cli("partition", "edit", "WEST", "--tls-port", str(west_tls))
+    assert edited.exit_code == 0, edited.output
 
-    result = east.cli("recollect", "--json")
-    assert result.exit_code == 0, result.output
-    answer = json.loads(result.output)
+    def west_listed_with_tls() -> bool:
+        result = east.cli("recollect", "--json")
+        assert result.exit_code == 0, result.output
+        answer.update(json.loads(result.output))
+        found.update({n["node"]["node_id"]: n for n in answer["nodes"]})
+        return found["west"]["node"]["partitions"][0]["tls_port"] == west_tls
+
+    answer: dict = {}
+    found: dict = {}
+    assert wait_for(west_listed_with_tls, 10), found.get("west")
     assert answer["root_id"] == "root" and answer["published"] == 3
-    found = {n["node"]["node_id"]: n for n in answer["nodes"]}
     assert set(found) == {"root", "west", "east"}
     assert found["west"]["node"]["partitions"][0] == {
-        "ae_title": "WEST", "port": west.port, "tls_port": 0, "enabled": True}
+        "ae_title": "WEST", "port": west.port, "tls_port": west_tls, "enabled": True}
     assert found["west"]["node"]["parent_id"] == "root"
     for n in (root, west, east):
         stored = json.loads(n.cli("hierarchy", "directory", "--json").output)

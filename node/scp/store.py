@@ -17,9 +17,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from node.db.database import Database
 from node.db.indexer import (
@@ -55,6 +54,11 @@ INVALID_UID = 0xC001
 SOP_INSTANCE_MISMATCH = 0xC002
 
 _INDEX_ATTEMPTS = 3
+# Whether a study already went to a device (for devices that are not sent updates).
+_SENT_BEFORE = (select(ForwardJob.id)
+                .where(ForwardJob.device_id == bindparam("device_id"),
+                       ForwardJob.study_instance_uid == bindparam("study_uid"),
+                       ForwardJob.state == JobState.DONE).limit(1))
 
 
 @dataclass(frozen=True)
@@ -177,12 +181,12 @@ class Ingest:
         for _ in range(_INDEX_ATTEMPTS):
             placed = False
             try:
-                with self.db.transaction() as session:
-                    existing = find_instance(session, partition.id, attrs["SOPInstanceUID"])
+                with self.db.write() as conn:
+                    existing = find_instance(conn, partition.id, attrs["SOPInstanceUID"])
                     if existing is not None:
                         stored_path = self.root / existing.path
                         break
-                    study = add_instance(session, partition.id, attrs, relpath=relpath,
+                    study = add_instance(conn, partition.id, attrs, relpath=relpath,
                                          size=size, transfer_syntax=transfer_syntax,
                                          calling_ae=peer.calling_ae)
                     # The index row is flushed (so this association owns the SOP instance)
@@ -193,12 +197,13 @@ class Ingest:
                     if not files.place_new(source, final):
                         files.replace_keeping_source(source, final)
                     placed = True
-                    queued = self._enqueue(session, peer, attrs, study)
+                    queued = self._enqueue(conn, peer, attrs, study)
                     mismatch = [] if study.is_new else demographic_differences(
                         study.demographics, attrs.demographics, partition.match_fields)
                     if mismatch:
-                        session.add(_integrity(partition, attrs, peer,
-                                               IntegrityKind.DEMOGRAPHICS_MISMATCH, mismatch))
+                        conn.execute(insert(IntegrityItem), _integrity(
+                            partition, attrs, peer, IntegrityKind.DEMOGRAPHICS_MISMATCH,
+                            mismatch))
                 if queued and self.on_queued is not None:
                     self.on_queued()
                 if mismatch:
@@ -219,26 +224,24 @@ class Ingest:
             raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
         return self._duplicate(peer, source, stored_path, attrs)
 
-    def _enqueue(self, session: Session, peer: Peer, attrs: InstanceAttributes,
+    def _enqueue(self, conn: Connection, peer: Peer, attrs: InstanceAttributes,
                  study: StoredStudy) -> int:
         """Forward jobs for the new instance, in the transaction that indexes it."""
         if not (peer.partition.forwarding_enabled and peer.routes):
             return 0
-        queued = 0
         received = Received(peer.partition.id, attrs["Modality"], peer.calling_ae,
                             attrs["SOPClassUID"])
-        for device_id in destinations(peer.routes, received):
-            if (not peer.send_updates.get(device_id, self.send_updates) and not study.is_new
-                    and session.scalar(select(ForwardJob.id).where(
-                        ForwardJob.device_id == device_id,
-                        ForwardJob.study_instance_uid == attrs["StudyInstanceUID"],
-                        ForwardJob.state == JobState.DONE).limit(1)) is not None):
-                continue  # the study went there already and updates are not sent
-            session.add(ForwardJob(partition_id=peer.partition.id,
-                                   instance_pk=study.instance_pk, device_id=device_id,
-                                   study_instance_uid=attrs["StudyInstanceUID"]))
-            queued += 1
-        return queued
+        jobs = [{"partition_id": peer.partition.id, "instance_pk": study.instance_pk,
+                 "device_id": device_id, "study_instance_uid": attrs["StudyInstanceUID"]}
+                for device_id in destinations(peer.routes, received)
+                if peer.send_updates.get(device_id, self.send_updates) or study.is_new
+                or conn.execute(_SENT_BEFORE, {
+                    "device_id": device_id,
+                    "study_uid": attrs["StudyInstanceUID"]}).first() is None]
+        # (A device left out: the study went there already and updates are not sent.)
+        if jobs:
+            conn.execute(insert(ForwardJob), jobs)
+        return len(jobs)
 
     def _duplicate(self, peer: Peer, received: Path, stored_path: Path,
                    attrs: InstanceAttributes) -> Outcome:
@@ -249,9 +252,9 @@ class Ingest:
         if policy == DuplicatePolicy.COMPARE:
             diffs = compare.differences(stored_path, received)
             if diffs:
-                with self.db.transaction() as session:
-                    session.add(_integrity(peer.partition, attrs, peer,
-                                           IntegrityKind.DUPLICATE_DIFFERS, diffs))
+                with self.db.write() as conn:
+                    conn.execute(insert(IntegrityItem), _integrity(
+                        peer.partition, attrs, peer, IntegrityKind.DUPLICATE_DIFFERS, diffs))
                 log.warning("duplicate %s from %s differs from the stored copy: %s",
                             sop, peer, ", ".join(d.keyword for d in diffs))
             return Outcome(SUCCESS, integrity=diffs)
@@ -276,12 +279,9 @@ def _validate(attrs: InstanceAttributes, sop_class: str, sop_instance: str) -> N
 
 
 def _integrity(partition: PartitionPolicy, attrs: InstanceAttributes, peer: Peer,
-               kind: IntegrityKind, diffs: list[Difference]) -> IntegrityItem:
-    return IntegrityItem(
-        partition_id=partition.id,
-        kind=kind.value,
-        study_instance_uid=attrs["StudyInstanceUID"],
-        sop_instance_uid=attrs["SOPInstanceUID"],
-        calling_ae_title=peer.calling_ae,
-        details=json.dumps([d.as_dict() for d in diffs]),
-    )
+               kind: IntegrityKind, diffs: list[Difference]) -> dict[str, object]:
+    """An integrity_items row."""
+    return {"partition_id": partition.id, "kind": kind.value,
+            "study_instance_uid": attrs["StudyInstanceUID"],
+            "sop_instance_uid": attrs["SOPInstanceUID"], "calling_ae_title": peer.calling_ae,
+            "details": json.dumps([d.as_dict() for d in diffs])}

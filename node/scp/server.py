@@ -7,6 +7,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -57,6 +58,12 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    # pydicom checks every value set or read against its VR (regexes, UID parsing): for each
+    # C-STORE pynetdicom builds a file meta header and a response, ~0.5 ms of CPU per instance
+    # (measured: 5.8 -> 5.3 ms/img). What the node accepts is checked by its own rules instead
+    # (storage/structure.py, paths.is_valid_uid); coercion rules validate with mode 2 anyway.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
 
 def build_ae(settings: Settings) -> AE:

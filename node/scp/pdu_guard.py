@@ -44,6 +44,8 @@ from pynetdicom.fsm import TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from node.scp.prompt import wake_reactor
+
 log = logging.getLogger(__name__)
 
 P_DATA_TF = 0x04
@@ -199,6 +201,8 @@ class GuardedStateMachine(StateMachine):
             super().do_action(event)
         except Exception as exc:  # pynetdicom has logged it and stopped the DUL
             self._abandon(event, exc)
+        # The association reactor may wait for this action's outcome (prompt.py).
+        wake_reactor(self.dul)
 
     def _abandon(self, event: str, exc: Exception) -> None:
         dul, state = self.dul, self.current_state

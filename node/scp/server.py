@@ -27,7 +27,7 @@ from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
-from node.scp import pdu_guard
+from node.scp import pdu_guard, prompt
 from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
 from node.scp.handlers import ScpHandlers
@@ -163,7 +163,8 @@ class DicomServer:
             raise TlsError("a partition has this TLS port but [tls] has no cert and key")
         server = self.ae.make_server(
             (self.settings.node.listen_host, listen.port),
-            evt_handlers=[*self.handlers.for_port(listen.port, listen.tls), *pdu_guard.HANDLERS],
+            evt_handlers=[*self.handlers.for_port(listen.port, listen.tls), *pdu_guard.HANDLERS,
+                          *prompt.HANDLERS],
             server_class=ScreeningAssociationServer,
             ssl_context=self.ssl_context if listen.tls else None,
         )

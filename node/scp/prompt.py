@@ -1,0 +1,209 @@
+"""Wake pynetdicom's two association threads when there is work, instead of polling.
+
+pynetdicom runs each association as two threads that poll: the association reactor sleeps a
+fixed 1 ms between looks at its DIMSE queue, and the DUL thread sleeps 1 ms whenever it found
+nothing to do. Every C-STORE pays these sleeps on the way in and on the way out (about 3 ms
+per small image on one association, see the README's performance section), and every idle
+association wakes 2000 times a second.
+
+`PromptDUL` waits in `select()` on the peer's socket and on a pipe that `send_pdu` and
+`kill_dul` write to, so it reads a PDU as soon as it arrives and sends a primitive as soon as
+it is queued. `PromptAssociation` waits on an event the DUL's state machine sets after each
+action (a DIMSE message completed, a release or abort arrived), so a request is served as soon
+as it is decoded. Both still wake every `IDLE_WAIT` to check their timers.
+
+pynetdicom has no hook for either loop, so these subclasses replace `run_reactor` and
+`_run_reactor` with the same steps in the same order, only the sleep changed; `prompt` (an
+EVT_CONN_OPEN handler, run before either thread starts on an accepted connection) swaps the
+classes. Written against pynetdicom 3.0; the association tests exercise every exit of both
+loops (release, abort, peer gone, network timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT as A_ABORT_PRIMITIVE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
+
+log = logging.getLogger(__name__)
+
+# How long either thread waits with nothing to do before it checks its timers (ARTIM, network
+# timeout) and whether it was stopped. pynetdicom's timers count seconds.
+IDLE_WAIT = 0.01
+
+
+class PromptDUL(DULServiceProvider):
+    """A DUL thread that blocks until the socket is readable or a primitive is queued."""
+
+    # A socket pair, not a pipe: a closed socket object refuses writes, where a closed pipe's
+    # file descriptor number could meanwhile belong to another file.
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+
+    def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
+                 | P_DATA) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (already woken) or closed (thread ended)
+            self._wake_w.send(b"\0")
+
+    def _wait_for_work(self) -> None:
+        sock = self.socket.socket if self.socket is not None else None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes already buffered: select() cannot see them
+        watched = [self._wake_r] if sock is None or sock.fileno() < 0 else [self._wake_r, sock]
+        try:
+            ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
+        except (OSError, ValueError):
+            return  # the socket closed meanwhile: the loop sees it
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(4096)
+
+    def run(self) -> None:
+        # pynetdicom made the thread's target the base class's run_reactor when it created it.
+        self.run_reactor()
+
+    def run_reactor(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _loop(self) -> None:
+        # pynetdicom's DULServiceProvider.run_reactor, waiting in _wait_for_work instead of
+        # sleeping _run_loop_delay.
+        self._idle_timer.start()
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                log.error("DUL failed, aborting the association: %s: %s",
+                          type(exc).__name__, exc)
+                self._abort_at_once()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                self._wait_for_work()
+                continue
+            self.state_machine.do_action(event)
+
+    def _abort_at_once(self) -> None:
+        # As pynetdicom does: bypass the state machine, whose state can no longer be trusted.
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x00
+        if self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.send(abort.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class PromptAssociation(Association):
+    """An association reactor that waits for its DUL's next action instead of sleeping."""
+
+    _prompt_wake: threading.Event
+
+    def _run_reactor(self) -> None:
+        # pynetdicom's Association._run_reactor, waiting on _prompt_wake instead of a fixed
+        # 1 ms sleep. The event is cleared before the queues are looked at, so an action that
+        # lands meanwhile sets it again and is seen on the next turn.
+        self._is_paused = False
+        wake = self._prompt_wake
+        while not self._kill:
+            wake.wait(IDLE_WAIT)
+            wake.clear()
+            # Paused while a send_*() from another thread waits for its own answer.
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, context_id)  # type: ignore[arg-type]
+                wake.set()  # another request may have arrived while this one was served
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.debug("association released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires for the abort
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                log.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def wake_reactor(dul: DULServiceProvider) -> None:
+    """Called by the DUL's state machine after each action (see pdu_guard)."""
+    wake = getattr(dul.assoc, "_prompt_wake", None)
+    if wake is not None:
+        wake.set()
+
+
+def prompt(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for accepted connections: before the association's threads start,
+    make them wait for work instead of polling."""
+    assoc = event.assoc
+    if type(assoc) is not Association or type(assoc.dul) is not DULServiceProvider \
+            or assoc.dul.is_alive():
+        return  # already running (a requestor's DUL starts before it connects)
+    dul = assoc.dul
+    dul._wake_r, dul._wake_w = socket.socketpair()  # type: ignore[attr-defined]
+    dul._wake_r.setblocking(False)  # type: ignore[attr-defined]
+    dul._wake_w.setblocking(False)  # type: ignore[attr-defined]
+    dul.__class__ = PromptDUL
+    assoc._prompt_wake = threading.Event()  # type: ignore[attr-defined]
+    assoc.__class__ = PromptAssociation
+
+
+HANDLERS = [(evt.EVT_CONN_OPEN, prompt)]

@@ -1,0 +1,57 @@
+"""Accepted associations wait for work instead of polling (node/scp/prompt.py), and still end
+the ways pynetdicom's own loops end them."""
+
+from __future__ import annotations
+
+import time
+
+from pynetdicom.sop_class import Verification
+
+from node.scp import prompt
+from node.scp.prompt import PromptAssociation, PromptDUL
+from tests.conftest import RunningNode, wait_for
+from tests.dicomgen import make_instance
+from tests.scu import associate, statuses, store
+
+
+def accepted(node: RunningNode) -> list[object]:
+    server = node.node.server
+    assert server is not None
+    return list(server.ae.active_associations)
+
+
+def test_an_idle_association_wakes_only_to_check_its_timers(node: RunningNode,
+                                                             monkeypatch: object) -> None:
+    waits = {"dul": 0}
+    original = PromptDUL._wait_for_work
+
+    def counted(self: PromptDUL) -> None:
+        waits["dul"] += 1
+        original(self)
+
+    monkeypatch.setattr(PromptDUL, "_wait_for_work", counted)  # type: ignore[attr-defined]
+    assoc = associate(node.port, contexts=[Verification])
+    assert assoc.is_established
+    try:
+        assert wait_for(lambda: len(accepted(node)) == 1, 5)
+        (theirs,) = accepted(node)
+        assert type(theirs) is PromptAssociation and type(theirs.dul) is PromptDUL  # type: ignore[attr-defined]
+        assert assoc.send_c_echo().Status == 0x0000
+        before = waits["dul"]
+        time.sleep(0.5)
+        # pynetdicom's polling loop turns every millisecond (~500 times here); this one wakes
+        # for its timers every IDLE_WAIT (50 times), and on nothing else while idle.
+        assert waits["dul"] - before <= 0.5 / prompt.IDLE_WAIT * 1.5
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert wait_for(lambda: not accepted(node), 5)
+
+
+def test_stores_then_release_and_abort_end_the_association(node: RunningNode) -> None:
+    assert statuses(store(node.port, [make_instance() for _ in range(5)])) == [0] * 5
+    assert wait_for(lambda: not accepted(node), 5)
+    assoc = associate(node.port, contexts=[Verification])
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.abort()
+    assert wait_for(lambda: not accepted(node), 5)

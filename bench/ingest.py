@@ -1,175 +1,216 @@
-"""C-STORE ingest benchmark: images/s and MB/s into a real `pacsnode serve`, with peak memory.
+"""C-STORE ingest benchmark: pacsnode against DCMTK storescp and Orthanc, in one run.
 
-Runs a fresh node (its own data directory and database) for each case, sends with DCMTK's
-storescu (TCP_NODELAY=1, as DCMTK stalls without it) over 1 and 4 parallel associations, small
-(64x64) and CT-sized (512x512) images, checks every image was acknowledged and indexed, and
-prints a table. A benchmark, not a test: it prints figures and never fails on them.
+For every receiver, dataset (small 64x64 and CT-sized 512x512 images) and association count
+(1 and 4), a fresh receiver with empty storage is started, the images are sent with DCMTK
+storescu (TCP_NODELAY=1) over parallel associations, every image is checked to have been
+stored (pacsnode: indexed), and images/s, MB/s, the receiver's peak RSS and the CPU seconds it
+used during the send are recorded. The runs are interleaved (run 1 of every case, then run 2,
+and so on, the receivers in a rotating order) so drift hits every receiver alike; each cell is
+the median of the runs, with min-max. A benchmark, not a test: it never fails on the figures.
 
-    python bench/ingest.py                      # SQLite, defaults below
-    python bench/ingest.py --database-url postgresql+psycopg://user:pw@127.0.0.1/db --runs 3
+Receivers (`--receivers`, default: every one installed; one that is not is skipped with a note):
+  pacsnode  `python -m node.cli serve`, fresh data directory and index; every instance is
+            fsynced and indexed before it is acknowledged.
+  dcmtk     DCMTK `storescp --fork -od DIR` (a process per association, files only, no fsync).
+  orthanc   Orthanc with its SQLite index in a fresh storage folder (no fsync by default).
+
+    python bench/ingest.py                                  # all installed receivers, 3 runs
+    python bench/ingest.py --runs 1 --small 200 --ct 50     # a quick check
+    python bench/ingest.py --receivers pacsnode --database-url postgresql+psycopg://u:p@host/db
+
+Peak RSS is the receiver process's VmHWM, or for storescp --fork the highest sampled sum over
+the parent and its per-association children.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sqlalchemy import create_engine, text  # noqa: E402
+from data import image_set, warm
+from peers import RECEIVERS, STORESCU, PacsNode, Receiver, private_network, send
 
-from tests.dicomgen import write_study  # noqa: E402
-
-STORESCU = "/usr/bin/storescu"  # DCMTK's, never the venv's pynetdicom tool of that name
+DATASETS = {"CT": 512, "64x64": 64}  # label -> image size, in the matrix's column order
 
 
 @dataclass
-class Result:
+class Run:
+    seconds: float
+    peak_rss_mb: float
+    cpu_seconds: float
+
+
+@dataclass
+class Cell:
+    receiver: str
     dataset: str
     associations: int
     images: int
     megabytes: float
-    seconds: float
-    peak_rss_mb: float
+    runs: list[Run] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def rate(self, seconds: float) -> float:
+        return self.images / seconds
 
     @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds
+    def median_seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.runs)
 
-    @property
-    def mb_per_s(self) -> float:
-        return self.megabytes / self.seconds
+    def row(self) -> str:
+        head = f"| {self.receiver:<8} | {self.dataset:<5} | {self.associations:>5} | " \
+               f"{self.images:>6} |"
+        if not self.runs:
+            return f"{head} failed: {self.failures[0][:80] if self.failures else '?'} |"
+        rates = [self.rate(r.seconds) for r in self.runs]
+        seconds = self.median_seconds
+        note = f" ({len(self.failures)} failed)" if self.failures else ""
+        return (f"{head} {self.rate(seconds):>7.0f} | {min(rates):>5.0f}-{max(rates):<5.0f} | "
+                f"{self.megabytes / seconds:>7.1f} | "
+                f"{max(r.peak_rss_mb for r in self.runs):>11.0f} | "
+                f"{statistics.median(r.cpu_seconds for r in self.runs):>5.2f} |{note}")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_data(folder: Path, count: int, size: int) -> list[Path]:
-    if folder.is_dir() and len(list(folder.glob("*.dcm"))) == count:
-        return sorted(folder.glob("*.dcm"))
-    shutil.rmtree(folder, ignore_errors=True)
-    # Several studies of 50 images, like a modality's bursts.
-    files: list[Path] = []
-    while len(files) < count:
-        files += write_study(folder / f"s{len(files)}", min(50, count - len(files)), size=size)
-    for path in files:
-        path.rename(folder / path.name)
-    return sorted(folder.glob("*.dcm"))
+    def matrix_value(self) -> str:
+        return f"{self.rate(self.median_seconds):.0f}" if self.runs else "failed"
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def make_receiver(name: str, work: Path, database_url: str | None) -> Receiver:
+    if name == "pacsnode":
+        return PacsNode(work, database_url)
+    return RECEIVERS[name](work)
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("pacsnode serve exited at start")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit("pacsnode serve did not start listening")
-
-
-def reset_database(url: str) -> None:
-    if url.startswith("sqlite"):
-        return
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-
-
-def run_case(files: list[Path], dataset: str, associations: int, database_url: str | None,
-             work: Path) -> Result:
-    data_dir = work / "node"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    port = free_port()
-    db_line = f'database_url = "{database_url}"\n' if database_url else ""
-    if database_url:
-        reset_database(database_url)
-    config = work / "bench.toml"
-    config.write_text(f'[node]\ndata_dir = "{data_dir}"\n{db_line}listen_host = "127.0.0.1"\n'
-                      f'log_level = "WARNING"\n[bootstrap_partition]\nport = {port}\n')
-    node = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run_case(receiver: Receiver, files: list[Path], associations: int) -> Run:
+    warm(files)
+    receiver.start()
     try:
-        wait_listening(port, node)
-        parts = [files[i::associations] for i in range(associations)]
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        started = time.perf_counter()
-        senders = [subprocess.Popen([STORESCU, "-aec", "PACSNODE", "127.0.0.1", str(port),
-                                     *map(str, part)], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE) for part in parts]
-        failed = [s for s in senders if s.wait() != 0]
-        seconds = time.perf_counter() - started
-        if failed:
-            raise SystemExit(f"storescu failed: {failed[0].stderr.read().decode()[:500]}")  # type: ignore[union-attr]
-        rss = peak_rss_mb(node.pid)
+        receiver.wait_ready()
+        cpu_before = receiver.cpu_seconds()
+        with receiver.sampler() as sampler:
+            seconds = send(files, associations, receiver.ae_title, receiver.port)
+            cpu = receiver.cpu_seconds() - cpu_before
+        peak = max(receiver.hwm_mb(), sampler.peak_mb)
     finally:
-        node.terminate()
-        node.wait(timeout=60)
-    url = database_url or f"sqlite:///{data_dir / 'pacsnode.db'}"
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        indexed = conn.execute(text("select count(*) from instances")).scalar_one()
-    engine.dispose()
-    if indexed != len(files):
-        raise SystemExit(f"only {indexed} of {len(files)} images were indexed")
-    megabytes = sum(f.stat().st_size for f in files) / 1e6
-    return Result(dataset, associations, len(files), megabytes, seconds, rss)
+        receiver.stop()
+    try:
+        stored = receiver.stored()
+    except Exception as exc:  # an index that cannot be read counts as nothing stored
+        raise RuntimeError(f"cannot count what {receiver.name} stored: {exc}") from exc
+    if stored != len(files):
+        raise RuntimeError(f"{receiver.name} stored {stored} of {len(files)} images; log: "
+                           f"{receiver.log_tail(300)}")
+    receiver.clean()
+    os.sync()  # flush the deletions now, not in the next case's timed window
+    return Run(seconds, peak, cpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--receivers", default=",".join(RECEIVERS),
+                        help="comma-separated, from: " + ", ".join(RECEIVERS))
     parser.add_argument("--small", type=int, default=2000, help="number of 64x64 images")
     parser.add_argument("--ct", type=int, default=200, help="number of 512x512 images")
-    parser.add_argument("--runs", type=int, default=1, help="repetitions (median is printed)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per cell (median is printed)")
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--database-url", default=None, help="default: the node's SQLite")
+    parser.add_argument("--database-url", default=None,
+                        help="pacsnode's index (default: SQLite in its data directory)")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) /
                         "pacsnode-bench-data", help="where the generated images are kept")
     parser.add_argument("--work", type=Path, default=None,
-                        help="node data directory parent (default: a temporary folder; put it "
-                             "on the filesystem you want to measure)")
+                        help="parent of the receivers' storage (default: a temporary folder; "
+                             "put it on the filesystem you want to measure)")
+    parser.add_argument("--no-netns", action="store_true",
+                        help="stay in the host's network (default: a private loopback-only "
+                             "namespace when root; always off with --database-url)")
     args = parser.parse_args()
+
+    network = private_network(not args.no_netns and not args.database_url)
     if not Path(STORESCU).exists():
-        raise SystemExit("DCMTK is needed: apt-get install dcmtk")
-    datasets = {"small 64x64": make_data(args.data / "small", args.small, 64),
-                "CT 512x512": make_data(args.data / "ct", args.ct, 512)}
+        raise SystemExit(f"DCMTK's {STORESCU} is needed as the sender: apt-get install dcmtk")
+    wanted = [name.strip() for name in args.receivers.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in RECEIVERS]
+    if unknown:
+        raise SystemExit(f"unknown receiver(s) {', '.join(unknown)}; known: {', '.join(RECEIVERS)}")
+    names: list[str] = []
+    for name in wanted:
+        why = RECEIVERS[name].unavailable()
+        if why:
+            print(f"note: skipping {name}: {why}")
+        else:
+            names.append(name)
+    if not names:
+        raise SystemExit("no receiver to measure")
+
+    datasets = {label: image_set(args.data, args.small if size == 64 else args.ct, size)
+                for label, size in DATASETS.items()}
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsnode-bench-"))
-    print(f"pacsnode ingest, {os.cpu_count()} CPUs, database "
-          f"{'SQLite' if not args.database_url else args.database_url.split('@')[-1]}, "
-          f"work dir {work}, median of {args.runs} run(s)\n")
-    print(f"| {'dataset':<12} | assoc | images | {'img/s':>7} | {'MB/s':>7} | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, files in datasets.items():
-        for n in args.associations:
-            results = [run_case(files, name, n, args.database_url, work)
-                       for _ in range(args.runs)]
-            seconds = statistics.median(r.seconds for r in results)
-            r = results[0]
-            print(f"| {name:<12} | {n:>5} | {r.images:>6} | {r.images / seconds:>7.0f} | "
-                  f"{r.megabytes / seconds:>7.1f} | {max(x.peak_rss_mb for x in results):>11.0f} |",
-                  flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    receivers = {name: make_receiver(name, work, args.database_url) for name in names}
+    cells = {(name, label, n): Cell(name, label, n, len(files),
+                                    sum(f.stat().st_size for f in files) / 1e6)
+             for name in names for label, files in datasets.items()
+             for n in args.associations}
+
+    index = "SQLite" if not args.database_url else args.database_url.split("@")[-1]
+    print(f"C-STORE ingest, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+          f"{network}, work dir {work}, pacsnode index {index}, {args.runs} run(s) per cell")
+    print("receivers: " + "; ".join(RECEIVERS[n].version() or n for n in names))
+    print("sender: DCMTK storescu, TCP_NODELAY=1, files split round-robin over the associations")
+    print("data: " + "; ".join(f"{cell.dataset} {cell.images} images, {cell.megabytes:.1f} MB"
+                               for cell in cells.values() if cell.receiver == names[0]
+                               and cell.associations == args.associations[0]) + "\n",
+          flush=True)
+
+    started = time.monotonic()
+    for run in range(args.runs):
+        order = names[run % len(names):] + names[:run % len(names)]
+        for label, files in datasets.items():
+            for n in args.associations:
+                for name in order:
+                    cell = cells[(name, label, n)]
+                    try:
+                        result = run_case(receivers[name], files, n)
+                    except Exception as exc:
+                        cell.failures.append(str(exc))
+                        print(f"  run {run + 1}: {name} {label} x{n}: FAILED: {exc}",
+                              file=sys.stderr, flush=True)
+                        continue
+                    cell.runs.append(result)
+                    print(f"  run {run + 1}: {name:<8} {label:<5} x{n}: "
+                          f"{cell.rate(result.seconds):7.0f} img/s, "
+                          f"peak RSS {result.peak_rss_mb:.0f} MB, CPU {result.cpu_seconds:.2f} s",
+                          file=sys.stderr, flush=True)
+    print(f"({time.monotonic() - started:.0f} s)\n")
+
+    print("| receiver | data  | assoc | images |   img/s | min-max     |    MB/s | peak RSS MB "
+          "| CPU s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cell in cells.values():
+        print(cell.row())
+    columns = [(label, n) for label in DATASETS for n in args.associations]
+    print("\nimages/s, median of", args.runs, "run(s):\n")
+    print("| receiver | " + " | ".join(f"{label} {n} assoc" for label, n in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name in names:
+        print(f"| {name} | " + " | ".join(cells[(name, label, n)].matrix_value()
+                                         for label, n in columns) + " |")
+    failed = [c for c in cells.values() if c.failures]
+    if not failed and args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        print(f"\n{sum(len(c.failures) for c in failed)} run(s) failed (logs kept in {work}); "
+              f"first: {failed[0].failures[0]}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

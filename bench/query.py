@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pydicom.dataset import Dataset  # noqa: E402
-from pynetdicom import AE  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
@@ -48,6 +48,13 @@ def reset_postgres(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
+
+
+def eager(event: evt.Event) -> None:
+    """The measuring client's DUL looks for the next answer every 50 us instead of every
+    1 ms (pynetdicom's default), so the figures are the node's, not this client's polling
+    (DCMTK findscu reads answers as they arrive)."""
+    event.assoc.dul._run_loop_delay = 0.00005
 
 
 def timed_find(assoc, query: Dataset) -> tuple[float, int]:
@@ -124,7 +131,7 @@ def main() -> None:
         ae = AE(ae_title="BENCH")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE",
-                             evt_handlers=CONNECTION_HANDLERS)
+                             evt_handlers=[*CONNECTION_HANDLERS, (evt.EVT_CONN_OPEN, eager)])
         assert assoc.is_established
         print("| query | p50 ms | p95 ms | mean matches |")
         print("|---|---:|---:|---:|")

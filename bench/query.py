@@ -1,7 +1,8 @@
 """C-FIND latency on a large index: p50/p95 of typical queries over real associations.
 
 Fills a node's index with 100,000 studies / 1,000,000 instances (index rows only, no files),
-starts the node, and times C-FIND requests from a pynetdicom SCU on loopback: study-level
+starts the node (`pacsnode serve`, a process of its own) and times C-FIND requests from a
+pynetdicom SCU on loopback: study-level
 queries by patient ID, by patient name with a wildcard, by date range + modality, by accession
 number, and a series-level query for one study. A benchmark, not a test: it prints figures.
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +39,6 @@ from tests.indexfill import ROOT as UID_ROOT  # noqa: E402
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,6 +49,18 @@ def reset_postgres(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("pacsnode serve exited at start")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit("pacsnode serve did not start listening")
 
 
 def eager(event: evt.Event) -> None:
@@ -111,9 +124,17 @@ def main() -> None:
             print(f"filled {args.studies - have} studies in {time.perf_counter() - started:.0f} s")
         with node.db.session() as session:
             instances = session.scalar(select(func.count()).select_from(Instance))
-        print(f"index: {args.studies} studies, {instances} instances, database "
-              f"{'SQLite' if not args.database_url else 'PostgreSQL'}\n")
-
+    finally:
+        node.stop()
+    print(f"index: {args.studies} studies, {instances} instances, database "
+          f"{'SQLite' if not args.database_url else 'PostgreSQL'}\n")
+    # Queried in a `pacsnode serve` process of its own, so the figures do not include this
+    # client's decoding of the answers competing for the same GIL.
+    server = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config",
+                               str(settings_file)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, server)
         rng = random.Random(7)
         n = args.studies
 
@@ -154,7 +175,8 @@ def main() -> None:
               f"{statistics.quantiles(series_timings, n=20)[18]:.1f} | 2 |")
         assoc.release()
     finally:
-        node.stop()
+        server.terminate()
+        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

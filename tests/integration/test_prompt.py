@@ -1,8 +1,9 @@
-"""Accepted associations wait for work instead of polling (node/scp/prompt.py), and still end
-the ways pynetdicom's own loops end them."""
+"""Accepted associations wait for work instead of polling (node/scp/prompt.py), still end the
+ways pynetdicom's own loops end them, and do not get a deep copy of the server's contexts."""
 
 from __future__ import annotations
 
+import copy
 import time
 
 from pynetdicom.sop_class import Verification
@@ -55,3 +56,25 @@ def test_stores_then_release_and_abort_end_the_association(node: RunningNode) ->
     assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
     assoc.abort()
     assert wait_for(lambda: not accepted(node), 5)
+
+
+def test_associations_share_the_servers_contexts_instead_of_copying_them(
+        node: RunningNode) -> None:
+    server = node.node.server
+    assert server is not None
+    (listener,) = server.listeners.values()
+    first = associate(node.port, contexts=[Verification])
+    second = associate(node.port, contexts=[Verification])
+    try:
+        assert first.is_established and second.is_established
+        assert wait_for(lambda: len(accepted(node)) == 2, 5)
+        shared = {id(cx) for cx in listener.contexts}
+        for theirs in accepted(node):
+            # The requestor-first handler gave each its own list of new contexts; neither
+            # association got a deep copy of the server's 178.
+            assert theirs.acceptor.supported_contexts is not listener.contexts  # type: ignore[attr-defined]
+        copied = copy.deepcopy(listener.contexts)  # what pynetdicom does per association
+        assert copied is not listener.contexts and {id(cx) for cx in copied} == shared
+    finally:
+        first.release()
+        second.release()

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.dicomgen import ROOT as UID_ROOT  # noqa: E402
-from tests.dicomgen import write_study  # noqa: E402
+from tests.dicomgen import set_monochrome12, write_study  # noqa: E402
 
 # Multi-frame Grayscale Word Secondary Capture Image Storage: a multi-frame 16-bit image.
 MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
@@ -101,14 +101,7 @@ def large_instance(root: Path, megabytes: int, size: int = 512) -> tuple[Path, s
     ds.NumberOfFrames = frames
     ds.FrameIncrementPointer = 0x00181063  # Frame Time
     ds.FrameTime = 40.0
-    ds.Rows = size
-    ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
+    set_monochrome12(ds, size)
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     base = (np.arange(size * size, dtype=np.uint16) * 7) & 0x0FFF
     with staging.open("wb") as out:

@@ -60,6 +60,13 @@ def make_instance(
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
     ds.InstitutionName = "GENERAL HOSPITAL"
+    set_monochrome12(ds, size)
+    ds.PixelData = bytes([fill & 0xFF, (fill >> 8) & 0x0F]) * (size * size)
+    return ds
+
+
+def set_monochrome12(ds: Dataset, size: int) -> None:
+    """The image pixel module of a square 12-bit grey image (pixel data not included)."""
     ds.Rows = size
     ds.Columns = size
     ds.SamplesPerPixel = 1
@@ -68,8 +75,6 @@ def make_instance(
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.PixelData = bytes([fill & 0xFF, (fill >> 8) & 0x0F]) * (size * size)
-    return ds
 
 
 def write_study(

@@ -4,22 +4,26 @@ Builds complete binary trees of in-process nodes (control plane and SQLite datab
 DICOM listener) on loopback, and for each tree prints
   - how long a hierarchy-wide device change made at the deepest, last leaf takes to reach every
     node, as an administrator sees it: the change is committed as `pacsnode device` commits it,
-    from outside the node's threads, so the leaf's sync loop is not woken and the change leaves
-    at its next round. "propagate" is polled from every node's database by this script;
-    "applied" is the same span read from the nodes' change-log timestamps (free of the
-    polling). Both are the median of --repeat changes (an add, then edits);
+    from outside the node's threads, so nothing wakes the leaf's sync loop: the leaf notices
+    it by polling its change log (hierarchy.plane.LOCAL_POLL_SECONDS). "propagate" is polled
+    from every node's database by this script (plain sqlite3 reads, which take no lock and
+    little of the GIL the nodes share); "applied" is the same span read from the nodes'
+    change-log timestamps (free of the polling). Both are the median of --repeat changes (an
+    add, then edits);
   - how long `recollect`, asked at that leaf (or --recollect-at root), takes to return with the
     CLI's deadline (recollect_timeout + 5 s), of which "collect" is until the last directory
     entry arrived, and how many nodes its summary says it listed, found unreachable and
     published the directory to (-1: no summary came). Between recollects it waits for the
     process to be idle again and logs which directory every node then holds.
 It also prints the CPU the idle tree uses: every node runs in this one process (one GIL), so
-once that nears 100% of a CPU the figures measure this process rather than the product. At the
-default intervals a 127-node tree does; `--heartbeat-seconds 5 --sync-seconds 1` keeps it near
-half a CPU (on 2 CPUs). A benchmark, not a test: it prints figures and never fails on them.
+once that nears 100% of a CPU the figures measure this process rather than the product.
+Once the tree has started, its objects are frozen out of the garbage collector's full passes
+(gc.freeze(); --no-gc-freeze to keep them): 127 nodes' heaps in one process make each full
+pass stop every thread for about half a second, which a node in its own process does not see.
+A benchmark, not a test: it prints figures and never fails on them.
 
-    python bench/hierarchy.py                               # 7, 31, 127 nodes; 0.5 s / 0.2 s
-    python bench/hierarchy.py --sizes 7 31 127 --heartbeat-seconds 5 --sync-seconds 1
+    python bench/hierarchy.py                               # 7, 31, 127 nodes; 1 s / 5 s
+    python bench/hierarchy.py --sizes 127 --no-gc-freeze
     python bench/hierarchy.py --sizes 7 31 --repeat 5 --recollect-at root
 
 Progress goes to stderr; `kill -USR1 <pid>` dumps every thread's stack there.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import resource
@@ -78,6 +83,16 @@ class Member:
     settings: Settings
     db: Database
     plane: ControlPlane
+    _reader: sqlite3.Connection | None = None
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """A plain connection for polling: autocommit reads take no lock (WAL) and, unlike a
+        session, do not hold the GIL the nodes share for long."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.settings.data_dir / "pacsnode.db",
+                                           isolation_level=None, check_same_thread=False)
+        return self._reader
 
     @property
     def node_id(self) -> str:
@@ -235,6 +250,8 @@ def stop_tree(members: list[Member]) -> None:
         for thread in threads:
             thread.join()
     for m in members:
+        if m._reader is not None:
+            m._reader.close()
         m.db.dispose()
 
 
@@ -256,15 +273,16 @@ def change_device(leaf: Member, round_: int) -> tuple[str, str]:
 
 
 def description_at(member: Member) -> str | None:
-    with member.db.session() as s:
-        return s.scalar(select(Device.description).where(Device.name == DEVICE))
+    row = member.reader.execute(f"SELECT description FROM {Device.__tablename__} "
+                                "WHERE name = ?", (DEVICE,)).fetchone()
+    return row[0] if row else None
 
 
 def applied_at(member: Member, version: str) -> datetime | None:
-    with member.db.session() as s:
-        return s.scalar(select(DeviceChange.created_at)
-                        .where(DeviceChange.name == DEVICE, DeviceChange.version == version)
-                        .order_by(DeviceChange.seq).limit(1))
+    row = member.reader.execute(f"SELECT created_at FROM {DeviceChange.__tablename__} "
+                                "WHERE name = ? AND version = ? ORDER BY seq LIMIT 1",
+                                (DEVICE, version)).fetchone()
+    return datetime.fromisoformat(row[0]) if row else None
 
 
 def propagate_once(members: list[Member], round_: int, timeout: float) -> tuple[float, float]:
@@ -292,13 +310,13 @@ def propagate_once(members: list[Member], round_: int, timeout: float) -> tuple[
 
 
 def recollect_once(member: Member, timeout: float) -> Recollected:
-    """Recollect asked at `member`, as `pacsnode hierarchy recollect` asks it."""
+    """Recollect asked at `member`, as `pacsnode recollect` asks it (entries in batches)."""
     with grpc.insecure_channel(member.control) as channel:
         stub = rpc.ControlStub(channel)
         started, cpu = time.monotonic(), time.process_time()
         collected = 0.0
         done = None
-        for event in stub.Recollect(pb.RecollectRequest(), timeout=timeout):
+        for event in stub.Recollect(pb.RecollectRequest(batched=True), timeout=timeout):
             if event.HasField("done"):
                 done = event.done
             else:
@@ -324,6 +342,18 @@ def directory_census(members: list[Member]) -> dict[int, int]:
             size = s.scalar(select(func.count()).select_from(DirectoryNode)) or 0
         sizes[size] = sizes.get(size, 0) + 1
     return dict(sorted(sizes.items()))
+
+
+def freeze_heap() -> None:
+    """Keep the started tree's objects out of the garbage collector's full passes.
+
+    Every node's heap is in this one process (each node's SQLAlchemy engine alone caches tens
+    of thousands of compiled-statement objects), so at 127 nodes a full collection walks
+    600,000+ objects and stops every thread for about half a second, every few seconds: a
+    pause a node in a process of its own, with a heap a hundredth that size, does not have.
+    gc.freeze() is what long-running servers do for the objects they keep."""
+    gc.collect()
+    gc.freeze()
 
 
 def idle_cpu(seconds: float) -> float:
@@ -356,6 +386,8 @@ def run_tree(nodes: int, args: argparse.Namespace) -> Figures:
         progress(f"{nodes} nodes: all registered after {startup:.1f} s")
         # Let the re-registrations that follow a node's first child (its role changes) pass.
         time.sleep(2 * args.heartbeat_seconds)
+        if args.gc_freeze:
+            freeze_heap()
         idle = idle_cpu(args.idle_seconds)
         progress(f"{nodes} nodes: idle, this process uses {100 * idle:.0f}% of a CPU")
         rounds = []
@@ -428,6 +460,9 @@ def main() -> None:
                         help="how long the idle tree's CPU use is measured")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="give up waiting for registration or a change after this long")
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                        help="leave the started tree's objects to the garbage collector's "
+                             "full passes (half-second pauses at 127 nodes)")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the temporary data directories (default: system temp)")
     parser.add_argument("--log-level", default="ERROR", help="level of the nodes' log (stderr)")
@@ -444,7 +479,8 @@ def main() -> None:
           f"loopback\nsync_seconds={args.sync_seconds} heartbeat_seconds="
           f"{args.heartbeat_seconds} rpc_timeout={args.rpc_timeout} recollect_timeout="
           f"{args.recollect_timeout} (Recollect call deadline {args.recollect_call_timeout} s); "
-          f"median of {args.repeat}\nchange made at the last leaf, sync loop not woken; "
+          f"median of {args.repeat}; gc.freeze() after start: {args.gc_freeze}\n"
+          "change made at the last leaf, sync loop not woken (it polls); "
           f"recollect asked at the {'root' if args.recollect_at == 'root' else 'last leaf'}\n")
     print(HEADER)
     print("|" + "---:|" * (HEADER.count("|") - 1))

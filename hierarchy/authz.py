@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Control"].full_name
 
-# Answers built from what the node holds. CollectSubtree and HierarchyStatus also ask the
-# children and note whether each answered, but that is this node's own observation: nothing
-# in the request is written anywhere.
-READ_ONLY = frozenset({"GetNodeInfo", "CollectSubtree", "HierarchyStatus", "QueueStatus"})
+# Answers built from what the node holds. CollectSubtree(Batches) and HierarchyStatus also ask
+# the children and note whether each answered, but that is this node's own observation:
+# nothing in the request is written anywhere.
+READ_ONLY = frozenset({"GetNodeInfo", "CollectSubtree", "CollectSubtreeBatches",
+                       "HierarchyStatus", "QueueStatus"})
 # Register, Heartbeat, PushDeviceChanges: neighbours and devices written from the request.
 # Recollect: the root stores and publishes a new directory on every node. PublishDirectory:
 # the directory (which C-MOVE destinations are resolved through) stored here and below.

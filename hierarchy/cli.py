@@ -93,15 +93,17 @@ def recollect(as_json: JsonOption = False, config: ConfigOption = None) -> None:
     entries: list[pb.DirectoryEntry] = []
     done: pb.RecollectDone | None = None
     with control_stub(settings) as stub:
-        stream = stub.Recollect(pb.RecollectRequest(),
+        stream = stub.Recollect(pb.RecollectRequest(batched=True),
                                 timeout=settings.hierarchy.recollect_timeout + 5)
         for event in call_stream(settings, stream):
             if event.HasField("done"):
                 done = event.done
                 continue
-            entries.append(event.entry)
+            arrived = list(event.entries.entries) if event.HasField("entries") else [event.entry]
+            entries.extend(arrived)
             if not as_json:
-                err.print(f"  {_progress(event.entry)}", highlight=False)
+                for e in arrived:
+                    err.print(f"  {_progress(e)}", highlight=False)
     if as_json:
         print_json({"root_id": done.root_id if done else "",
                     "published": done.published if done else 0,

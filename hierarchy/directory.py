@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hierarchy.rpc import control_pb2 as pb
 from node.db.models import DirectoryNode, DirectoryPartition, utcnow
+from node.replication import insert_rows, table
 
 EXPORT_NAME = "dotcom.json"
 
@@ -38,45 +39,75 @@ def entry(info: pb.NodeInfo, *, reachable: bool = True, error: str = "",
 
 
 def store(session: Session, entries: list[pb.DirectoryEntry], root_id: str,
-          collected: datetime | None = None) -> None:
+          collected: datetime | None = None) -> list[dict[str, Any]]:
     """Replace the directory with a recollect's result (a few statements, whatever its size:
-    every node of the tree stores it on the way down).
+    every node of the tree stores it on the way down); returns it as `listing` would read
+    it back.
 
     Nodes the previous directory had but this recollect did not reach (their parent did not
     answer) stay listed, as unreachable, so an administrator still sees they exist.
     """
     collected = collected or utcnow()
     seen = {e.node.node_id: e for e in entries}
-    rows = {row.node_id: row for row in session.scalars(select(DirectoryNode))}
-    for node_id, old in rows.items():
-        if node_id not in seen:
-            old.reachable = False
-            old.error = f"not reached by the recollect from {root_id}"
-            old.collected_at = collected
-    for node_id, e in seen.items():
-        row = rows.get(node_id)
-        if row is None:
-            row = DirectoryNode(node_id=node_id)
-            session.add(row)
-        n = e.node
-        row.parent_id = n.parent_id
-        row.site = n.site
-        row.control_address = n.control_address
-        row.dicom_host = n.dicom_host
-        row.role = n.role
-        row.version = n.version
-        row.reachable = e.reachable
-        row.error = e.error
-        row.last_seen = from_ms(e.last_seen_ms)
-        row.collected_at = collected
-        row.root_id = root_id
-    session.flush()
-    session.execute(delete(DirectoryPartition).where(DirectoryPartition.node_id.in_(seen)))
-    partitions = [{"node_id": node_id, "ae_title": p.ae_title, "port": p.port,
-                   "tls_port": p.tls_port, "enabled": p.enabled}
-                  for node_id, e in seen.items() for p in e.node.partitions]
-    if partitions:
-        session.execute(insert(DirectoryPartition), partitions)
+    nodes, partitions = table(DirectoryNode), table(DirectoryPartition)
+    left_out = session.execute(nodes.update().where(nodes.c.node_id.not_in(seen)).values(
+        reachable=False, error=f"not reached by the recollect from {root_id}",
+        collected_at=collected)).rowcount  # type: ignore[attr-defined]
+    # Replaced rather than updated, in as few statements as possible: in a busy process each
+    # one waits its turn for the GIL.
+    session.execute(partitions.delete().where(partitions.c.node_id.in_(seen)))
+    session.execute(nodes.delete().where(nodes.c.node_id.in_(seen)))
+    insert_rows(session, nodes, [_node_row(node_id, e, root_id, collected)
+                                 for node_id, e in seen.items()])
+    insert_rows(session, partitions, [
+        {"node_id": node_id, "ae_title": p.ae_title, "port": p.port, "tls_port": p.tls_port,
+         "enabled": p.enabled} for node_id, e in seen.items() for p in e.node.partitions])
+    _expire(session)
+    stamps: dict[int, str | None] = {}  # each distinct time formatted once
+    stored = [_listed(node_id, e, root_id, _iso(collected), stamps)
+              for node_id, e in seen.items()]
+    if left_out:
+        stored += listing(session, excluding=set(seen))
+    return sorted(stored, key=lambda n: n["node_id"])
+
+
+def _listed(node_id: str, e: pb.DirectoryEntry, root_id: str, collected: str | None,
+            stamps: dict[int, str | None]) -> dict[str, Any]:
+    """What `listing` shows for an entry stored just now."""
+    n = e.node
+    if e.last_seen_ms not in stamps:
+        stamps[e.last_seen_ms] = _iso(from_ms(e.last_seen_ms))
+    return {"node_id": node_id, "site": n.site, "role": n.role, "parent_id": n.parent_id,
+            "control_address": n.control_address, "dicom_host": n.dicom_host,
+            "partitions": [{"ae_title": p.ae_title, "port": p.port, "tls_port": p.tls_port,
+                            "enabled": p.enabled} for p in n.partitions],
+            "version": n.version, "reachable": e.reachable, "error": e.error,
+            "last_seen": stamps[e.last_seen_ms], "collected_at": collected, "root_id": root_id}
+
+
+def _iso(when: datetime | None) -> str | None:
+    """UTC, with its offset, whatever the database gives back (SQLite drops the zone)."""
+    if when is None:
+        return None
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return when.isoformat()
+
+
+def _expire(session: Session) -> None:
+    """Directory objects this session loaded earlier are reloaded on their next use."""
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, (DirectoryNode, DirectoryPartition)):
+            session.expire(obj)
+
+
+def _node_row(node_id: str, e: pb.DirectoryEntry, root_id: str,
+              collected: datetime) -> dict[str, Any]:
+    n = e.node
+    return {"node_id": node_id, "parent_id": n.parent_id, "site": n.site,
+            "control_address": n.control_address, "dicom_host": n.dicom_host, "role": n.role,
+            "version": n.version, "reachable": e.reachable, "error": e.error,
+            "last_seen": from_ms(e.last_seen_ms), "collected_at": collected,
+            "root_id": root_id}
 
 
 def not_reached(session: Session, reached: set[str]) -> list[pb.DirectoryEntry]:
@@ -101,26 +132,43 @@ def not_reached(session: Session, reached: set[str]) -> list[pb.DirectoryEntry]:
     return out
 
 
-def listing(session: Session) -> list[dict[str, Any]]:
+def listing(session: Session, excluding: set[str] | None = None) -> list[dict[str, Any]]:
+    """The stored directory, as `hierarchy directory --json` and dotcom.json show it (plain
+    rows, not ORM objects), less the nodes in `excluding`."""
+    p, n = DirectoryPartition, DirectoryNode
+    partition_query = select(p.node_id, p.ae_title, p.port, p.tls_port, p.enabled)
+    node_query = select(n.node_id, n.site, n.role, n.parent_id, n.control_address,
+                        n.dicom_host, n.version, n.reachable, n.error, n.last_seen,
+                        n.collected_at, n.root_id)
+    if excluding:
+        partition_query = partition_query.where(p.node_id.not_in(excluding))
+        node_query = node_query.where(n.node_id.not_in(excluding))
     partitions: dict[str, list[dict[str, Any]]] = {}
-    for p in session.scalars(select(DirectoryPartition).order_by(DirectoryPartition.id)):
-        partitions.setdefault(p.node_id, []).append(
-            {"ae_title": p.ae_title, "port": p.port, "tls_port": p.tls_port,
-             "enabled": p.enabled})
-    return [{"node_id": n.node_id, "site": n.site, "role": n.role, "parent_id": n.parent_id,
-             "control_address": n.control_address, "dicom_host": n.dicom_host,
-             "partitions": partitions.get(n.node_id, []), "version": n.version,
-             "reachable": n.reachable, "error": n.error,
-             "last_seen": n.last_seen.isoformat() if n.last_seen else None,
-             "collected_at": n.collected_at.isoformat() if n.collected_at else None,
-             "root_id": n.root_id}
-            for n in session.scalars(select(DirectoryNode).order_by(DirectoryNode.node_id))]
+    for node_id, ae_title, port, tls_port, enabled in session.execute(
+            partition_query.order_by(p.id)):
+        partitions.setdefault(node_id, []).append(
+            {"ae_title": ae_title, "port": port, "tls_port": tls_port, "enabled": enabled})
+    return [{"node_id": row.node_id, "site": row.site, "role": row.role,
+             "parent_id": row.parent_id, "control_address": row.control_address,
+             "dicom_host": row.dicom_host, "partitions": partitions.get(row.node_id, []),
+             "version": row.version, "reachable": row.reachable, "error": row.error,
+             "last_seen": _iso(row.last_seen), "collected_at": _iso(row.collected_at),
+             "root_id": row.root_id}
+            for row in session.execute(node_query.order_by(n.node_id))]
 
 
-def export(session: Session, data_dir: Path) -> Path:
-    """Write the directory to <data_dir>/dotcom.json (atomically: readers never see half)."""
+def export(session: Session, data_dir: Path, nodes: list[dict[str, Any]] | None = None
+           ) -> Path:
+    """Write the directory (`nodes`, else as stored) to <data_dir>/dotcom.json, atomically:
+    readers never see half.
+
+    One node per line: still readable, and written by json's C encoder (an indented dump
+    goes through its pure-Python one, ten times slower for a large tree).
+    """
     path = data_dir / EXPORT_NAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"nodes": listing(session)}, indent=2))
+    lines = ",\n".join(json.dumps(node) for node in (
+        listing(session) if nodes is None else nodes))
+    tmp.write_text(f'{{"nodes": [\n{lines}\n]}}\n' if lines else '{"nodes": []}\n')
     os.replace(tmp, path)
     return path

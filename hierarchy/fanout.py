@@ -47,13 +47,31 @@ def up_timeout(remaining: float) -> float:
     return max(0.05, remaining * UP_SHARE)
 
 
+def start_thread(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, name="fan-out", daemon=True).start()
+
+
 def fan_out(calls: Sequence[Call[T]], remaining: float,
             failed: Callable[[str, str], T | None],
-            answered: Callable[[str], None] = lambda _key: None) -> Iterator[T]:
+            answered: Callable[[str], None] = lambda _key: None,
+            spawn: Callable[[Callable[[], None]], object] = start_thread) -> Iterator[T]:
     """Yield every child's answers as they come; `failed(key, reason)` stands in for a child
-    that errs or misses its deadline before answering anything."""
+    that errs or misses its deadline before answering anything. `spawn` runs each call in
+    the background (a new thread by default; a node passes its pool of reused threads)."""
+    for batch in fan_out_batches(calls, remaining, failed, answered, spawn):
+        yield from batch
+
+
+def fan_out_batches(calls: Sequence[Call[T]], remaining: float,
+                    failed: Callable[[str, str], T | None],
+                    answered: Callable[[str], None] = lambda _key: None,
+                    spawn: Callable[[Callable[[], None]], object] = start_thread
+                    ) -> Iterator[list[T]]:
+    """As `fan_out`, but each time yields every answer that has arrived by then: a node
+    passing a subtree's answers on sends a few messages rather than one per node. The calls
+    start at once, before the first answer is asked for."""
     if not calls:
-        return
+        return iter(())
     deadline = time.monotonic() + remaining * WAIT_SHARE
     timeout = child_timeout(remaining)
     inbox: queue.Queue[tuple[str, str, object]] = queue.Queue()
@@ -70,24 +88,23 @@ def fan_out(calls: Sequence[Call[T]], remaining: float,
             inbox.put((call.key, "error", str(exc)))
 
     for call in calls:
-        threading.Thread(target=run, args=(call,), name=f"fan-out-{call.key}",
-                         daemon=True).start()
-    pending = {call.key for call in calls}
+        spawn(lambda call=call: run(call))  # type: ignore[misc]
+    return _gather([call.key for call in calls], inbox, deadline, timeout, failed, answered)
+
+
+def _gather(keys: list[str], inbox: queue.Queue[tuple[str, str, object]], deadline: float,
+            timeout: float, failed: Callable[[str, str], T | None],
+            answered: Callable[[str], None]) -> Iterator[list[T]]:
+    pending = set(keys)
     answered_any: set[str] = set()
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            key, kind, payload = inbox.get(timeout=left)
-        except queue.Empty:
-            break
+
+    def take(key: str, kind: str, payload: object, batch: list[T]) -> None:
         if kind == "item":
             if key not in answered_any:
                 answered_any.add(key)
                 answered(key)
-            yield payload  # type: ignore[misc]
-            continue
+            batch.append(payload)  # type: ignore[arg-type]
+            return
         pending.discard(key)
         if kind == "error":
             if key in answered_any:
@@ -96,9 +113,27 @@ def fan_out(calls: Sequence[Call[T]], remaining: float,
             else:
                 item = failed(key, str(payload))
                 if item is not None:
-                    yield item
-    for key in sorted(pending):
-        if key not in answered_any:
-            item = failed(key, f"no answer within {timeout:.1f} s")
-            if item is not None:
-                yield item
+                    batch.append(item)
+
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            message = inbox.get(timeout=left)
+        except queue.Empty:
+            break
+        batch: list[T] = []
+        take(*message, batch)
+        while pending:  # and whatever else has arrived meanwhile
+            try:
+                message = inbox.get_nowait()
+            except queue.Empty:
+                break
+            take(*message, batch)
+        if batch:
+            yield batch
+    late = [failed(key, f"no answer within {timeout:.1f} s")
+            for key in sorted(pending) if key not in answered_any]
+    if any(item is not None for item in late):
+        yield [item for item in late if item is not None]

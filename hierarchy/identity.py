@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from importlib import metadata
 
@@ -13,7 +14,9 @@ from node.config import Settings, split_address
 from node.db.models import Neighbour, Partition
 
 
+@functools.cache
 def version() -> str:
+    """Looked up once: the lookup scans the installed distributions."""
     try:
         return metadata.version("pacsnode")
     except metadata.PackageNotFoundError:
@@ -45,15 +48,19 @@ def role(has_parent: bool, children: int) -> str:
 
 
 def local_info(session: Session, settings: Settings) -> pb.NodeInfo:
-    partitions = [pb.Partition(ae_title=p.ae_title, port=p.port, tls_port=p.tls_port,
-                               enabled=p.enabled)
-                  for p in session.scalars(select(Partition).order_by(Partition.id))]
-    parent_id = session.scalar(select(Neighbour.node_id).where(Neighbour.role == "parent")) or ""
-    children = len(session.scalars(select(Neighbour.node_id)
-                                   .where(Neighbour.role == "child")).all())
+    """Two small queries (plain rows): heartbeats and every tree walk build this."""
+    partitions = [pb.Partition(ae_title=ae_title, port=port, tls_port=tls_port, enabled=enabled)
+                  for ae_title, port, tls_port, enabled in session.execute(
+                      select(Partition.ae_title, Partition.port, Partition.tls_port,
+                             Partition.enabled).order_by(Partition.id))]
+    roles = session.execute(select(Neighbour.node_id, Neighbour.role)).all()
+    parent_id = next((node_id for node_id, kind in roles if kind == "parent"), "")
+    children = sum(1 for _node_id, kind in roles if kind == "child")
     return pb.NodeInfo(
         node_id=settings.node_id, site=settings.hierarchy.site,
         control_address=advertise_address(settings), dicom_host=dicom_host(settings),
         partitions=partitions, role=role(bool(settings.hierarchy.parent), children),
         version=version(), parent_id=parent_id,
         heartbeat_seconds=settings.hierarchy.heartbeat_seconds)
+
+

@@ -157,21 +157,31 @@ def _disable_others(session: Session, neighbour_id: str, current: list[int]) -> 
                                          Device.id.not_in(current)).values(enabled=False))
 
 
-def seen(session: Session, node_id: str, queue_depth: int | None = None) -> bool:
-    """The neighbour answered; False if this node does not know it."""
-    n = get(session, node_id)
-    if n is None:
-        return False
-    n.last_seen = utcnow()
-    n.reachable = True
-    n.last_error = ""
+def seen(session: Session, node_id: str, queue_depth: int | None = None,
+         role: str | None = None) -> bool:
+    """The neighbour answered; False if this node does not know it (in that role).
+
+    One UPDATE: heartbeats and pushes call this for every message.
+    """
+    values: dict[str, object] = {"last_seen": utcnow(), "reachable": True, "last_error": ""}
     if queue_depth is not None:
-        n.queue_depth = queue_depth
-    return True
+        values["queue_depth"] = queue_depth
+    query = update(Neighbour).where(Neighbour.node_id == node_id)
+    if role is not None:
+        query = query.where(Neighbour.role == role)
+    result = session.execute(query.values(**values).execution_options(
+        synchronize_session=False))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def seen_all(session: Session, node_ids: list[str]) -> None:
+    """Several neighbours answered (a tree walk): one UPDATE."""
+    if node_ids:
+        session.execute(update(Neighbour).where(Neighbour.node_id.in_(node_ids)).values(
+            last_seen=utcnow(), reachable=True, last_error="").execution_options(
+                synchronize_session=False))
 
 
 def unreachable(session: Session, node_id: str, error: str) -> None:
-    n = get(session, node_id)
-    if n is not None:
-        n.reachable = False
-        n.last_error = error
+    session.execute(update(Neighbour).where(Neighbour.node_id == node_id).values(
+        reachable=False, last_error=error).execution_options(synchronize_session=False))

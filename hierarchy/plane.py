@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from hierarchy import neighbours
 from hierarchy.authz import Authorizer
@@ -25,6 +29,7 @@ from hierarchy.servicer import ControlServicer, records_to_pb
 from node import replication
 from node.config import Settings
 from node.db.database import Database
+from node.db.models import Neighbour
 from node.forwarding import admin
 
 if TYPE_CHECKING:
@@ -34,6 +39,13 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Control"].full_name
 PUSH_BATCH = 500
+# How soon a change committed by another process (`pacsnode device` commits straight to the
+# database) leaves this node: it polls the change log's newest seq, one indexed read without
+# a transaction, this often (or every sync_seconds, if that is shorter).
+LOCAL_POLL_SECONDS = 0.2
+# With every neighbour up to date, the neighbours are still read again this often (cursors
+# are otherwise only re-read when something changes).
+FULL_ROUND_SECONDS = 30.0
 
 
 class ControlPlane:
@@ -49,6 +61,16 @@ class ControlPlane:
         self._threads: list[threading.Thread] = []
         self._registered: bytes | None = None  # the NodeInfo the parent last accepted
         self._parent_ok: bool | None = None
+        self._servicer: ControlServicer | None = None
+        self._top = -1  # the newest change-log seq the last sync round saw
+        self._healthy = True  # the last sync round or poll did not fail
+        # Changes received since the last round, handed over by the servicer once committed.
+        self._fresh: list[replication.Logged] = []
+        self._fresh_lock = threading.Lock()
+        # Every neighbour with its cursor, when all of them had everything up to self._top;
+        # None when not known (a neighbour registered or lagged, a push failed, ...).
+        self._known: list[Target] | None = None
+        self._wakes = 0  # a round that began before a wake() does not vouch for _known
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -73,8 +95,9 @@ class ControlPlane:
             # start and silently share it. Fail instead.
             options=[("grpc.so_reuseport", 0)],
             interceptors=[Authorizer(tls, h.allow_insecure_remote, self._parent_id)])
-        rpc.add_ControlServicer_to_server(
-            ControlServicer(self.settings, db, self.peers, self.wake), self.server)
+        self._servicer = ControlServicer(self.settings, db, self.peers, self.wake,
+                                         self.applied)
+        rpc.add_ControlServicer_to_server(self._servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
             if tls:
@@ -113,10 +136,22 @@ class ControlPlane:
         for thread in self._threads:
             thread.join(timeout=self.settings.hierarchy.rpc_timeout + 1)
         self._threads.clear()
+        if self._servicer is not None:
+            self._servicer.close()
         self.peers.close()
         log.info("control plane stopped")
 
     def wake(self) -> None:
+        """Push now, after reading every neighbour's cursor and the change log again."""
+        self._wakes += 1
+        self._known = None
+        self._wake.set()
+
+    def applied(self, logged: replication.Logged) -> None:
+        """`logged` was just committed: push it now (without reading it back if it is all
+        that is new since the last round)."""
+        with self._fresh_lock:
+            self._fresh.append(logged)
         self._wake.set()
 
     def _parent_id(self) -> str | None:
@@ -145,8 +180,7 @@ class ControlPlane:
         with self.db.session() as session:
             info = local_info(session, self.settings)
             waiting, _failed = admin.depth(session)
-            parent = neighbours.parent(session)
-            parent_id = parent.node_id if parent is not None else ""
+        parent_id = info.parent_id  # the registered parent, if any
         # Registering again whenever this changes keeps the parent's copy current (partitions,
         # addresses, and the role, which changes when this node gains its first child).
         digest = info.SerializeToString(deterministic=True)
@@ -194,64 +228,178 @@ class ControlPlane:
     # --- device-table sync -------------------------------------------------------------
 
     def _sync_loop(self) -> None:
+        """Push whenever there is something to push: at once when woken (changes received,
+        a neighbour registered), within LOCAL_POLL_SECONDS of a change another process (the
+        CLI) commits, and every sync_seconds while a neighbour has not taken its changes."""
+        h = self.settings.hierarchy
+        poll = min(h.sync_seconds, LOCAL_POLL_SECONDS)
+        next_round = 0.0
         while not self._stop.is_set():
-            self._wake.wait(self.settings.hierarchy.sync_seconds)
+            woken = self._wake.wait(poll)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                self.sync_once()
+                now = time.monotonic()
+                due = woken or now >= next_round
+                if not due and self._healthy:
+                    due = self._changed_locally()
+                if due:
+                    behind = self.sync_once()
+                    next_round = now + (h.sync_seconds if behind else FULL_ROUND_SECONDS)
+                    self._healthy = True
             except Exception:
+                # Not polled again until the next round: a database that is down is not
+                # reported five times a second.
                 log.exception("device sync failed")
+                self._healthy = False
+                self._known = None
+                next_round = time.monotonic() + h.sync_seconds
 
-    def sync_once(self) -> None:
-        """Push every neighbour what it has not had yet (in parallel: one slow neighbour must
-        not hold up the others)."""
+    def _changed_locally(self) -> bool:
+        """A change was logged since the last round: one indexed read, no transaction."""
         assert self.db is not None
-        with self.db.session() as session:
-            # A parent that is no longer configured is no longer talked to.
-            parent = neighbours.parent(session) if self.settings.hierarchy.parent else None
-            targets = [(n.node_id, n.control_address, n.cursor)
-                       for n in (parent, *neighbours.children(session))
-                       if n is not None and n.control_address]
-            top = replication.last_seq(session)
-        targets = [t for t in targets if t[2] < top]
-        if not targets:
-            return
-        threads = [threading.Thread(target=self._push, args=t, daemon=True) for t in targets]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        return replication.peek_last_seq(self.db) != self._top
 
-    def _push(self, node_id: str, address: str, cursor: int) -> None:
+    def sync_once(self) -> bool:
+        """Push every neighbour what it has not had yet, to all at once (one slow neighbour
+        must not hold up the others); True if one of them is still behind afterwards."""
         assert self.db is not None
-        with self.db.session() as session:
-            if cursor == 0:
-                # A new neighbour gets the current state rather than the whole history. The
-                # sequence is read first: a change that commits meanwhile is sent again later.
-                upto = replication.last_seq(session)
-                records = replication.snapshot(session)
-                more = False
-            else:
-                rows = replication.changes_after(session, cursor, PUSH_BATCH)
-                upto = rows[-1][0] if rows else cursor
-                records = [r for _seq, source, r in rows if source != node_id]
-                more = len(rows) == PUSH_BATCH
-        if upto == cursor:
-            return
-        if records:
-            request = pb.PushDeviceChangesRequest(from_node=self.settings.node_id,
-                                                  records=records_to_pb(records))
-            try:
-                self.peers.stub(address).PushDeviceChanges(
-                    request, timeout=self.settings.hierarchy.rpc_timeout)
-            except grpc.RpcError as exc:
-                log.debug("pushing device changes to %s failed: %s", node_id, describe(exc))
-                return  # the cursor stays: the same changes go next time
-        with self.db.transaction() as session:
-            n = neighbours.get(session, node_id)
-            if n is not None and n.cursor == cursor:
-                n.cursor = upto
-        if more:
+        wakes = self._wakes
+        with self._fresh_lock:
+            fresh, self._fresh = self._fresh, []
+        top, targets, pushes = self._plan(fresh) or self._plan_from_database()
+        self._top = top
+        calls = [(push, self._send(push)) for push in pushes]
+        delivered = [push for push, call in calls if self._delivered(push, call)]
+        moved = self._advance(delivered)
+        behind = len(delivered) < len(pushes) or any(push.upto < top for push in delivered)
+        if any(push.more for push in delivered):
             self.wake()
+        # All of them have everything up to `top`: the next change received can go out
+        # without reading the database first.
+        everyone = not behind and moved == len(delivered) and wakes == self._wakes
+        self._known = [Target(t.node_id, t.address, top) for t in targets] if everyone else None
+        return behind
+
+    def _plan(self, fresh: list[replication.Logged]
+              ) -> tuple[int, list[Target], list[Push]] | None:
+        """The pushes for what was just received, without reading the database: when every
+        neighbour had everything before it and nothing else was logged in between."""
+        known, seq = self._known, self._top
+        if known is None or not fresh:
+            return None
+        rows: list[tuple[int, str, replication.Record]] = []
+        for logged in sorted(fresh, key=lambda logged: logged.first):
+            if logged.first != seq + 1:  # something else (the CLI) logged in between
+                return None
+            rows += [(logged.first + i, logged.received_from, record)
+                     for i, record in enumerate(logged.records)]
+            seq = logged.last
+        if len(rows) >= PUSH_BATCH:
+            return None
+        return seq, known, [Push(target, seq, [r for _seq, source, r in rows
+                                               if source != target.node_id], False)
+                            for target in known]
+
+    def _plan_from_database(self) -> tuple[int, list[Target], list[Push]]:
+        assert self.db is not None
+        with self.db.session() as session:
+            top = replication.last_seq(session)
+            targets = self._targets(session)
+            behind = [target for target in targets if target.cursor < top]
+            logs = self._logs(session, [target for target in behind if target.cursor])
+            # A new neighbour gets the current state rather than the whole history. `top` was
+            # read first: a change that commits meanwhile is sent again later.
+            state = (replication.snapshot(session) if any(not t.cursor for t in behind)
+                     else [])
+        return top, targets, [self._batch(target, top, logs.get(target.node_id, []), state)
+                              for target in behind]
+
+    def _advance(self, delivered: list[Push]) -> int:
+        """Move the cursors of those that took their push (each only if no other round moved
+        it meanwhile); returns how many moved."""
+        if not delivered:
+            return 0
+        assert self.db is not None
+        moved = 0
+        with self.db.transaction() as session:
+            for push in delivered:
+                result = session.execute(update(Neighbour).where(
+                    Neighbour.node_id == push.target.node_id,
+                    Neighbour.cursor == push.target.cursor).values(cursor=push.upto)
+                    .execution_options(synchronize_session=False))
+                moved += result.rowcount  # type: ignore[attr-defined]
+        return moved
+
+    def _targets(self, session: Session) -> list[Target]:
+        # A parent that is no longer configured is no longer talked to.
+        has_parent = bool(self.settings.hierarchy.parent)
+        return [Target(node_id, address, cursor) for node_id, role, address, cursor in
+                session.execute(select(Neighbour.node_id, Neighbour.role,
+                                       Neighbour.control_address, Neighbour.cursor))
+                if address and (role == neighbours.CHILD
+                                or (role == neighbours.PARENT and has_parent))]
+
+    @staticmethod
+    def _logs(session: Session, targets: list[Target]
+              ) -> dict[str, list[tuple[int, str, replication.Record]]]:
+        """The change log after each target's cursor (PUSH_BATCH rows at most): one read from
+        the lowest cursor, unless that one is so far behind the batch does not reach the
+        others (a neighbour catching up), which then read from their own cursors."""
+        if not targets:
+            return {}
+        rows = replication.changes_after(session, min(t.cursor for t in targets), PUSH_BATCH)
+        if len(rows) == PUSH_BATCH:
+            return {t.node_id: replication.changes_after(session, t.cursor, PUSH_BATCH)
+                    for t in targets}
+        return {t.node_id: [row for row in rows if row[0] > t.cursor] for t in targets}
+
+    @staticmethod
+    def _batch(target: Target, top: int, rows: list[tuple[int, str, replication.Record]],
+               state: list[replication.Record]) -> Push:
+        """What `target` gets: the current state if it is new, else `rows` (the log after its
+        cursor) less what came from it."""
+        if target.cursor == 0:
+            return Push(target, top, state, False)
+        upto = rows[-1][0] if rows else target.cursor
+        records = [r for _seq, source, r in rows if source != target.node_id]
+        return Push(target, upto, records, len(rows) == PUSH_BATCH)
+
+    def _send(self, push: Push) -> grpc.Future | None:
+        """Start the call (gRPC carries it; no thread per neighbour); None if nothing is to
+        be sent, only the cursor moved (what it has not had came from it)."""
+        if not push.records:
+            return None
+        request = pb.PushDeviceChangesRequest(from_node=self.settings.node_id,
+                                              records=records_to_pb(push.records))
+        stub = self.peers.stub(push.target.address)
+        return stub.PushDeviceChanges.future(request,
+                                             timeout=self.settings.hierarchy.rpc_timeout)
+
+    @staticmethod
+    def _delivered(push: Push, call: grpc.Future | None) -> bool:
+        if call is None:
+            return True
+        try:
+            call.result()
+        except grpc.RpcError as exc:
+            log.debug("pushing device changes to %s failed: %s", push.target.node_id,
+                      describe(exc))
+            return False  # the cursor stays: the same changes go next time
+        return True
+
+
+@dataclass(frozen=True)
+class Target:
+    node_id: str
+    address: str
+    cursor: int  # the highest local seq it has had
+
+
+@dataclass(frozen=True)
+class Push:
+    target: Target
+    upto: int  # its cursor once delivered
+    records: list[replication.Record]
+    more: bool  # the batch was full: another round follows at once

@@ -5,15 +5,20 @@ Who may call each RPC is decided before it gets here (hierarchy/authz.py: an int
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import TypeVar
 
 import grpc
+from sqlalchemy import select
 
 from hierarchy import directory, neighbours
 from hierarchy.channels import Peers, describe
-from hierarchy.fanout import Call, fan_out, up_timeout
+from hierarchy.fanout import WAIT_SHARE, Call, fan_out_batches, up_timeout
 from hierarchy.identity import local_info
 from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
@@ -26,6 +31,9 @@ from node.forwarding import admin
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Threads for calls to children and background bookkeeping: a node has a few children, and
+# a few walks (recollect, status, refresh-IP, publish) may run at once.
+WORKERS = 32
 
 
 def records_to_pb(records: list[replication.Record]) -> list[pb.DeviceRecord]:
@@ -33,13 +41,45 @@ def records_to_pb(records: list[replication.Record]) -> list[pb.DeviceRecord]:
                             deleted=r.deleted, payload_json=r.payload) for r in records]
 
 
+def collect_from(stub: rpc.ControlStub, request: pb.CollectSubtreeRequest, timeout: float
+                 ) -> Iterator[list[pb.DirectoryEntry]]:
+    """A child's subtree in batches; from a node too old to batch, one entry at a time."""
+    try:
+        for batch in stub.CollectSubtreeBatches(request, timeout=timeout):
+            yield list(batch.entries)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            raise
+        for entry in stub.CollectSubtree(request, timeout=timeout):
+            yield [entry]
+
+
 class ControlServicer(rpc.ControlServicer):
     def __init__(self, settings: Settings, db: Database, peers: Peers,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None],
+                 on_applied: Callable[[replication.Logged], None] | None = None) -> None:
         self.settings = settings
         self.db = db
         self.peers = peers
-        self.on_change = on_change  # wakes the sync loop: something new to push
+        self.on_change = on_change  # wakes the sync loop: a neighbour registered
+        # Wakes it with what was just applied, which it can pass on without reading it back.
+        self.on_applied = on_applied or (lambda _logged: on_change())
+        # Calls to children and bookkeeping off the answer path run here: reused threads, as
+        # starting one per child and walk costs more than the call itself on a busy node.
+        self._workers = futures.ThreadPoolExecutor(max_workers=WORKERS,
+                                                   thread_name_prefix="control-walk")
+        # Children change only when one registers (here): every walk reads this copy.
+        self._children_read: dict[str, str] | None = None
+        self._registrations = 0  # a copy read before the latest registration is not kept
+        # Children this node last recorded as reachable: a walk they answer writes nothing.
+        self._noted_reachable: set[str] = set()
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def _background(self, work: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # shut down: the node is stopping
+            self._workers.submit(work)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -56,18 +96,45 @@ class ControlServicer(rpc.ControlServicer):
             return directory.entry(local_info(session, self.settings), last_seen=utcnow(),
                                    queue=admin.depth(session))
 
-    def _children(self) -> list[Neighbour]:
+    def _children(self) -> dict[str, str]:
+        """{node id: control address} of the registered children."""
+        children = self._children_read
+        if children is not None:
+            return children
+        registrations = self._registrations
         with self.db.session() as session:
-            children = neighbours.children(session)
-            session.expunge_all()
+            children = dict(session.execute(
+                select(Neighbour.node_id, Neighbour.control_address)
+                .where(Neighbour.role == neighbours.CHILD).order_by(Neighbour.node_id)).all())
+        if registrations == self._registrations:
+            self._children_read = children
         return children
 
-    def _note(self, node_id: str, error: str | None) -> None:
-        with self.db.transaction() as session:
-            if error is None:
-                neighbours.seen(session, node_id)
-            else:
-                neighbours.unreachable(session, node_id, error)
+    def _neighbour(self, node_id: str) -> Neighbour | None:
+        with self.db.session() as session:
+            n = neighbours.get(session, node_id)
+            session.expunge_all()
+        return n
+
+    def _note(self, answered: list[str], failed: dict[str, str]) -> None:
+        """Record which children answered a walk and which did not, in one transaction.
+
+        A child already recorded as reachable is not written again (its heartbeats keep its
+        last_seen): a recollect walks the tree twice and would otherwise write on every node.
+        """
+        back = [node_id for node_id in answered if node_id not in self._noted_reachable]
+        if not back and not failed:
+            return
+        try:
+            with self.db.transaction() as session:
+                neighbours.seen_all(session, back)
+                for node_id, error in failed.items():
+                    neighbours.unreachable(session, node_id, error)
+        except Exception:  # liveness bookkeeping must not take a walk down with it
+            log.exception("recording the children's liveness failed")
+            return
+        self._noted_reachable.update(back)
+        self._noted_reachable.difference_update(failed)
 
     def _unreachable_entry(self, n: Neighbour | None, node_id: str, reason: str
                            ) -> pb.DirectoryEntry:
@@ -80,18 +147,37 @@ class ControlServicer(rpc.ControlServicer):
 
     def _over_children(self, remaining: float,
                        ask: Callable[[rpc.ControlStub, float], Iterator[T]],
-                       failed: Callable[[Neighbour, str], T | None]) -> Iterator[T]:
-        """`ask` every registered child at once; liveness is noted as they answer or not."""
-        children = {c.node_id: c for c in self._children()}
+                       failed: Callable[[Neighbour, str], T | None],
+                       children: dict[str, str] | None = None) -> Iterator[list[T]]:
+        """`ask` every registered child (`children`, else read now) at once, starting now,
+        and yield their answers in batches, each everything that arrived meanwhile. Whether
+        each child answered is written once the walk is over, off the answer path (it is
+        bookkeeping, not part of any answer)."""
+        if children is None:
+            children = self._children()
+        answered: list[str] = []
+        errors: dict[str, str] = {}
 
         def on_failure(key: str, reason: str) -> T | None:
-            self._note(key, reason)
-            return failed(children[key], reason)
+            errors[key] = reason
+            n = self._neighbour(key)
+            if n is None:  # gone meanwhile: what is known of it is its id
+                n = Neighbour(node_id=key, role=neighbours.CHILD, queue_depth=0,
+                              info=json.dumps({"node_id": key}))
+            return failed(n, reason)
 
-        calls = [Call(c.node_id, lambda timeout, c=c: ask(self.peers.stub(c.control_address),
-                                                           timeout))
-                 for c in children.values()]
-        yield from fan_out(calls, remaining, on_failure, lambda key: self._note(key, None))
+        calls = [Call(node_id, lambda timeout, a=address: ask(self.peers.stub(a), timeout))
+                 for node_id, address in children.items()]
+        return self._noting(fan_out_batches(calls, remaining, on_failure, answered.append,
+                                            spawn=self._workers.submit), answered, errors)
+
+    def _noting(self, batches: Iterator[list[T]], answered: list[str],
+                errors: dict[str, str]) -> Iterator[list[T]]:
+        try:
+            yield from batches
+        finally:
+            if answered or errors:
+                self._background(lambda: self._note(answered, errors))
 
     def _via_root(self, context: grpc.ServicerContext,
                   ask_parent: Callable[[rpc.ControlStub, float], Iterator[T]],
@@ -124,12 +210,17 @@ class ControlServicer(rpc.ControlServicer):
             remaining = self._remaining(context)
         yield from at_root(remaining)
 
-    def _collect(self, remaining: float, with_queue: bool) -> Iterator[pb.DirectoryEntry]:
-        yield self._own_entry()
+    def _collect(self, remaining: float, with_queue: bool
+                 ) -> Iterator[list[pb.DirectoryEntry]]:
+        """This node's entry at once, then its subtree's in batches as they arrive (the
+        children are asked first, so they work while this node reads its own)."""
         request = pb.CollectSubtreeRequest(with_queue=with_queue)
-        yield from self._over_children(
-            remaining, lambda stub, timeout: stub.CollectSubtree(request, timeout=timeout),
-            lambda child, reason: self._unreachable_entry(child, child.node_id, reason))
+        below = self._over_children(
+            remaining, lambda stub, timeout: collect_from(stub, request, timeout),
+            lambda child, reason: [self._unreachable_entry(child, child.node_id, reason)])
+        yield [self._own_entry()]
+        for batch in below:
+            yield [e for entries in batch for e in entries]
 
     # --- RPCs -----------------------------------------------------------------------------
 
@@ -156,6 +247,8 @@ class ControlServicer(rpc.ControlServicer):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"{child.node_id} is this node's parent: it cannot be its child")
             neighbours.record_child(session, child)
+        self._registrations += 1
+        self._children_read = None
         with self.db.session() as session:
             info = local_info(session, self.settings)
         log.info("child %s registered from %s", child.node_id, child.control_address)
@@ -165,33 +258,35 @@ class ControlServicer(rpc.ControlServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
                   ) -> pb.HeartbeatResponse:
         with self.db.transaction() as session:
-            n = neighbours.get(session, request.node_id)
-            known = n is not None and n.role == neighbours.CHILD
-            if known:
-                neighbours.seen(session, request.node_id, request.queue_depth)
+            known = neighbours.seen(session, request.node_id, request.queue_depth,
+                                    role=neighbours.CHILD)
         return pb.HeartbeatResponse(parent_id=self.me, known=known)
 
     def PushDeviceChanges(self, request: pb.PushDeviceChangesRequest,
                           context: grpc.ServicerContext) -> pb.PushDeviceChangesResponse:
-        applied = 0
+        records = [replication.Record(r.name, r.origin_node, r.version, r.deleted,
+                                      r.payload_json) for r in request.records]
         with self.db.transaction() as session:
-            if neighbours.get(session, request.from_node) is None:
+            if not neighbours.seen(session, request.from_node):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"{request.from_node} is not a registered neighbour of {self.me}")
-            for r in request.records:
-                record = replication.Record(r.name, r.origin_node, r.version, r.deleted,
-                                            r.payload_json)
-                applied += replication.apply(session, record, request.from_node)
-            neighbours.seen(session, request.from_node)
-        if applied:
+            logged = replication.apply_all(session, records, request.from_node)
+        applied = len(logged.records)
+        if applied:  # committed: now it may be passed on
             log.info("applied %d device change(s) from %s", applied, request.from_node)
-            self.on_change()
+            self.on_applied(logged)
         return pb.PushDeviceChangesResponse(applied=applied,
                                             ignored=len(request.records) - applied)
 
     def CollectSubtree(self, request: pb.CollectSubtreeRequest, context: grpc.ServicerContext
                        ) -> Iterator[pb.DirectoryEntry]:
-        yield from self._collect(self._remaining(context), request.with_queue)
+        for batch in self._collect(self._remaining(context), request.with_queue):
+            yield from batch
+
+    def CollectSubtreeBatches(self, request: pb.CollectSubtreeRequest,
+                              context: grpc.ServicerContext) -> Iterator[pb.DirectoryEntries]:
+        for batch in self._collect(self._remaining(context), request.with_queue):
+            yield pb.DirectoryEntries(entries=batch)
 
     def HierarchyStatus(self, request: pb.HierarchyStatusRequest,
                         context: grpc.ServicerContext) -> Iterator[pb.DirectoryEntry]:
@@ -200,29 +295,37 @@ class ControlServicer(rpc.ControlServicer):
             context, lambda stub, timeout: stub.HierarchyStatus(forwarded, timeout=timeout),
             lambda parent, reason: self._unreachable_entry(
                 parent, parent.node_id if parent else self.settings.hierarchy.parent, reason),
-            lambda remaining: self._collect(remaining, True))
+            lambda remaining: (e for batch in self._collect(remaining, True) for e in batch))
 
     def Recollect(self, request: pb.RecollectRequest, context: grpc.ServicerContext
                   ) -> Iterator[pb.RecollectEvent]:
-        forwarded = pb.RecollectRequest(via=self.me)
-        yield from self._via_root(
+        forwarded = pb.RecollectRequest(via=self.me, batched=True)
+        events = self._via_root(
             context, lambda stub, timeout: stub.Recollect(forwarded, timeout=timeout),
             lambda parent, reason: pb.RecollectEvent(entry=self._unreachable_entry(
                 parent, parent.node_id if parent else self.settings.hierarchy.parent, reason)),
             self._gather_and_publish)
+        if request.batched:
+            yield from events
+            return
+        for event in events:  # a caller that takes one node per event
+            if event.HasField("entries"):
+                yield from (pb.RecollectEvent(entry=e) for e in event.entries.entries)
+            else:
+                yield event
 
     def _gather_and_publish(self, remaining: float) -> Iterator[pb.RecollectEvent]:
         """At the root (or the highest node that answers): collect, store, publish down."""
         entries = []
         # Both phases walk the whole tree; what is left at the end carries the summary back.
-        for e in self._collect(remaining * 0.45, False):
-            entries.append(e)
-            yield pb.RecollectEvent(entry=e)
+        for batch in self._collect(remaining * 0.45, False):
+            entries.extend(batch)
+            yield pb.RecollectEvent(entries=pb.DirectoryEntries(entries=batch))
         with self.db.session() as session:
             missing = directory.not_reached(session, {e.node.node_id for e in entries})
-        for e in missing:
-            entries.append(e)
-            yield pb.RecollectEvent(entry=e)
+        if missing:
+            entries.extend(missing)
+            yield pb.RecollectEvent(entries=pb.DirectoryEntries(entries=missing))
         publish = pb.PublishDirectoryRequest(root_id=self.me, collected_ms=directory.ms(utcnow()),
                                              entries=entries)
         published = self._store_and_pass_on(publish, remaining * 0.35)
@@ -231,17 +334,34 @@ class ControlServicer(rpc.ControlServicer):
             root_id=self.me, nodes=len(entries), unreachable=unreachable, published=published))
 
     def _store_and_pass_on(self, request: pb.PublishDirectoryRequest, remaining: float) -> int:
-        with self.db.transaction() as session:
-            directory.store(session, list(request.entries), request.root_id,
-                            directory.from_ms(request.collected_ms))
-            directory.export(session, self.settings.data_dir)
-        stored = 1
-        for answer in self._over_children(
-                remaining,
-                lambda stub, timeout: iter([stub.PublishDirectory(request, timeout=timeout)]),
-                lambda _child, _reason: None):
-            stored += answer.stored
+        """Pass the directory on and store it here at the same time: the walk down the tree
+        does not wait for any node's database. Returns how many nodes stored it."""
+        deadline = time.monotonic() + remaining * WAIT_SHARE
+        # The children first: the walk down the tree waits for no node's database. Read
+        # before the store starts, too: on SQLite a read waits for a writer to finish.
+        below = self._over_children(
+            remaining,
+            lambda stub, timeout: iter([stub.PublishDirectory(request, timeout=timeout)]),
+            lambda _child, _reason: None, self._children())
+        try:
+            here = self._workers.submit(self._store, request)
+        except RuntimeError:  # shut down: the node is stopping
+            here = None
+        stored = sum(answer.stored for answers in below for answer in answers)
+        if here is not None:
+            try:
+                here.result(timeout=max(0.05, deadline - time.monotonic()))
+                stored += 1
+            except Exception as exc:  # what the children stored still counts
+                log.error("storing the directory from %s failed: %s", request.root_id,
+                          exc or type(exc).__name__)
         return stored
+
+    def _store(self, request: pb.PublishDirectoryRequest) -> None:
+        with self.db.transaction() as session:
+            stored = directory.store(session, list(request.entries), request.root_id,
+                                     directory.from_ms(request.collected_ms))
+            directory.export(session, self.settings.data_dir, stored)
 
     def PublishDirectory(self, request: pb.PublishDirectoryRequest,
                          context: grpc.ServicerContext) -> pb.PublishDirectoryResponse:
@@ -273,10 +393,11 @@ class ControlServicer(rpc.ControlServicer):
     def _refresh_subtree(self, remaining: float) -> Iterator[pb.RefreshIpReport]:
         yield self._refresh_here()
         request = pb.RefreshIpRequest(hierarchy=True, subtree=True)
-        yield from self._over_children(
-            remaining, lambda stub, timeout: stub.RefreshIp(request, timeout=timeout),
-            lambda child, reason: pb.RefreshIpReport(node_id=child.node_id, reachable=False,
-                                                     error=reason))
+        for batch in self._over_children(
+                remaining, lambda stub, timeout: stub.RefreshIp(request, timeout=timeout),
+                lambda child, reason: pb.RefreshIpReport(node_id=child.node_id,
+                                                         reachable=False, error=reason)):
+            yield from batch
 
     def QueueStatus(self, request: pb.QueueStatusRequest, context: grpc.ServicerContext
                     ) -> pb.QueueStatusResponse:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pacsnode/control/v1/control.proto\x12\x13pacsnode.control.v1\"N\n\tPartition\x12\x10\n\x08\x61\x65_title\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08tls_port\x18\x03 \x01(\r\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\"\xd7\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\x12\x12\n\ndicom_host\x18\x04 \x01(\t\x12\x32\n\npartitions\x18\x05 \x03(\x0b\x32\x1e.pacsnode.control.v1.Partition\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x11\n\tparent_id\x18\x08 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\t \x01(\x01\"\x14\n\x12GetNodeInfoRequest\"T\n\x13GetNodeInfoResponse\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\x12\x10\n\x08\x63hildren\x18\x02 \x03(\t\"?\n\x0fRegisterRequest\x12,\n\x05\x63hild\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\"A\n\x10RegisterResponse\x12-\n\x06parent\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\"8\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x04\"5\n\x11HeartbeatResponse\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\r\n\x05known\x18\x02 \x01(\x08\"i\n\x0c\x44\x65viceRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0borigin_node\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\"a\n\x18PushDeviceChangesRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12\x32\n\x07records\x18\x02 \x03(\x0b\x32!.pacsnode.control.v1.DeviceRecord\"=\n\x19PushDeviceChangesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07ignored\x18\x02 \x01(\r\"\xa0\x01\n\x0e\x44irectoryEntry\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x04\x12\x14\n\x0cqueue_failed\x18\x06 \x01(\x04\"\x1f\n\x10RecollectRequest\x12\x0b\n\x03via\x18\x01 \x01(\t\"\x83\x01\n\x0eRecollectEvent\x12\x34\n\x05\x65ntry\x18\x01 \x01(\x0b\x32#.pacsnode.control.v1.DirectoryEntryH\x00\x12\x32\n\x04\x64one\x18\x02 \x01(\x0b\x32\".pacsnode.control.v1.RecollectDoneH\x00\x42\x07\n\x05\x65vent\"W\n\rRecollectDone\x12\x0f\n\x07root_id\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x13\n\x0bunreachable\x18\x03 \x01(\r\x12\x11\n\tpublished\x18\x04 \x01(\r\"+\n\x15\x43ollectSubtreeRequest\x12\x12\n\nwith_queue\x18\x01 \x01(\x08\"v\n\x17PublishDirectoryRequest\x12\x0f\n\x07root_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ollected_ms\x18\x02 \x01(\x03\x12\x34\n\x07\x65ntries\x18\x03 \x03(\x0b\x32#.pacsnode.control.v1.DirectoryEntry\"*\n\x18PublishDirectoryResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"6\n\x10RefreshIpRequest\x12\x11\n\thierarchy\x18\x01 \x01(\x08\x12\x0f\n\x07subtree\x18\x02 \x01(\x08\"H\n\x08IpChange\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0e\n\x06old_ip\x18\x03 \x01(\t\x12\x0e\n\x06new_ip\x18\x04 \x01(\t\"t\n\x0fRefreshIpReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x1d.pacsnode.control.v1.IpChange\"\x14\n\x12QueueStatusRequest\"b\n\x10QueueDestination\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0f\n\x07sending\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\"\xa3\x01\n\x13QueueStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0f\n\x07sending\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12;\n\x0c\x64\x65stinations\x18\x06 \x03(\x0b\x32%.pacsnode.control.v1.QueueDestination\"%\n\x16HierarchyStatusRequest\x12\x0b\n\x03via\x18\x01 \x01(\t2\xea\x07\n\x07\x43ontrol\x12`\n\x0bGetNodeInfo\x12\'.pacsnode.control.v1.GetNodeInfoRequest\x1a(.pacsnode.control.v1.GetNodeInfoResponse\x12W\n\x08Register\x12$.pacsnode.control.v1.RegisterRequest\x1a%.pacsnode.control.v1.RegisterResponse\x12Z\n\tHeartbeat\x12%.pacsnode.control.v1.HeartbeatRequest\x1a&.pacsnode.control.v1.HeartbeatResponse\x12r\n\x11PushDeviceChanges\x12-.pacsnode.control.v1.PushDeviceChangesRequest\x1a..pacsnode.control.v1.PushDeviceChangesResponse\x12Y\n\tRecollect\x12%.pacsnode.control.v1.RecollectRequest\x1a#.pacsnode.control.v1.RecollectEvent0\x01\x12\x63\n\x0e\x43ollectSubtree\x12*.pacsnode.control.v1.CollectSubtreeRequest\x1a#.pacsnode.control.v1.DirectoryEntry0\x01\x12o\n\x10PublishDirectory\x12,.pacsnode.control.v1.PublishDirectoryRequest\x1a-.pacsnode.control.v1.PublishDirectoryResponse\x12Z\n\tRefreshIp\x12%.pacsnode.control.v1.RefreshIpRequest\x1a$.pacsnode.control.v1.RefreshIpReport0\x01\x12`\n\x0bQueueStatus\x12\'.pacsnode.control.v1.QueueStatusRequest\x1a(.pacsnode.control.v1.QueueStatusResponse\x12\x65\n\x0fHierarchyStatus\x12+.pacsnode.control.v1.HierarchyStatusRequest\x1a#.pacsnode.control.v1.DirectoryEntry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pacsnode/control/v1/control.proto\x12\x13pacsnode.control.v1\"N\n\tPartition\x12\x10\n\x08\x61\x65_title\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08tls_port\x18\x03 \x01(\r\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\"\xd7\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\x12\x12\n\ndicom_host\x18\x04 \x01(\t\x12\x32\n\npartitions\x18\x05 \x03(\x0b\x32\x1e.pacsnode.control.v1.Partition\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x11\n\tparent_id\x18\x08 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\t \x01(\x01\"\x14\n\x12GetNodeInfoRequest\"T\n\x13GetNodeInfoResponse\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\x12\x10\n\x08\x63hildren\x18\x02 \x03(\t\"?\n\x0fRegisterRequest\x12,\n\x05\x63hild\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\"A\n\x10RegisterResponse\x12-\n\x06parent\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\"8\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x04\"5\n\x11HeartbeatResponse\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\r\n\x05known\x18\x02 \x01(\x08\"i\n\x0c\x44\x65viceRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0borigin_node\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\"a\n\x18PushDeviceChangesRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12\x32\n\x07records\x18\x02 \x03(\x0b\x32!.pacsnode.control.v1.DeviceRecord\"=\n\x19PushDeviceChangesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07ignored\x18\x02 \x01(\r\"\xa0\x01\n\x0e\x44irectoryEntry\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1d.pacsnode.control.v1.NodeInfo\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x04\x12\x14\n\x0cqueue_failed\x18\x06 \x01(\x04\"H\n\x10\x44irectoryEntries\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.pacsnode.control.v1.DirectoryEntry\"0\n\x10RecollectRequest\x12\x0b\n\x03via\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61tched\x18\x02 \x01(\x08\"\xbd\x01\n\x0eRecollectEvent\x12\x34\n\x05\x65ntry\x18\x01 \x01(\x0b\x32#.pacsnode.control.v1.DirectoryEntryH\x00\x12\x32\n\x04\x64one\x18\x02 \x01(\x0b\x32\".pacsnode.control.v1.RecollectDoneH\x00\x12\x38\n\x07\x65ntries\x18\x03 \x01(\x0b\x32%.pacsnode.control.v1.DirectoryEntriesH\x00\x42\x07\n\x05\x65vent\"W\n\rRecollectDone\x12\x0f\n\x07root_id\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x13\n\x0bunreachable\x18\x03 \x01(\r\x12\x11\n\tpublished\x18\x04 \x01(\r\"+\n\x15\x43ollectSubtreeRequest\x12\x12\n\nwith_queue\x18\x01 \x01(\x08\"v\n\x17PublishDirectoryRequest\x12\x0f\n\x07root_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ollected_ms\x18\x02 \x01(\x03\x12\x34\n\x07\x65ntries\x18\x03 \x03(\x0b\x32#.pacsnode.control.v1.DirectoryEntry\"*\n\x18PublishDirectoryResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"6\n\x10RefreshIpRequest\x12\x11\n\thierarchy\x18\x01 \x01(\x08\x12\x0f\n\x07subtree\x18\x02 \x01(\x08\"H\n\x08IpChange\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0e\n\x06old_ip\x18\x03 \x01(\t\x12\x0e\n\x06new_ip\x18\x04 \x01(\t\"t\n\x0fRefreshIpReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x1d.pacsnode.control.v1.IpChange\"\x14\n\x12QueueStatusRequest\"b\n\x10QueueDestination\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0f\n\x07sending\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\"\xa3\x01\n\x13QueueStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0f\n\x07sending\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12;\n\x0c\x64\x65stinations\x18\x06 \x03(\x0b\x32%.pacsnode.control.v1.QueueDestination\"%\n\x16HierarchyStatusRequest\x12\x0b\n\x03via\x18\x01 \x01(\t2\xd8\x08\n\x07\x43ontrol\x12`\n\x0bGetNodeInfo\x12\'.pacsnode.control.v1.GetNodeInfoRequest\x1a(.pacsnode.control.v1.GetNodeInfoResponse\x12W\n\x08Register\x12$.pacsnode.control.v1.RegisterRequest\x1a%.pacsnode.control.v1.RegisterResponse\x12Z\n\tHeartbeat\x12%.pacsnode.control.v1.HeartbeatRequest\x1a&.pacsnode.control.v1.HeartbeatResponse\x12r\n\x11PushDeviceChanges\x12-.pacsnode.control.v1.PushDeviceChangesRequest\x1a..pacsnode.control.v1.PushDeviceChangesResponse\x12Y\n\tRecollect\x12%.pacsnode.control.v1.RecollectRequest\x1a#.pacsnode.control.v1.RecollectEvent0\x01\x12\x63\n\x0e\x43ollectSubtree\x12*.pacsnode.control.v1.CollectSubtreeRequest\x1a#.pacsnode.control.v1.DirectoryEntry0\x01\x12l\n\x15\x43ollectSubtreeBatches\x12*.pacsnode.control.v1.CollectSubtreeRequest\x1a%.pacsnode.control.v1.DirectoryEntries0\x01\x12o\n\x10PublishDirectory\x12,.pacsnode.control.v1.PublishDirectoryRequest\x1a-.pacsnode.control.v1.PublishDirectoryResponse\x12Z\n\tRefreshIp\x12%.pacsnode.control.v1.RefreshIpRequest\x1a$.pacsnode.control.v1.RefreshIpReport0\x01\x12`\n\x0bQueueStatus\x12\'.pacsnode.control.v1.QueueStatusRequest\x1a(.pacsnode.control.v1.QueueStatusResponse\x12\x65\n\x0fHierarchyStatus\x12+.pacsnode.control.v1.HierarchyStatusRequest\x1a#.pacsnode.control.v1.DirectoryEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,32 +56,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHDEVICECHANGESRESPONSE']._serialized_end=976
   _globals['_DIRECTORYENTRY']._serialized_start=979
   _globals['_DIRECTORYENTRY']._serialized_end=1139
-  _globals['_RECOLLECTREQUEST']._serialized_start=1141
-  _globals['_RECOLLECTREQUEST']._serialized_end=1172
-  _globals['_RECOLLECTEVENT']._serialized_start=1175
-  _globals['_RECOLLECTEVENT']._serialized_end=1306
-  _globals['_RECOLLECTDONE']._serialized_start=1308
-  _globals['_RECOLLECTDONE']._serialized_end=1395
-  _globals['_COLLECTSUBTREEREQUEST']._serialized_start=1397
-  _globals['_COLLECTSUBTREEREQUEST']._serialized_end=1440
-  _globals['_PUBLISHDIRECTORYREQUEST']._serialized_start=1442
-  _globals['_PUBLISHDIRECTORYREQUEST']._serialized_end=1560
-  _globals['_PUBLISHDIRECTORYRESPONSE']._serialized_start=1562
-  _globals['_PUBLISHDIRECTORYRESPONSE']._serialized_end=1604
-  _globals['_REFRESHIPREQUEST']._serialized_start=1606
-  _globals['_REFRESHIPREQUEST']._serialized_end=1660
-  _globals['_IPCHANGE']._serialized_start=1662
-  _globals['_IPCHANGE']._serialized_end=1734
-  _globals['_REFRESHIPREPORT']._serialized_start=1736
-  _globals['_REFRESHIPREPORT']._serialized_end=1852
-  _globals['_QUEUESTATUSREQUEST']._serialized_start=1854
-  _globals['_QUEUESTATUSREQUEST']._serialized_end=1874
-  _globals['_QUEUEDESTINATION']._serialized_start=1876
-  _globals['_QUEUEDESTINATION']._serialized_end=1974
-  _globals['_QUEUESTATUSRESPONSE']._serialized_start=1977
-  _globals['_QUEUESTATUSRESPONSE']._serialized_end=2140
-  _globals['_HIERARCHYSTATUSREQUEST']._serialized_start=2142
-  _globals['_HIERARCHYSTATUSREQUEST']._serialized_end=2179
-  _globals['_CONTROL']._serialized_start=2182
-  _globals['_CONTROL']._serialized_end=3184
+  _globals['_DIRECTORYENTRIES']._serialized_start=1141
+  _globals['_DIRECTORYENTRIES']._serialized_end=1213
+  _globals['_RECOLLECTREQUEST']._serialized_start=1215
+  _globals['_RECOLLECTREQUEST']._serialized_end=1263
+  _globals['_RECOLLECTEVENT']._serialized_start=1266
+  _globals['_RECOLLECTEVENT']._serialized_end=1455
+  _globals['_RECOLLECTDONE']._serialized_start=1457
+  _globals['_RECOLLECTDONE']._serialized_end=1544
+  _globals['_COLLECTSUBTREEREQUEST']._serialized_start=1546
+  _globals['_COLLECTSUBTREEREQUEST']._serialized_end=1589
+  _globals['_PUBLISHDIRECTORYREQUEST']._serialized_start=1591
+  _globals['_PUBLISHDIRECTORYREQUEST']._serialized_end=1709
+  _globals['_PUBLISHDIRECTORYRESPONSE']._serialized_start=1711
+  _globals['_PUBLISHDIRECTORYRESPONSE']._serialized_end=1753
+  _globals['_REFRESHIPREQUEST']._serialized_start=1755
+  _globals['_REFRESHIPREQUEST']._serialized_end=1809
+  _globals['_IPCHANGE']._serialized_start=1811
+  _globals['_IPCHANGE']._serialized_end=1883
+  _globals['_REFRESHIPREPORT']._serialized_start=1885
+  _globals['_REFRESHIPREPORT']._serialized_end=2001
+  _globals['_QUEUESTATUSREQUEST']._serialized_start=2003
+  _globals['_QUEUESTATUSREQUEST']._serialized_end=2023
+  _globals['_QUEUEDESTINATION']._serialized_start=2025
+  _globals['_QUEUEDESTINATION']._serialized_end=2123
+  _globals['_QUEUESTATUSRESPONSE']._serialized_start=2126
+  _globals['_QUEUESTATUSRESPONSE']._serialized_end=2289
+  _globals['_HIERARCHYSTATUSREQUEST']._serialized_start=2291
+  _globals['_HIERARCHYSTATUSREQUEST']._serialized_end=2328
+  _globals['_CONTROL']._serialized_start=2331
+  _globals['_CONTROL']._serialized_end=3443
 # @@protoc_insertion_point(module_scope)

@@ -127,19 +127,29 @@ class DirectoryEntry(_message.Message):
     queue_failed: int
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_failed: _Optional[int] = ...) -> None: ...
 
+class DirectoryEntries(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[DirectoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[DirectoryEntry, _Mapping]]] = ...) -> None: ...
+
 class RecollectRequest(_message.Message):
-    __slots__ = ("via",)
+    __slots__ = ("via", "batched")
     VIA_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     via: str
-    def __init__(self, via: _Optional[str] = ...) -> None: ...
+    batched: bool
+    def __init__(self, via: _Optional[str] = ..., batched: _Optional[bool] = ...) -> None: ...
 
 class RecollectEvent(_message.Message):
-    __slots__ = ("entry", "done")
+    __slots__ = ("entry", "done", "entries")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entry: DirectoryEntry
     done: RecollectDone
-    def __init__(self, entry: _Optional[_Union[DirectoryEntry, _Mapping]] = ..., done: _Optional[_Union[RecollectDone, _Mapping]] = ...) -> None: ...
+    entries: DirectoryEntries
+    def __init__(self, entry: _Optional[_Union[DirectoryEntry, _Mapping]] = ..., done: _Optional[_Union[RecollectDone, _Mapping]] = ..., entries: _Optional[_Union[DirectoryEntries, _Mapping]] = ...) -> None: ...
 
 class RecollectDone(_message.Message):
     __slots__ = ("root_id", "nodes", "unreachable", "published")

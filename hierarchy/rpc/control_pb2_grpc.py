@@ -65,6 +65,11 @@ class ControlStub:
                 request_serializer=pacsnode_dot_control_dot_v1_dot_control__pb2.CollectSubtreeRequest.SerializeToString,
                 response_deserializer=pacsnode_dot_control_dot_v1_dot_control__pb2.DirectoryEntry.FromString,
                 _registered_method=True)
+        self.CollectSubtreeBatches = channel.unary_stream(
+                '/pacsnode.control.v1.Control/CollectSubtreeBatches',
+                request_serializer=pacsnode_dot_control_dot_v1_dot_control__pb2.CollectSubtreeRequest.SerializeToString,
+                response_deserializer=pacsnode_dot_control_dot_v1_dot_control__pb2.DirectoryEntries.FromString,
+                _registered_method=True)
         self.PublishDirectory = channel.unary_unary(
                 '/pacsnode.control.v1.Control/PublishDirectory',
                 request_serializer=pacsnode_dot_control_dot_v1_dot_control__pb2.PublishDirectoryRequest.SerializeToString,
@@ -134,6 +139,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectSubtreeBatches(self, request, context):
+        """The same in batches: this node's own entry first, then each message carries every entry
+        of the subtree that had arrived by the time it was sent. Far fewer messages to pass on up
+        the tree than CollectSubtree (which nodes still answer, for older parents).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PublishDirectory(self, request, context):
         """Store this directory and pass it on to the children.
         """
@@ -194,6 +208,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.CollectSubtree,
                     request_deserializer=pacsnode_dot_control_dot_v1_dot_control__pb2.CollectSubtreeRequest.FromString,
                     response_serializer=pacsnode_dot_control_dot_v1_dot_control__pb2.DirectoryEntry.SerializeToString,
+            ),
+            'CollectSubtreeBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.CollectSubtreeBatches,
+                    request_deserializer=pacsnode_dot_control_dot_v1_dot_control__pb2.CollectSubtreeRequest.FromString,
+                    response_serializer=pacsnode_dot_control_dot_v1_dot_control__pb2.DirectoryEntries.SerializeToString,
             ),
             'PublishDirectory': grpc.unary_unary_rpc_method_handler(
                     servicer.PublishDirectory,
@@ -378,6 +397,33 @@ class Control:
             '/pacsnode.control.v1.Control/CollectSubtree',
             pacsnode_dot_control_dot_v1_dot_control__pb2.CollectSubtreeRequest.SerializeToString,
             pacsnode_dot_control_dot_v1_dot_control__pb2.DirectoryEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectSubtreeBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pacsnode.control.v1.Control/CollectSubtreeBatches',
+            pacsnode_dot_control_dot_v1_dot_control__pb2.CollectSubtreeRequest.SerializeToString,
+            pacsnode_dot_control_dot_v1_dot_control__pb2.DirectoryEntries.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -16,9 +18,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from sqlalchemy import select
 
-from hierarchy import neighbours
+from hierarchy import neighbours, plane
 from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
+from hierarchy.servicer import collect_from
+from node import devices as device_table
 from node.db.models import Device, DeviceChange, DeviceType, Instance
 from tests.certs import make_ca
 from tests.conftest import RunningNode, free_port, wait_for
@@ -186,6 +190,79 @@ def test_device_changes_travel_the_tree_and_do_not_loop(make_node: Start) -> Non
             logged = s.scalars(select(DeviceChange.version)
                                .where(DeviceChange.name == "VIEWER1")).all()
         assert len(logged) == len(set(logged)) == 3, (n.settings.node_id, logged)
+
+
+def test_a_change_made_with_the_cli_leaves_without_waiting_for_sync_seconds(
+        make_node: Start) -> None:
+    """The CLI commits straight to the database, so nothing wakes the running node: it
+    notices the change log grow (a cheap poll) and pushes at once, not a sync interval later;
+    what it receives it passes on at once too."""
+    slow = FAST.replace("sync_seconds = 0.2", "sync_seconds = 60")
+    root = make_node(name="root", hierarchy=slow)
+    leaf = make_node(name="leaf", hierarchy=f'{slow}parent = "{root.control}"\n')
+    other = make_node(name="other", hierarchy=f'{slow}parent = "{root.control}"\n')
+    assert wait_for(lambda: registered(leaf, root) and registered(other, root), 10)
+    time.sleep(0.5)  # the first rounds (new neighbours get the current state) are over
+    added = leaf.cli("device", "add", "QUICK", "--host", "127.0.0.1", "--scope", "hierarchy")
+    assert added.exit_code == 0, added.output
+    assert wait_for(lambda: "QUICK" in devices(other), 5)  # two hops, well within 60 s
+
+
+def test_a_neighbour_far_behind_does_not_hold_up_the_others(
+        make_node: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pushes go in batches of PUSH_BATCH changes; while one child is down and falls further
+    and further behind, the other still gets every change."""
+    monkeypatch.setattr(plane, "PUSH_BATCH", 3)
+    root = make_node(name="root", hierarchy=FAST)
+    up = make_node(name="up", hierarchy=child_of(root))
+    down = make_node(name="down", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(up, root) and registered(down, root), 10)
+    with root.db.transaction() as session:  # past the first push (the current state)
+        device_table.add(session, name="FIRST", ae_title="FIRST", scope="hierarchy")
+    assert wait_for(lambda: "FIRST" in devices(up) and "FIRST" in devices(down), 10)
+    down.node.stop()
+    with root.db.transaction() as session:
+        for i in range(8):
+            device_table.add(session, name=f"D{i}", ae_title=f"D{i}", scope="hierarchy")
+    assert wait_for(lambda: {f"D{i}" for i in range(8)} <= set(devices(up)), 10)
+
+
+def test_recollect_batches_entries_only_for_a_caller_that_asks(make_node: Start) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    kids = [make_node(name=f"kid{i}", hierarchy=child_of(root)) for i in range(3)]
+    assert wait_for(lambda: all(registered(k, root) for k in kids), 10)
+    for batched in (False, True):
+        events = list(stub(kids[0]).Recollect(pb.RecollectRequest(batched=batched),
+                                              timeout=10))
+        kinds = {event.WhichOneof("event") for event in events[:-1]}
+        assert kinds == ({"entries"} if batched else {"entry"}), kinds
+        listed = [e.node.node_id for event in events[:-1]
+                  for e in (event.entries.entries if batched else [event.entry])]
+        assert sorted(listed) == ["kid0", "kid1", "kid2", "root"]
+        assert events[-1].done.published == 4
+
+
+class OldNode(rpc.ControlServicer):
+    """A node from before CollectSubtreeBatches: it answers CollectSubtree only."""
+
+    def CollectSubtree(self, request: pb.CollectSubtreeRequest, context: grpc.ServicerContext
+                       ) -> Iterator[pb.DirectoryEntry]:
+        yield directory_entry("old")
+        yield directory_entry("old-child")
+
+
+def test_a_child_that_cannot_batch_is_collected_one_entry_at_a_time() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rpc.add_ControlServicer_to_server(OldNode(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            batches = list(collect_from(rpc.ControlStub(channel), pb.CollectSubtreeRequest(),
+                                        5.0))
+    finally:
+        server.stop(None)
+    assert [[e.node.node_id for e in batch] for batch in batches] == [["old"], ["old-child"]]
 
 
 def test_recollect_stores_the_directory_everywhere_and_c_move_resolves_through_it(

@@ -142,3 +142,49 @@ def test_any_arrival_order_converges_to_the_same_table(make_db: object) -> None:
     winners = {r.name: max((h for h in history if h.name == r.name), key=lambda h: h.version)
                for r in results[0][0]}
     assert results[0][0] == sorted(winners.values(), key=lambda r: r.name)
+
+
+def test_a_batch_ends_as_applying_its_records_one_by_one(make_db: object) -> None:
+    """What a neighbour pushes is applied in a few statements for the whole batch: the same
+    records held, devices, and change log (in order, with consecutive seqs) as one by one."""
+    v = [format_version(1000 + i, 0, "a") for i in range(6)]
+    batch = [record("CT", v[0], port=1), record("CT", v[2], port=3),
+             record("CT", v[1], port=2),  # older than what the batch already brought
+             record("LOCAL", v[3], port=4), record("LOCAL", v[4], deleted=True),
+             record("GONE", v[5], deleted=True), record("CT", v[2], port=3)]  # a duplicate
+    results = []
+    for name, one_by_one in (("batched", False), ("single", True)):
+        db = make_db(name)  # type: ignore[operator]
+        with db.transaction() as s:
+            devices.add(s, name="LOCAL", ae_title="LOCAL", host="127.0.0.1")
+            devices.add(s, name="KEEP", ae_title="KEEP", host="127.0.0.1")
+        with db.transaction() as s:
+            if one_by_one:
+                applied = sum(replication.apply(s, r, "n") for r in batch)
+            else:
+                logged = replication.apply_all(s, batch, "n")
+                assert (logged.first, logged.last) == (1, 5)
+                applied = len(logged.records)
+        with db.session() as s:
+            logged = [(c.seq, c.name, c.version) for c in
+                      s.scalars(select(DeviceChange).order_by(DeviceChange.seq))]
+        results.append((applied, state(db), logged))
+    assert results[0] == results[1]
+    applied, (held, ports), logged = results[0]
+    assert applied == 5 and [seq for seq, _n, _v in logged] == [1, 2, 3, 4, 5]
+    assert ports == {"CT": 3, "KEEP": 104}  # LOCAL became shared, then was deleted
+    assert {r.name: r.deleted for r in held} == {"CT": False, "LOCAL": True, "GONE": True}
+
+
+def test_local_edits_and_received_records_share_one_counter(make_db: object) -> None:
+    db = make_db("n")  # type: ignore[operator]
+    with db.transaction() as s:
+        devices.add(s, name="MINE", ae_title="MINE", scope="hierarchy")
+        replication.apply_all(s, [record("A", format_version(1, 0, "x")),
+                                  record("B", format_version(2, 0, "x"))], "x")
+        devices.edit(s, "MINE", port=11)
+    with db.session() as s:
+        assert replication.last_seq(s) == 4
+        assert [c.name for c in s.scalars(select(DeviceChange).order_by(DeviceChange.seq))] \
+            == ["MINE", "A", "B", "MINE"]
+    assert replication.peek_last_seq(db) == 4

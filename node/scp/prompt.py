@@ -153,10 +153,13 @@ class PromptAssociation(Association):
                 self._serve_request(msg, context_id)  # type: ignore[arg-type]
                 wake.set()  # another request may have arrived while this one was served
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                log.debug("association released")
+                # Marked released before the answer goes out: the DUL now sends it at once,
+                # and the peer's close (EVT_CONN_CLOSE, whose handlers ask is_released) can
+                # arrive before this thread would otherwise have got here.
                 self.is_released = True
                 self.is_established = False
+                self.acse.send_release(is_response=True)
+                log.debug("association released")
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
                 return

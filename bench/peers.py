@@ -263,7 +263,7 @@ class PacsNode(Receiver):
     def prepare(self) -> None:
         db_line = ""
         if self.database_url:
-            _reset_database(self.database_url)
+            reset_database(self.database_url)
             db_line = f'database_url = "{self.database_url}"\n'
         self.config.write_text(
             f'[node]\ndata_dir = "{self.work / "data"}"\n{db_line}listen_host = "127.0.0.1"\n'
@@ -287,7 +287,8 @@ class PacsNode(Receiver):
             engine.dispose()
 
 
-def _reset_database(url: str) -> None:
+def reset_database(url: str) -> None:
+    """Empty a PostgreSQL database for a fresh node (SQLite: nothing to do)."""
     if url.startswith("sqlite"):
         return
     from sqlalchemy import create_engine, text

@@ -24,11 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from peers import free_port, reset_database  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from node import config  # noqa: E402
 from node.db.models import Instance, Partition, Study  # noqa: E402
@@ -36,19 +38,6 @@ from node.scu.tuning import CONNECTION_HANDLERS  # noqa: E402
 from node.service import Node  # noqa: E402
 from tests.indexfill import FAMILIES, fill  # noqa: E402
 from tests.indexfill import ROOT as UID_ROOT  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def reset_postgres(url: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -105,7 +94,7 @@ def main() -> None:
     port = free_port()
     db_line = f'database_url = "{args.database_url}"\n' if args.database_url else ""
     if args.database_url:
-        reset_postgres(args.database_url)
+        reset_database(args.database_url)
     settings_file = work / "bench.toml"
     settings_file.write_text(f'[node]\ndata_dir = "{work / "node"}"\n{db_line}'
                              f'listen_host = "127.0.0.1"\nlog_level = "WARNING"\n'

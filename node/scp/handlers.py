@@ -22,9 +22,11 @@ from node.scp import admission, lookup
 from node.scp.coercion import CoercionError, parse_rules
 from node.scp.commitment import StorageCommitment
 from node.scp.contexts import requestor_first
+from node.scp.direct_store import DirectStore, StoreRequest
 from node.scp.pdu_guard import discard_partial_dataset
+from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
-from node.scp.store import PROCESSING_FAILURE, Ingest, Peer
+from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,9 @@ class ScpHandlers:
             return
         if decision.auto_insert:
             lookup.auto_insert(self.db, partition, calling, ip)
+        if isinstance(assoc.dul, PromptDUL):
+            assoc.dul.store_receiver = DirectStore(assoc, self.on_direct_store,
+                                                   self.ingest.incoming)
         log.info("association from %s@%s:%s to %s accepted%s", calling, ip, peer_port, called,
                  " (TLS)" if tls else "")
 
@@ -236,22 +241,32 @@ class ScpHandlers:
         return 0x0000
 
     def on_store(self, event: evt.Event) -> Dataset:
-        peer = self.peer(event.assoc)
+        """A C-STORE that pynetdicom decoded (the direct receiver passed it on)."""
         request = event.request
+        outcome = self._store(event.assoc, str(request.AffectedSOPClassUID),
+                              str(request.AffectedSOPInstanceUID), Path(event.dataset_path))
         rsp = Dataset()
-        if peer is None:
-            rsp.Status = PROCESSING_FAILURE
-            rsp.ErrorComment = "association was not admitted"
-            return rsp
-        outcome = self.ingest.store(peer, Path(event.dataset_path),
-                                    str(request.AffectedSOPClassUID),
-                                    str(request.AffectedSOPInstanceUID))
         rsp.Status = outcome.status
         if outcome.comment:
             rsp.ErrorComment = outcome.comment[:64]
-        usage = self._used(event.assoc)
+        return rsp
+
+    def on_direct_store(self, assoc: Association, request: StoreRequest,
+                        received: Path) -> tuple[int, str]:
+        """A C-STORE taken off the wire by direct_store.DirectStore."""
+        outcome = self._store(assoc, request.sop_class, request.sop_instance, received)
+        return outcome.status, outcome.comment
+
+    def _store(self, assoc: Association, sop_class: str, sop_instance: str,
+               received: Path) -> Outcome:
+        peer = self.peer(assoc)
+        if peer is None:
+            return Outcome(PROCESSING_FAILURE, "association was not admitted")
+        outcome = self.ingest.store(peer, received, sop_class, sop_instance)
+        usage = self._used(assoc)
         if usage is not None:
-            # Handlers of one association run on its own thread: no lock needed for `usage`.
+            # One association's stores run one at a time (on its reactor or its DUL thread):
+            # no lock needed for `usage`.
             counts = usage.study(outcome.study)
             if outcome.ok:
                 usage.stored += 1
@@ -262,7 +277,7 @@ class ScpHandlers:
                 usage.last_failure[outcome.study] = (
                     f"last failure 0x{outcome.status:04X}"
                     + (f": {outcome.comment}" if outcome.comment else ""))
-        return rsp
+        return outcome
 
     def on_find(self, event: evt.Event) -> Iterator[Any]:
         peer = self.peer(event.assoc)

@@ -27,6 +27,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 
 from pynetdicom import evt
@@ -35,6 +36,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT as A_ABORT_PRIMITIVE
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
+
+from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class PromptDUL(DULServiceProvider):
     # file descriptor number could meanwhile belong to another file.
     _wake_r: socket.socket
     _wake_w: socket.socket
+    # Takes C-STORE requests off the wire once the association is admitted (direct_store.py).
+    store_receiver: DirectStore | None = None
 
     def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
                  | P_DATA) -> None:
@@ -85,8 +90,55 @@ class PromptDUL(DULServiceProvider):
         try:
             self._loop()
         finally:
+            if self.store_receiver is not None:
+                self.store_receiver.abandon()
             self._wake_r.close()
             self._wake_w.close()
+
+    def _read_pdu_data(self) -> None:
+        # pynetdicom's DULServiceProvider._read_pdu_data (same reads, same events), except that
+        # a P-DATA-TF in Sta6 is first offered to the direct C-STORE receiver.
+        sock = self.socket
+        assert sock is not None
+        try:
+            header = sock.recv(6)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+        except (OSError, struct.error):
+            self.event_queue.put("Evt17")  # closed before a whole header arrived
+            return
+        if not 0x01 <= pdu_type <= 0x07:
+            log.error("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(length)
+        except OSError:
+            body = bytearray()
+        if len(body) != length:
+            log.error("connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        receiver = self.store_receiver
+        if receiver is not None:
+            if pdu_type == P_DATA_TF and self.state_machine.current_state == "Sta6":
+                try:
+                    if receiver.receive(body):
+                        return
+                except ProtocolError as exc:
+                    log.warning("association with %s aborted: %s", _peer(self), exc)
+                    receiver.abandon()
+                    self.event_queue.put("Evt19")  # A-ABORT, as for any invalid PDU
+                    return
+            elif receiver.busy:
+                receiver.abandon()  # a release or abort cut the data set off
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception as exc:
+            log.error("unable to decode the received PDU: %s: %s", type(exc).__name__, exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def _loop(self) -> None:
         # pynetdicom's DULServiceProvider.run_reactor, waiting in _wait_for_work instead of
@@ -184,6 +236,11 @@ class PromptAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+def _peer(dul: DULServiceProvider) -> str:
+    remote = dul.assoc.remote
+    return f"{(remote.get('ae_title') or '').strip()}@{remote.get('address')}:{remote.get('port')}"
 
 
 def wake_reactor(dul: DULServiceProvider) -> None:

@@ -1,0 +1,198 @@
+"""C-STORE requests taken off the wire by the DUL (node/scp/direct_store.py): stored and
+answered as pynetdicom would, what it does not claim still served by pynetdicom, and a
+data set cut off or broken mid-transfer aborts only its own association and leaves nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import CTImageStorage
+from pynetdicom.association import Association
+from sqlalchemy import select
+
+from node.db.models import Instance
+from node.scp.handlers import ScpHandlers
+from tests import hostile
+from tests.conftest import RunningNode, incoming_files, stored_files, wait_for
+from tests.dicomgen import make_instance
+from tests.hostile import RawPeer, is_abort
+from tests.integration.test_bad_input import echo_ok
+from tests.scu import associate, statuses, store
+
+# The receiver sits below the index: one backend is enough.
+pytestmark = pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def direct_stores(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """SOP instance UIDs stored through the direct receiver (not pynetdicom's EVT_C_STORE)."""
+    seen: list[str] = []
+    original = ScpHandlers.on_direct_store
+
+    def counting(self: ScpHandlers, assoc: object, request: object, received: Path
+                 ) -> tuple[int, str]:
+        seen.append(request.sop_instance)  # type: ignore[attr-defined]
+        return original(self, assoc, request, received)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ScpHandlers, "on_direct_store", counting)
+    return seen
+
+
+@pytest.fixture
+def bystander(node: RunningNode) -> Iterator[Association]:
+    assoc = associate(node.port, calling="BYSTANDER")
+    assert assoc.is_established
+    yield assoc
+    assert int(assoc.send_c_echo().Status) == 0, "the other association was disturbed"
+    assoc.release()
+    assert echo_ok(node)
+
+
+def indexed(node: RunningNode) -> list[str]:
+    with node.db.session() as s:
+        return list(s.scalars(select(Instance.sop_instance_uid)))
+
+
+def ct_peer(node: RunningNode, max_pdu: int = 16382) -> RawPeer:
+    peer = RawPeer(node.port, timeout=5)
+    answer = peer.associate(hostile.associate_rq(abstract_syntaxes=(CTImageStorage,),
+                                                 max_pdu=max_pdu))
+    assert answer[:1] == b"\x02", f"no A-ASSOCIATE-AC: {answer[:16]!r}"
+    return peer
+
+
+def instance_bytes(size: int = 64) -> tuple[str, bytes]:
+    ds = make_instance(size=size)
+    return str(ds.SOPInstanceUID), hostile.encode(ds)
+
+
+def test_stores_from_a_sender_go_through_the_direct_receiver(
+        node: RunningNode, direct_stores: list[str]) -> None:
+    datasets = [make_instance(size=512), make_instance(), make_instance()]
+    assert statuses(store(node.port, datasets)) == [0, 0, 0]
+    sent = [str(ds.SOPInstanceUID) for ds in datasets]
+    assert direct_stores == sent
+    assert sorted(indexed(node)) == sorted(sent)
+    assert incoming_files(node.storage) == []
+
+
+def test_the_stored_file_holds_the_data_set_as_sent(node: RunningNode) -> None:
+    sop, data = instance_bytes(size=256)  # 128 KiB: many PDUs
+    with ct_peer(node) as peer:
+        peer.send(hostile.store_request(data, CTImageStorage, sop, 1, max_pdu=4096))
+        (answer,) = hostile.command_sets(peer.read_pdu())
+    assert int(answer.Status) == 0 and answer.AffectedSOPInstanceUID == sop
+    (stored,) = stored_files(node.storage)
+    assert stored.read_bytes().endswith(data)
+
+
+def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:
+    sop, data = instance_bytes()
+    command = hostile.command(CommandField=0x0001, MessageID=9, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPClassUID=CTImageStorage,
+                              AffectedSOPInstanceUID=sop)
+    one = hostile.p_data(1, 0x03, command)
+    two = hostile.p_data(1, 0x02, data)
+    items = one[6:] + two[6:]
+    with ct_peer(node) as peer:
+        peer.send(hostile.pdu_header(0x04, len(items)) + items)
+        (answer,) = hostile.command_sets(peer.read_pdu())
+    assert int(answer.Status) == 0 and int(answer.MessageIDBeingRespondedTo) == 9
+    assert indexed(node) == [sop]
+
+
+def test_a_command_set_in_two_fragments_is_served_by_pynetdicom(
+        node: RunningNode, direct_stores: list[str]) -> None:
+    sop, data = instance_bytes()
+    command = hostile.command(CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPClassUID=CTImageStorage,
+                              AffectedSOPInstanceUID=sop)
+    with ct_peer(node) as peer:
+        peer.send(hostile.p_data(1, 0x01, command[:20]) + hostile.p_data(1, 0x03, command[20:])
+                  + hostile.p_data(1, 0x02, data))
+        (answer,) = hostile.command_sets(peer.read_pdu())
+    assert int(answer.Status) == 0
+    assert indexed(node) == [sop] and direct_stores == []
+
+
+def test_a_peer_with_a_tiny_maximum_pdu_gets_its_answer_in_fragments(
+        node: RunningNode, direct_stores: list[str]) -> None:
+    sop, data = instance_bytes()
+    with ct_peer(node, max_pdu=128) as peer:
+        peer.send(hostile.store_request(data, CTImageStorage, sop, 1))
+        received = b""
+        while not hostile.command_sets(received):
+            pdu = peer.read_pdu()
+            assert pdu[:1] == b"\x04" and len(pdu) <= 6 + 128
+            received += pdu
+    (answer,) = hostile.command_sets(received)
+    assert int(answer.Status) == 0
+    assert indexed(node) == [sop] and direct_stores == []
+
+
+def test_a_failure_is_answered_with_its_status_and_comment(node: RunningNode) -> None:
+    sop, data = instance_bytes()
+    with ct_peer(node) as peer:
+        # The request names another instance than the data set holds.
+        peer.send(hostile.store_request(data, CTImageStorage, "1.2.3.4", 1))
+        (answer,) = hostile.command_sets(peer.read_pdu())
+        assert int(answer.Status) == 0xC002
+        assert answer.ErrorComment.startswith("dataset SOP Instance")  # cut to 64 (LO)
+        # The association goes on serving.
+        peer.send(hostile.store_request(data, CTImageStorage, sop, 1, message_id=2))
+        (answer,) = hostile.command_sets(peer.read_pdu())
+        assert int(answer.Status) == 0
+    assert indexed(node) == [sop]
+
+
+BROKEN = {
+    "a command PDV inside the data set": lambda command: hostile.p_data(1, 0x03, command),
+    "a data PDV of another context": lambda command: hostile.p_data(3, 0x02, b"\0" * 8),
+    # (the data set is answered, as broken, before the stray PDV is read)
+    "a PDV after the last fragment": lambda command: _two_items(
+        hostile.p_data(1, 0x02, b"\0" * 4), hostile.p_data(1, 0x00, b"\0" * 4)),
+}
+
+
+def _two_items(first: bytes, second: bytes) -> bytes:
+    items = first[6:] + second[6:]
+    return hostile.pdu_header(0x04, len(items)) + items
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_broken_data_set_aborts_its_association_only(
+        node: RunningNode, bystander: Association, name: str) -> None:
+    sop, data = instance_bytes()
+    command = hostile.command(CommandField=0x0001, MessageID=1, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPClassUID=CTImageStorage,
+                              AffectedSOPInstanceUID=sop)
+    with ct_peer(node) as peer:
+        peer.send(hostile.p_data(1, 0x03, command) + hostile.p_data(1, 0x00, data[:100])
+                  + BROKEN[name](command))
+        answer = peer.read_pdu()
+        while answer[:1] == b"\x04":
+            answer = peer.read_pdu()
+        assert is_abort(answer), name
+    assert indexed(node) == []
+    assert wait_for(lambda: incoming_files(node.storage) == [])
+
+
+@pytest.mark.parametrize("ending", ["release", "abort", "close"])
+def test_a_data_set_cut_off_leaves_no_file(node: RunningNode, bystander: Association,
+                                           ending: str) -> None:
+    sop, data = instance_bytes(size=256)
+    command = hostile.command(CommandField=0x0001, MessageID=1, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPClassUID=CTImageStorage,
+                              AffectedSOPInstanceUID=sop)
+    with ct_peer(node) as peer:
+        peer.send(hostile.p_data(1, 0x03, command) + hostile.p_data(1, 0x00, data[:4000]))
+        assert wait_for(lambda: len(incoming_files(node.storage)) == 1)
+        if ending == "release":
+            peer.send(hostile.pdu_header(0x05, 4) + b"\0" * 4)
+            peer.read_pdu()
+        elif ending == "abort":
+            peer.send(hostile.pdu_header(0x07, 4) + b"\0\0\0\0")
+    assert wait_for(lambda: incoming_files(node.storage) == [])
+    assert indexed(node) == []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
@@ -24,6 +26,9 @@ INDEX_KEYWORDS = ("SpecificCharacterSet", *PATIENT_KEYWORDS, *STUDY_KEYWORDS, *S
                   *INSTANCE_KEYWORDS)
 # What dcmread reads when only indexing (no coercion): everything else is skipped unparsed.
 INDEX_TAGS = [Tag(kw) for kw in INDEX_KEYWORDS]
+# The same elements for header_scan: tag -> (keyword, the VR pydicom reads them as).
+INDEX_ELEMENTS = {int(tag): (kw, dictionary_VR(tag).encode())
+                  for kw, tag in zip(INDEX_KEYWORDS, INDEX_TAGS, strict=True)}
 
 _UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                            "SOPClassUID"})
@@ -34,12 +39,16 @@ _WIDTH = {"PatientBirthDate": 8, "StudyDate": 8, "SeriesDate": 8, "AccessionNumb
           "PatientName": 324, "ReferringPhysicianName": 324}
 
 
-def text_of(ds: Dataset, keyword: str) -> str:
-    """An element as index text: '' when absent, cut to its column's width (UIDs never)."""
-    text = (element_text(ds, keyword) or "").strip()
+def index_text(keyword: str, text: str | None) -> str:
+    """An element's text as indexed: '' when absent, cut to its column's width (UIDs never)."""
+    text = (text or "").strip()
     if keyword in _UID_KEYWORDS:
         return text  # never cut: an over-long UID must fail validation, not be shortened
     return text[: _WIDTH.get(keyword, 64)]
+
+
+def text_of(ds: Dataset, keyword: str) -> str:
+    return index_text(keyword, element_text(ds, keyword))
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,12 @@ class InstanceAttributes:
 
 def extract(ds: Dataset) -> InstanceAttributes:
     return InstanceAttributes({kw: text_of(ds, kw) for kw in INDEX_KEYWORDS
+                               if kw != "SpecificCharacterSet"})
+
+
+def attributes(texts: Mapping[str, str]) -> InstanceAttributes:
+    """`extract`'s result from the elements' texts (header_scan.scan_header's)."""
+    return InstanceAttributes({kw: index_text(kw, texts.get(kw)) for kw in INDEX_KEYWORDS
                                if kw != "SpecificCharacterSet"})
 
 

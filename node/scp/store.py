@@ -22,10 +22,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from node.db.database import Database
 from node.db.indexer import (
+    INDEX_ELEMENTS,
     INDEX_TAGS,
     InstanceAttributes,
     StoredStudy,
     add_instance,
+    attributes,
     extract,
     find_instance,
 )
@@ -35,6 +37,7 @@ from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.coercion import Rule, apply_rules
 from node.scp.matching import Difference, demographic_differences
 from node.storage import compare, files
+from node.storage.header_scan import scan_header
 from node.storage.paths import instance_relpath, is_valid_uid
 from node.storage.rewrite import rewrite_header
 from node.storage.space import StorageGuard
@@ -124,21 +127,21 @@ class Ingest:
                 if not admitted:
                     raise Refused(OUT_OF_RESOURCES, why)
             # Framing checked before anything is trusted (structure.py): refusals are 0xC000.
-            header = self._read(received, lambda: read_header(received, INDEX_TAGS))
             if peer.rules:
+                self._read(received, lambda: read_header(received, INDEX_TAGS))
                 coerced = self.incoming / f"{received.name}.coerced"
                 header = self._read(received, lambda: rewrite_header(
                     received, coerced, lambda ds: apply_rules(list(peer.rules), ds)))
+                attrs, transfer_syntax = extract(header), str(header.file_meta.TransferSyntaxUID)
                 source = coerced
                 size = coerced.stat().st_size
             else:
+                attrs, transfer_syntax = self._index_values(received)
                 files.fsync_file(received)
                 source = received
-            attrs = extract(header)
             study = attrs["StudyInstanceUID"][:64]
             _validate(attrs, sop_class, sop_instance)
-            outcome = self._persist(peer, source, size, attrs,
-                                    str(header.file_meta.TransferSyntaxUID))
+            outcome = self._persist(peer, source, size, attrs, transfer_syntax)
             return dataclasses.replace(outcome, study=study)
         except Refused as refused:
             log.warning("C-STORE %s from %s refused (0x%04X): %s",
@@ -161,13 +164,25 @@ class Ingest:
             if coerced is not None:
                 files.remove_quietly(coerced)
 
+    def _index_values(self, received: Path) -> tuple[InstanceAttributes, str]:
+        """The index attributes and transfer syntax of a received file (not coerced)."""
+        try:
+            scanned = scan_header(received, INDEX_ELEMENTS)
+        except ValueError as exc:  # StructureError
+            raise Refused(CANNOT_PARSE, f"cannot parse: {exc}") from exc
+        if scanned is not None:
+            transfer_syntax, texts = scanned
+            return attributes(texts), transfer_syntax
+        header = self._read(received, lambda: read_header(received, INDEX_TAGS))
+        return extract(header), str(header.file_meta.TransferSyntaxUID)
+
     @staticmethod
     def _read(path: Path, reader: object) -> Dataset:
         try:
             ds = reader()  # type: ignore[operator]
         except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError,
                 NotImplementedError, AttributeError, OverflowError) as exc:
-            raise Refused(CANNOT_PARSE, f"the dataset cannot be parsed: {exc}") from exc
+            raise Refused(CANNOT_PARSE, f"cannot parse: {exc}") from exc
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             raise Refused(CANNOT_PARSE, "the dataset has no transfer syntax")
         return ds

@@ -165,29 +165,36 @@ def check_read_elements(elements: Sequence[object], stop: int, size: int) -> Non
                 f"at offset {elem.value_tell}, file {size} bytes)")
 
 
+# Called for each top-level element of defined length: (tag, explicit VR or b"", value
+# offset, value length).
+OnElement = Callable[[int, bytes, int, int], None]
+
+
 def walk(read: Reader, start: int, size: int, encoding: Encoding, *,
-         max_depth: int = MAX_DEPTH, max_steps: int = MAX_STEPS) -> None:
+         max_depth: int = MAX_DEPTH, max_steps: int = MAX_STEPS,
+         on_element: OnElement | None = None) -> None:
     """Follow element headers from `start`; they must end exactly at `size`.
 
     Values are never read: defined lengths are skipped, undefined-length sequences and
     encapsulated pixel data are followed item by item (items of undefined length recursively,
-    at most `max_depth` deep).
+    at most `max_depth` deep). `on_element` is told where each top-level value is.
     """
     if start > size:
         raise StructureError(f"an element runs past the end of the file (offset {start} of "
                              f"{size})")
-    _Walk(read, size, encoding.little_endian, max_depth, max_steps).dataset(
+    _Walk(read, size, encoding.little_endian, max_depth, max_steps, on_element).dataset(
         start, size, encoding.implicit_vr, depth=0, top=True)
 
 
 class _Walk:
     def __init__(self, read: Reader, size: int, little_endian: bool, max_depth: int,
-                 max_steps: int) -> None:
+                 max_steps: int, on_element: OnElement | None = None) -> None:
         self.read = read
         self.size = size
         self.order = "<" if little_endian else ">"
         self.max_depth = max_depth
         self.steps_left = max_steps
+        self.on_element = on_element
 
     def _header(self, pos: int, count: int) -> bytes:
         self.steps_left -= 1
@@ -236,6 +243,8 @@ class _Walk:
                 pos = self._items(value, tag, fragments, implicit or un, "<" if un else order,
                                   depth)
                 continue
+            if top and self.on_element is not None:
+                self.on_element(tag, vr, value, length)
             pos = value + length
             if pos > end:
                 raise StructureError(
@@ -326,24 +335,30 @@ def check_deflated(read: Reader, start: int, size: int, *, limit: int = MAX_INFL
         raise StructureError("data after the end of the deflated dataset")
 
 
+def file_reader(fd: int, size: int) -> Reader:
+    """A Reader of an open file of `size` bytes.
+
+    Element headers are tiny reads: they are served from the first block when possible, else
+    by one pread each (never through a buffered file). A count is never more than the file
+    holds: pread allocates what it is asked for."""
+    head = os.pread(fd, _HEAD, 0)
+
+    def read(offset: int, count: int) -> bytes:
+        if offset + count <= len(head):
+            return head[offset:offset + count]
+        count = min(count, size - offset)
+        return os.pread(fd, count, offset) if count > 0 else b""
+
+    return read
+
+
 def read_header(path: Path, specific_tags: list[BaseTag] | None = None
                 ) -> FileDataset:
     """pydicom's header (values before Pixel Data, only `specific_tags` if given), after
     checking that the whole file is framed consistently. Raises `StructureError`."""
     with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, _HEAD, 0)
-
-        def read(offset: int, count: int) -> bytes:
-            # Element headers are tiny reads: serve them from the first block when possible,
-            # else one pread each (never through the buffered file pydicom uses). A count is
-            # never more than the file holds: pread allocates what it is asked for.
-            if offset + count <= len(head):
-                return head[offset:offset + count]
-            count = min(count, size - offset)
-            return os.pread(fd, count, offset) if count > 0 else b""
-
+        size = os.fstat(f.fileno()).st_size
+        read = file_reader(f.fileno(), size)
         meta = read_meta(read)
         if not meta.transfer_syntax:
             # Nothing to check against; Ingest refuses a file without a transfer syntax.

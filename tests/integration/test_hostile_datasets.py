@@ -99,7 +99,7 @@ HOSTILE = {
     "truncated sequence before the pixel data": (
         lambda: hostile.with_sequences()[:hostile.element_offset(hostile.with_sequences(),
                                                                   0x00081150) + 4],
-        "No tag to read"),
+        "truncated"),
     "truncated deflated dataset": (lambda: hostile.deflated_file()[:-20], "truncated"),
     "deflate bomb": (lambda: hostile.deflate_bomb(300 << 20), "deflated dataset inflates"),
 }

@@ -40,6 +40,7 @@ class Database:
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
+        self._writer: Connection | None = None  # SQLite: write()'s connection, under the lock
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -57,11 +58,24 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction on a Core connection (no ORM session: the ingest path)."""
-        lock = self._write_lock or contextlib.nullcontext()
-        with lock, self.engine.begin() as conn:
-            yield conn
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        # SQLite has one writer at a time anyway: it keeps one connection rather than take
+        # one from the pool and give it back (with its reset) for every instance.
+        with self._write_lock:
+            if self._writer is None or self._writer.invalidated or self._writer.closed:
+                self._writer = self.engine.connect()
+            with self._writer.begin():
+                yield self._writer
 
     def dispose(self) -> None:
+        if self._write_lock is not None:
+            with self._write_lock:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
         self.engine.dispose()
 
 

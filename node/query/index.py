@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -193,13 +197,20 @@ def _patient_counts() -> list[Any]:
             of(func.sum(Study.num_instances), "patient_instances")]
 
 
-def identifier(query: Query, row: Any, retrieve_ae: str) -> Dataset:
-    """The C-FIND response identifier for one matching row: the keys the requestor asked for."""
+def identifier(query: Query, row: Any, retrieve_ae: str, *, implicit_vr: bool = False,
+               little_endian: bool = True) -> Dataset:
+    """The C-FIND response identifier for one matching row: the keys the requestor asked for.
+
+    Text values go in already encoded (raw elements, in the answer's transfer syntax), so
+    pynetdicom's encoding of the identifier copies them instead of converting each value:
+    building and encoding an answer this way costs well under half as much (README,
+    "Performance"). Values pydicom must convert itself (other VRs, an IS held as text,
+    non-ASCII text in a VR without a character set) are set as pydicom values."""
     values: dict[str, Any] = dict(row._mapping)
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = query.level
-    ds.RetrieveAETitle = retrieve_ae
+    _set(ds, "SpecificCharacterSet", "ISO_IR 192", implicit_vr, little_endian)
+    _set(ds, "QueryRetrieveLevel", query.level, implicit_vr, little_endian)
+    _set(ds, "RetrieveAETitle", retrieve_ae, implicit_vr, little_endian)
     for keyword in query.return_keys:
         attribute = ATTRIBUTES.get(keyword)
         value: Any = None
@@ -211,12 +222,64 @@ def identifier(query: Query, row: Any, retrieve_ae: str) -> Dataset:
                 value = getattr(entity, attribute.column.key)  # type: ignore[union-attr]
         if value == "":
             value = None
+        _set(ds, keyword, value, implicit_vr, little_endian)
+    if query.level in ("STUDY", "SERIES", "IMAGE") and "InstanceAvailability" in query.return_keys:
+        _set(ds, "InstanceAvailability", "ONLINE", implicit_vr, little_endian)
+    ds.set_original_encoding(implicit_vr, little_endian, ds._character_set)
+    return ds
+
+
+# VRs whose value is text: written as the UTF-8 of the value (the answer's character set is
+# ISO_IR 192) where it may hold any character, as ASCII where it may not.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR"})
+
+
+@functools.cache
+def _element(keyword: str) -> tuple[BaseTag, str] | None:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return None
+    # A key whose VR depends on other elements ("US or SS") is only ever returned empty:
+    # any of its VRs will do, and without one pydicom cannot encode it in explicit VR.
+    return Tag(tag), dictionary_VR(tag).split(" or ")[0]
+
+
+def _set(ds: Dataset, keyword: str, value: Any, implicit_vr: bool, little_endian: bool) -> None:
+    """Put `value` in `ds` under `keyword`, encoded when it is text (see `identifier`)."""
+    element = _element(keyword)
+    raw = _raw_value(element[1], value) if element is not None else None
+    if raw is None:
         try:
             setattr(ds, keyword, value)
         except (TypeError, ValueError):
             setattr(ds, keyword, None)
         if keyword in ds and ds[keyword].VR == "SQ" and ds[keyword].value is None:
             ds[keyword].value = []
-    if query.level in ("STUDY", "SERIES", "IMAGE") and "InstanceAvailability" in query.return_keys:
-        ds.InstanceAvailability = "ONLINE"
-    return ds
+        return
+    assert element is not None
+    tag, vr = element
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, implicit_vr, little_endian)
+
+
+def _raw_value(vr: str, value: Any) -> bytes | None:
+    """The encoded value, or None when pydicom must convert it."""
+    if value is None or vr == "SQ":
+        return b""  # an empty value (an empty sequence for SQ)
+    if vr == "IS":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        raw = str(value).encode()
+    elif vr in _CHARSET_VRS or vr in _ASCII_VRS:
+        text = "\\".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
+        if vr in _CHARSET_VRS:
+            raw = text.encode("utf-8")
+        elif text.isascii():
+            raw = text.encode("ascii")
+        else:
+            return None
+    else:
+        return None
+    if len(raw) % 2:
+        raw += b"\0" if vr == "UI" else b" "
+    return raw

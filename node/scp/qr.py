@@ -11,6 +11,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import update
@@ -176,6 +177,7 @@ class QueryRetrieve:
                  report: Report) -> Iterator[tuple[Any, Dataset | None]]:
         started = time.perf_counter()
         sent = 0
+        syntax = UID(event.context.transfer_syntax)  # answers are encoded in it
         with self.db.session() as session:
             stmt = statement(query, peer.partition.id, settings)
             if settings.limit:
@@ -193,7 +195,9 @@ class QueryRetrieve:
                     yield status(LIMIT_EXCEEDED, f"more than {settings.limit} matches: "
                                  "narrow the query"), None
                     return
-                yield PENDING, identifier(query, row, peer.partition.ae_title)
+                yield PENDING, identifier(query, row, peer.partition.ae_title,
+                                          implicit_vr=syntax.is_implicit_VR,
+                                          little_endian=syntax.is_little_endian)
                 sent += 1
                 report.count = sent
         log.info("C-FIND %s from %s: %d matches in %.1f ms", query.level, peer, sent,

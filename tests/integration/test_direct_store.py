@@ -4,7 +4,6 @@ data set cut off or broken mid-transfer aborts only its own association and leav
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from tests import hostile
 from tests.conftest import RunningNode, incoming_files, stored_files, wait_for
 from tests.dicomgen import make_instance
 from tests.hostile import RawPeer, is_abort
-from tests.integration.test_bad_input import echo_ok
-from tests.scu import associate, statuses, store
+from tests.scu import statuses, store
 
 # The receiver sits below the index: one backend is enough.
 pytestmark = pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
@@ -38,16 +36,6 @@ def direct_stores(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(ScpHandlers, "on_direct_store", counting)
     return seen
-
-
-@pytest.fixture
-def bystander(node: RunningNode) -> Iterator[Association]:
-    assoc = associate(node.port, calling="BYSTANDER")
-    assert assoc.is_established
-    yield assoc
-    assert int(assoc.send_c_echo().Status) == 0, "the other association was disturbed"
-    assoc.release()
-    assert echo_ok(node)
 
 
 def indexed(node: RunningNode) -> list[str]:

@@ -21,22 +21,11 @@ from tests.conftest import RunningNode, incoming_files, wait_for
 from tests.dicomgen import make_instance
 from tests.hostile import RawPeer, echo_request, is_abort, pdu_header
 from tests.integration.test_bad_input import echo_ok
-from tests.scu import associate, statuses, store
+from tests.scu import statuses, store
 
 MAX_PDU = 1 << 20  # the node's default dicom.max_pdu_size
 # The PDU layer does not touch the index: one backend is enough.
 pytestmark = pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
-
-
-@pytest.fixture
-def bystander(node: RunningNode) -> Iterator[Association]:
-    """An association opened before the hostile one; it must keep working."""
-    assoc = associate(node.port, calling="BYSTANDER")
-    assert assoc.is_established
-    yield assoc
-    assert int(assoc.send_c_echo().Status) == 0, "the other association was disturbed"
-    assoc.release()
-    assert echo_ok(node)
 
 
 def associated(node: RunningNode, timeout: float = 10.0) -> RawPeer:

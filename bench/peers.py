@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
+FINDSCU = "/usr/bin/findscu"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 _NETNS_MARK = "PACSNODE_BENCH_NETNS"

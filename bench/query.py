@@ -4,7 +4,9 @@ Fills a node's index with 100,000 studies / 1,000,000 instances (index rows only
 starts the node (`pacsnode serve`, a process of its own) and times C-FIND requests from a
 pynetdicom SCU on loopback: study-level
 queries by patient ID, by patient name with a wildcard, by date range + modality, by accession
-number, and a series-level query for one study. A benchmark, not a test: it prints figures.
+number, and a series-level query for one study. When DCMTK is installed it also times the
+date-range query with `findscu`, a native client, as a check that the figures are the
+node's and not the Python client's. A benchmark, not a test: it prints figures.
 
     python bench/query.py                          # SQLite in a temporary folder
     python bench/query.py --database-url postgresql+psycopg://user:pw@127.0.0.1/db
@@ -13,6 +15,7 @@ number, and a series-level query for one study. A benchmark, not a test: it prin
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
 import statistics
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from peers import free_port, reset_database  # noqa: E402
+from peers import FINDSCU, free_port, reset_database  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # noqa: E402
@@ -66,6 +69,25 @@ def timed_find(assoc, query: Dataset) -> tuple[float, int]:
         if status and status.Status in (0xFF00, 0xFF01):
             matches += 1
     return (time.perf_counter() - started) * 1000, matches
+
+
+def findscu_mean(port: int, weeks: list[str], repeats: int) -> float:
+    """Mean ms per week-range query as DCMTK findscu sees it: each week asked `repeats` + 1
+    times on one association, minus a run that asks once (its start and association)."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+
+    def run(date_range: str, times: int) -> float:
+        started = time.perf_counter()
+        subprocess.run([FINDSCU, "-S", "-aec", "PACSNODE", "--repeat", str(times),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyDate={date_range}",
+                        "-k", "ModalitiesInStudy=CT", "-k", "StudyInstanceUID",
+                        "-k", "PatientName", "-k", "PatientID", "-k", "AccessionNumber",
+                        "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", str(port)],
+                       env=env, check=True, capture_output=True)
+        return (time.perf_counter() - started) * 1000
+
+    extra = [run(w, repeats + 1) - run(w, 1) for w in weeks]
+    return sum(extra) / (repeats * len(weeks))
 
 
 def study_query(**keys: str) -> Dataset:
@@ -163,6 +185,11 @@ def main() -> None:
         print(f"| series of one study | {statistics.median(series_timings):.1f} | "
               f"{statistics.quantiles(series_timings, n=20)[18]:.1f} | 2 |")
         assoc.release()
+        if Path(FINDSCU).exists():
+            weeks = [week(rng) for _ in range(5)]
+            per_query = findscu_mean(port, weeks, args.repeats // len(weeks) or 1)
+            print(f"\nDCMTK findscu, a week's range + modality CT, {len(weeks)} weeks, one "
+                  f"association each: {per_query:.1f} ms per query (mean)")
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -132,26 +132,41 @@ def _padded(value: str, pad: bytes, encoding: str = "ascii") -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-def _implicit(element: int, value: bytes) -> bytes:
+def implicit_element(element: int, value: bytes) -> bytes:
+    """A command set element (group 0000, Implicit VR Little Endian)."""
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
 def store_response(request: StoreRequest, status: int, comment: str = "") -> bytes:
     """The whole P-DATA-TF PDU answering `request`, as pynetdicom encodes a C-STORE-RSP."""
     elements = [
-        _implicit(_AFFECTED_SOP_CLASS, _padded(request.sop_class, b"\0")),
-        _implicit(_COMMAND_FIELD, struct.pack("<H", C_STORE_RSP)),
-        _implicit(0x0120, struct.pack("<H", request.message_id)),  # Message ID responded to
-        _implicit(_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
-        _implicit(0x0900, struct.pack("<H", status)),
+        implicit_element(_AFFECTED_SOP_CLASS, _padded(request.sop_class, b"\0")),
+        implicit_element(_COMMAND_FIELD, struct.pack("<H", C_STORE_RSP)),
+        implicit_element(0x0120, struct.pack("<H", request.message_id)),  # Message ID responded to
+        implicit_element(_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+        implicit_element(0x0900, struct.pack("<H", status)),
     ]
     if comment:
-        elements.append(_implicit(0x0902, _padded(comment[:64], b" ", "latin-1")))
-    elements.append(_implicit(_AFFECTED_SOP_INSTANCE, _padded(request.sop_instance, b"\0")))
+        elements.append(implicit_element(0x0902, _padded(comment[:64], b" ", "latin-1")))
+    elements.append(implicit_element(_AFFECTED_SOP_INSTANCE, _padded(request.sop_instance, b"\0")))
+    return command_pdu(request.context_id, elements)
+
+
+def command_pdu(context_id: int, elements: list[bytes]) -> bytes:
+    """A P-DATA-TF PDU holding a whole command set of these encoded elements (ascending)."""
     body = b"".join(elements)
-    command = _implicit(0x0000, struct.pack("<L", len(body))) + body
-    pdv = struct.pack(">LBB", len(command) + 2, request.context_id, 0x03) + command
+    command = implicit_element(0x0000, struct.pack("<L", len(body))) + body
+    return pdv_pdu(context_id, 0x03, command)
+
+
+def pdv_pdu(context_id: int, control: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV item."""
+    pdv = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
     return struct.pack(">BBL", P_DATA_TF, 0, len(pdv)) + pdv
+
+
+def padded_uid(uid: str) -> bytes:
+    return _padded(uid, b"\0")
 
 
 def _explicit(element: int, vr: bytes, value: bytes) -> bytes:

@@ -24,6 +24,7 @@ from node.db.models import Device, Study, utcnow
 from node.query.conditions import Match, Query, QueryError, parse_identifier
 from node.query.index import MatchSettings, identifier, statement
 from node.scp import lookup, pdu_guard
+from node.scp.direct_answers import FindAnswers
 from node.scp.store import Peer
 from node.scu.contexts import sub_operation_contexts
 from node.scu.tuning import tcp_nodelay
@@ -178,6 +179,7 @@ class QueryRetrieve:
         started = time.perf_counter()
         sent = 0
         syntax = UID(event.context.transfer_syntax)  # answers are encoded in it
+        direct = FindAnswers(event) if FindAnswers.usable(event) else None
         with self.db.session() as session:
             stmt = statement(query, peer.partition.id, settings)
             if settings.limit:
@@ -195,9 +197,11 @@ class QueryRetrieve:
                     yield status(LIMIT_EXCEEDED, f"more than {settings.limit} matches: "
                                  "narrow the query"), None
                     return
-                yield PENDING, identifier(query, row, peer.partition.ae_title,
-                                          implicit_vr=syntax.is_implicit_VR,
-                                          little_endian=syntax.is_little_endian)
+                answer = identifier(query, row, peer.partition.ae_title,
+                                    implicit_vr=syntax.is_implicit_VR,
+                                    little_endian=syntax.is_little_endian)
+                if direct is None or not direct.send(answer):
+                    yield PENDING, answer
                 sent += 1
                 report.count = sent
         log.info("C-FIND %s from %s: %d matches in %.1f ms", query.level, peer, sent,

@@ -259,3 +259,48 @@ def test_dcmtk_findscu(node: RunningNode, archive: Archive, dcmtk: Path, tmp_pat
 
     answers = [dcmread(p, force=True) for p in sorted(tmp_path.glob("rsp*.dcm"))]
     assert study_names(archive, answers) == {"S1", "S2"}
+
+
+@pytest.fixture
+def direct_answers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each pending answer was sent by FindAnswers (True) or left to pynetdicom."""
+    from node.scp.direct_answers import FindAnswers
+
+    sent: list[bool] = []
+    original = FindAnswers.send
+
+    def recording(self: FindAnswers, identifier: Dataset) -> bool:
+        sent.append(original(self, identifier))
+        return sent[-1]
+
+    monkeypatch.setattr(FindAnswers, "send", recording)
+    return sent
+
+
+def test_answers_are_sent_directly_and_read_back_as_stored(
+        node: RunningNode, archive: Archive, direct_answers: list[bool]) -> None:
+    found, final = find(node, "STUDY", PatientName="SMITH*", StudyInstanceUID="",
+                        ModalitiesInStudy="", NumberOfStudyRelatedInstances="")
+    assert final == 0
+    assert direct_answers == [True, True]
+    by_uid = {str(ds.StudyInstanceUID): ds for ds in found}
+    assert set(by_uid) == {archive.studies["S1"], archive.studies["S2"]}
+    s1 = by_uid[archive.studies["S1"]]
+    assert (str(s1.PatientName), list(s1.ModalitiesInStudy),
+            int(s1.NumberOfStudyRelatedInstances)) == ("SMITH^JOHN", ["CT", "SR"], 4)
+
+
+def test_a_peer_with_a_tiny_maximum_pdu_gets_fragmented_answers(
+        node: RunningNode, archive: Archive, direct_answers: list[bool]) -> None:
+    ae = AE(ae_title="TINYPDU")
+    ae.add_requested_context(StudyRootFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE", max_pdu=128)
+    assert assoc.is_established
+    query = identifier("STUDY", {"PatientName": "SMITH*", "StudyInstanceUID": "",
+                                 "StudyDescription": ""})
+    found = [answer for status, answer in assoc.send_c_find(query, StudyRootFind)
+             if status.Status == 0xFF00]
+    assoc.release()
+    assert {str(ds.StudyInstanceUID) for ds in found} == {archive.studies["S1"],
+                                                         archive.studies["S2"]}
+    assert direct_answers == []  # all left to pynetdicom, which fragments them

@@ -6,14 +6,16 @@ import io
 import struct
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
+from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 
+from node.scp.direct_answers import find_response
 from node.scp.direct_store import (
     ProtocolError,
     StoreRequest,
@@ -138,3 +140,20 @@ def test_a_command_element_outside_group_0000_is_a_protocol_error() -> None:
         command_elements(struct.pack("<HHL", 0x0008, 0x0016, 2) + b"1\0")
     with pytest.raises(ProtocolError):
         command_elements(struct.pack("<HHL", 0x0000, 0x0100, 20) + b"\x01\x00")
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_find_response_is_what_pynetdicom_sends(implicit: bool) -> None:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = SOP_INSTANCE
+    encoded = encode(identifier, implicit, True)
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 42
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    rsp.Status = 0xFF00
+    rsp.Identifier = io.BytesIO(encoded)
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    expected = b"".join(pynetdicom_pdus(message, 7))
+    assert find_response(7, 42, "1.2.840.10008.5.1.4.1.2.2.1", 0xFF00, encoded) == expected

@@ -82,11 +82,12 @@ def test_sigterm_during_transfer_leaves_only_complete_indexed_files(
         tmp_path: Path, dcmtk: Path) -> None:
     port = free_port()
     config = tmp_path / "node.toml"
-    # No grace: the node stores the 130 remaining CT images in less time than a grace of
-    # 0.2 s (it ingests a few hundred a second), and the stop must come mid-transfer.
+    # No grace, and enough images that the transfer outlasts the stop by a wide margin: the
+    # node ingests a few hundred images a second, and 130 CT images once went in before a
+    # stop (with 0.2 s of grace) took effect.
     config.write_text(f'[node]\ndata_dir = "data"\nlisten_host = "127.0.0.1"\n'
                       f"shutdown_grace_seconds = 0\n[bootstrap_partition]\nport = {port}\n")
-    files = write_study(tmp_path / "in", 150, size=512)
+    files = write_study(tmp_path / "in", 1000, size=128)
     proc = start(tmp_path, "--config", str(config))
     wait_listening(port, proc)
     sender = subprocess.Popen([str(dcmtk / "storescu"), "-aec", "PACSNODE", "127.0.0.1",

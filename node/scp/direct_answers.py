@@ -54,24 +54,26 @@ def find_response(context_id: int, message_id: int, sop_class: str, status: int,
 class FindAnswers:
     """Sends one C-FIND request's pending answers."""
 
-    def __init__(self, event: Any) -> None:
+    def __init__(self, event: Any, maximum: int) -> None:
         self.assoc = event.assoc
         self.context_id = int(event.context.context_id)
         self.message_id = int(event.request.MessageID)
         self.sop_class = str(event.request.AffectedSOPClassUID)
         self.implicit = str(event.context.transfer_syntax) == ImplicitVRLittleEndian
-        self.maximum = int(self.assoc.requestor.maximum_length or 0)
+        self.maximum = maximum  # the peer's maximum PDU length, 0: unlimited
 
-    @staticmethod
-    def usable(event: Any) -> bool:
+    @classmethod
+    def for_event(cls, event: Any) -> FindAnswers | None:
+        """The sender for this C-FIND, or None where pynetdicom must send every answer."""
         assoc = event.assoc
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-        maximum = assoc.requestor.maximum_length or 0
-        return (sock is not None and not isinstance(sock, ssl.SSLSocket)
-                and assoc.is_acceptor and assoc.is_established
-                and (maximum == 0 or maximum >= _MIN_PEER_PDU)
-                and str(event.context.transfer_syntax) in (ImplicitVRLittleEndian,
-                                                           ExplicitVRLittleEndian))
+        maximum = int(assoc.requestor.maximum_length or 0)
+        usable = (sock is not None and not isinstance(sock, ssl.SSLSocket)
+                  and assoc.is_acceptor and assoc.is_established
+                  and (maximum == 0 or maximum >= _MIN_PEER_PDU)
+                  and str(event.context.transfer_syntax) in (ImplicitVRLittleEndian,
+                                                             ExplicitVRLittleEndian))
+        return cls(event, maximum) if usable else None
 
     def send(self, identifier: Dataset) -> bool:
         """Send one pending answer; False if pynetdicom must send it (it did not fit)."""

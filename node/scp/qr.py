@@ -179,7 +179,7 @@ class QueryRetrieve:
         started = time.perf_counter()
         sent = 0
         syntax = UID(event.context.transfer_syntax)  # answers are encoded in it
-        direct = FindAnswers(event) if FindAnswers.usable(event) else None
+        direct = FindAnswers.for_event(event)
         with self.db.session() as session:
             stmt = statement(query, peer.partition.id, settings)
             if settings.limit:

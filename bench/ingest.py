@@ -7,6 +7,10 @@ stored (pacsnode: indexed), and images/s, MB/s, the receiver's peak RSS and the 
 used during the send are recorded. The runs are interleaved (run 1 of every case, then run 2,
 and so on, the receivers in a rotating order) so drift hits every receiver alike; each cell is
 the median of the runs, with min-max. A benchmark, not a test: it never fails on the figures.
+Every run's files are kept until all runs are done (see `peers.Receiver`): deleting them between
+runs slowed the next receiver's file creation on this machine's journal-less ext4. Allow for
+the disk space (images x runs x receivers x association counts), and start a second
+benchmark a minute after the first has removed its files.
 
 Receivers (`--receivers`, default: every one installed; one that is not is skipped with a note):
   pacsnode  `python -m node.cli serve`, fresh data directory and index; every instance is
@@ -109,8 +113,7 @@ def run_case(receiver: Receiver, files: list[Path], associations: int) -> Run:
     if stored != len(files):
         raise RuntimeError(f"{receiver.name} stored {stored} of {len(files)} images; log: "
                            f"{receiver.log_tail(300)}")
-    receiver.clean()
-    os.sync()  # flush the deletions now, not in the next case's timed window
+    os.sync()  # write this run's files back now, not in the next case's timed window
     return Run(seconds, peak, cpu)
 
 
@@ -205,8 +208,11 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells[(name, label, n)].matrix_value()
                                          for label, n in columns) + " |")
     failed = [c for c in cells.values() if c.failures]
-    if not failed and args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    if not failed:
+        for receiver in receivers.values():
+            receiver.clean()
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
     if failed:
         print(f"\n{sum(len(c.failures) for c in failed)} run(s) failed (logs kept in {work}); "
               f"first: {failed[0].failures[0]}")

@@ -39,12 +39,17 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from node.storage import files
+
 log = logging.getLogger(__name__)
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
 P_DATA_TF = 0x04
+# A large data set's pages are sent to disk as it arrives, this many bytes at a time, so the
+# final fsync has little left to wait for and dirty pages never pile up in memory.
+WRITEBACK_EVERY = 8 << 20
 # The node's response PDU is about 200 bytes plus a 64-character comment; a peer that can
 # receive less than this gets pynetdicom's fragmenting encoder instead.
 _MIN_PEER_PDU = 1024
@@ -200,6 +205,7 @@ class DirectStore:
         self._request: StoreRequest | None = None
         self._file: BinaryIO | None = None
         self._path: Path | None = None
+        self._unsynced = 0  # bytes written since the last start_writeback
 
     @property
     def busy(self) -> bool:
@@ -262,16 +268,27 @@ class DirectStore:
             raise ProtocolError(
                 f"{'a command' if control & 0x01 else f'context {context_id}'} PDV inside the "
                 f"data set of C-STORE {request.sop_instance} (context {request.context_id})")
-        assert self._file is not None
-        self._file.write(fragment)
+        file = self._file
+        assert file is not None
+        file.write(fragment)
         if control & 0x02:
             self._finish()
+            return
+        self._unsynced += len(fragment)
+        if self._unsynced >= WRITEBACK_EVERY:
+            file.flush()
+            files.start_writeback(file.fileno())
+            self._unsynced = 0
 
     def _finish(self) -> None:
         request, path, file = self._request, self._path, self._file
         assert request is not None and path is not None and file is not None
         self._request = self._path = self._file = None
+        self._unsynced = 0
         try:
+            file.flush()
+            # The store checks the header while the data is on its way to disk.
+            files.start_writeback(file.fileno())
             file.close()
             status, comment = self.persist(self.assoc, request, path)
         finally:
@@ -283,6 +300,7 @@ class DirectStore:
         """Drop a half-received data set (the association is ending)."""
         path, file = self._path, self._file
         self._request = self._path = self._file = None
+        self._unsynced = 0
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()

@@ -4,6 +4,7 @@ data set cut off or broken mid-transfer aborts only its own association and leav
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from pynetdicom.association import Association
 from sqlalchemy import select
 
 from node.db.models import Instance
+from node.scp import direct_store
 from node.scp.handlers import ScpHandlers
+from node.storage import files
 from tests import hostile
 from tests.conftest import RunningNode, incoming_files, stored_files, wait_for
 from tests.dicomgen import make_instance
@@ -66,7 +69,18 @@ def test_stores_from_a_sender_go_through_the_direct_receiver(
     assert incoming_files(node.storage) == []
 
 
-def test_the_stored_file_holds_the_data_set_as_sent(node: RunningNode) -> None:
+@pytest.mark.parametrize("writeback_every", [direct_store.WRITEBACK_EVERY, 8192])
+def test_the_stored_file_holds_the_data_set_as_sent(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch, writeback_every: int) -> None:
+    monkeypatch.setattr(direct_store, "WRITEBACK_EVERY", writeback_every)
+    writebacks: list[int] = []
+    real = files.start_writeback
+
+    def spy(fd: int, offset: int = 0, count: int = 0) -> None:
+        writebacks.append(os.fstat(fd).st_size)
+        real(fd, offset, count)
+
+    monkeypatch.setattr(files, "start_writeback", spy)
     sop, data = instance_bytes(size=256)  # 128 KiB: many PDUs
     with ct_peer(node) as peer:
         peer.send(hostile.store_request(data, CTImageStorage, sop, 1, max_pdu=4096))
@@ -74,6 +88,12 @@ def test_the_stored_file_holds_the_data_set_as_sent(node: RunningNode) -> None:
     assert int(answer.Status) == 0 and answer.AffectedSOPInstanceUID == sop
     (stored,) = stored_files(node.storage)
     assert stored.read_bytes().endswith(data)
+    # Pages go to disk while the data set arrives (every 8 KiB here), and the last ones as
+    # soon as it is complete, before the store checks and fsyncs it.
+    assert writebacks[-1] == stored.stat().st_size
+    gaps = [after - before for before, after in zip([0, *writebacks[:-1]], writebacks, strict=True)]
+    pdu_and_meta = 4096 + 512
+    assert all(0 < gap <= writeback_every + pdu_and_meta for gap in gaps), gaps
 
 
 def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:

@@ -80,8 +80,13 @@ class FindAnswers:
         encoded = encode(identifier, self.implicit, True)
         if encoded is None:
             return False  # pynetdicom answers what it cannot encode (0xC312)
-        if self.maximum and len(encoded) + _PDV_HEADER > self.maximum:
+        return self.send_encoded(encoded)
+
+    def send_encoded(self, identifier: bytes) -> bool:
+        """Send one pending answer already encoded in the context's transfer syntax; False if
+        pynetdicom must send it (it did not fit)."""
+        if self.maximum and len(identifier) + _PDV_HEADER > self.maximum:
             return False  # (the command set, about 100 bytes, fits any maximum allowed here)
         self.assoc.dul.socket.send(find_response(self.context_id, self.message_id,
-                                                 self.sop_class, PENDING, encoded))
+                                                 self.sop_class, PENDING, identifier))
         return True

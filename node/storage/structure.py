@@ -57,7 +57,7 @@ _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 # Explicit VRs whose length field is 4 bytes (after 2 reserved bytes), PS3.5 7.1.2.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
                         b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
@@ -116,7 +116,7 @@ def read_meta(read: Reader) -> Meta:
             return Meta(pos, transfer_syntax)
         tag = struct.unpack_from("<HH", header)
         vr = header[4:6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if len(header) < 12:
                 raise StructureError("truncated file meta")
             length, start = struct.unpack_from("<L", header, 8)[0], pos + 12
@@ -225,7 +225,7 @@ class _Walk:
                 vr, length, value = b"", struct.unpack_from(order + "L", head, 4)[0], pos + 8
             else:
                 vr = head[4:6]
-                if vr in _LONG_VRS:
+                if vr in LONG_VRS:
                     length = struct.unpack_from(order + "L", self._header(pos, 12), 8)[0]
                     value = pos + 12
                 elif vr in _SHORT_VRS:

@@ -267,13 +267,13 @@ def direct_answers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     from node.scp.direct_answers import FindAnswers
 
     sent: list[bool] = []
-    original = FindAnswers.send
+    original = FindAnswers.send_encoded
 
-    def recording(self: FindAnswers, identifier: Dataset) -> bool:
+    def recording(self: FindAnswers, identifier: bytes) -> bool:
         sent.append(original(self, identifier))
         return sent[-1]
 
-    monkeypatch.setattr(FindAnswers, "send", recording)
+    monkeypatch.setattr(FindAnswers, "send_encoded", recording)
     return sent
 
 

@@ -1,5 +1,6 @@
 """C-FIND answers built with pre-encoded values encode exactly as the same values set on a
-pydicom Dataset do, in every transfer syntax an answer may use."""
+pydicom Dataset do, in every transfer syntax an answer may use; answers packed without pydicom
+(`encoded_identifier`) are byte for byte what pydicom writes, or not packed at all."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
 from node.query.conditions import parse_identifier
-from node.query.index import identifier
+from node.query.index import encoded_identifier, identifier
 
 STUDY = SimpleNamespace(
     study_instance_uid="1.2.826.0.1.3680043.10.1457.12345",  # odd length: padded with NUL
@@ -88,3 +89,31 @@ def test_a_key_whose_vr_depends_on_other_elements_is_returned_empty() -> None:
     encoded = encode(answer, False, True)
     assert encoded is not None
     assert b"\x28\x00\x06\x01US\x00\x00" in encoded  # (0028,0106) US, length 0
+
+
+SERIES_INTEGERS = SimpleNamespace(**{**vars(SERIES), "series_number": 3})
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize(("level", "keys", "row"), [
+    ("STUDY", STUDY_KEYS, Row(Patient=PATIENT, Study=STUDY)),
+    ("STUDY", ("StudyInstanceUID", "SmallestImagePixelValue", "RetrieveAETitle"),
+     Row(Patient=PATIENT, Study=STUDY)),
+    ("SERIES", ("SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDate",
+                "SeriesDescription", "NumberOfSeriesRelatedInstances", "InstanceAvailability"),
+     Row(Patient=PATIENT, Study=STUDY, Series=SERIES_INTEGERS)),
+])
+def test_packed_answers_are_what_pydicom_writes(level: str, keys: tuple[str, ...], row: Row,
+                                                implicit: bool) -> None:
+    asked = query(level, *keys)
+    packed = encoded_identifier(asked, row, "PACSNODE", implicit_vr=implicit)
+    assert packed is not None
+    assert packed == encode(identifier(asked, row, "PACSNODE", implicit_vr=implicit),
+                            implicit, True)
+
+
+def test_an_answer_with_a_value_pydicom_must_convert_is_not_packed() -> None:
+    # SeriesNumber held as the text "1.0" (an IS): pydicom converts it, so it builds the answer.
+    asked = query("SERIES", "SeriesInstanceUID", "SeriesNumber")
+    row = Row(Patient=PATIENT, Study=STUDY, Series=SERIES)
+    assert encoded_identifier(asked, row, "PACSNODE", implicit_vr=False) is None

@@ -182,6 +182,13 @@ class Patient(Base):
               postgresql_ops={"u": "text_pattern_ops"}),
         Index("ix_patients_upper_name_family", func.upper(text("name_family")).label("u"),
               postgresql_ops={"u": "text_pattern_ops"}),
+        # Led by the partition, which every query filters on: without statistics SQLite
+        # prefers the partition's equality to a range on a single-column index.
+        Index("ix_patients_partition_upper_patient_id", text("partition_id"),
+              func.upper(text("patient_id")).label("u"), postgresql_ops={"u": "text_pattern_ops"}),
+        Index("ix_patients_partition_upper_name_family", text("partition_id"),
+              func.upper(text("name_family")).label("u"),
+              postgresql_ops={"u": "text_pattern_ops"}),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -206,6 +213,9 @@ class Study(Base):
         UniqueConstraint("partition_id", "study_instance_uid"),
         Index("ix_studies_partition_id_study_date", "partition_id", "study_date"),
         Index("ix_studies_upper_accession_number", func.upper(text("accession_number")).label("u"),
+              postgresql_ops={"u": "text_pattern_ops"}),
+        Index("ix_studies_partition_upper_accession_number", text("partition_id"),
+              func.upper(text("accession_number")).label("u"),
               postgresql_ops={"u": "text_pattern_ops"}),
     )
 

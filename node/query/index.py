@@ -253,7 +253,7 @@ def encoded_identifier(query: Query, row: Any, retrieve_ae: str, *,
         raw = _raw_value(vr, value)
         if raw is None:
             return None
-        elements[tag] = _packed(tag, vr, raw, implicit_vr)
+        elements[int(tag)] = _packed(tag, vr, raw, implicit_vr)  # int: BaseTag sorts slowly
     return b"".join(elements[tag] for tag in sorted(elements))
 
 

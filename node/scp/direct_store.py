@@ -286,10 +286,12 @@ class DirectStore:
         self._request = self._path = self._file = None
         self._unsynced = 0
         try:
-            file.flush()
-            # The store checks the header while the data is on its way to disk.
-            files.start_writeback(file.fileno())
-            file.close()
+            try:
+                file.flush()
+                # The store checks the header while the data is on its way to disk.
+                files.start_writeback(file.fileno())
+            finally:
+                file.close()
             status, comment = self.persist(self.assoc, request, path)
         finally:
             with contextlib.suppress(OSError):

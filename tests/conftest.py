@@ -6,12 +6,14 @@ import itertools
 import os
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -45,6 +47,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Something accepts connections on the loopback port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Until `proc` accepts connections on `port`; fails if it exits first (with its output,
+    when that is piped) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout is not None else ""
+            raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}:\n{output}")
+        if listening(port):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port} after {timeout} s")
 
 
 def _pg_admin_ok() -> bool:

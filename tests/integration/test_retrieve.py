@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 
 from node.db.models import Instance, Partition, Study
-from tests.conftest import RunningNode, dcmtk_env, free_port, wait_for
+from tests.conftest import RunningNode, dcmtk_env, free_port, listening, wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
 from tests.indexfill import fill
@@ -69,6 +69,8 @@ def destination(node: RunningNode, dcmtk: Path, tmp_path: Path) -> Iterator[Dest
     process = subprocess.Popen([str(dcmtk / "storescp"), "-d", "+xa", "-aet", "DEST", "-od",
                                 str(folder), str(port)], env=dcmtk_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A C-MOVE is not retried: the destination must be up before the first one.
+    assert wait_for(lambda: listening(port), timeout=10), "storescp did not start listening"
     assert node.cli("device", "add", "DEST", "--host", "127.0.0.1", "--port", str(port),
                     "--max-pdu", "32768").exit_code == 0
     yield Destination(port, folder, process)

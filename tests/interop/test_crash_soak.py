@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from sqlalchemy import select
 
 from node.db.database import Database
 from node.db.models import Device, ForwardJob, Instance, Partition
-from tests.conftest import free_port, run_cli
+from tests.conftest import free_port, run_cli, wait_listening
 from tests.dicomgen import Patient, make_instance, uid
 from tests.scu import associate
 
@@ -43,17 +42,6 @@ def serve(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"pacsnode serve exited with {proc.returncode}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port} after {timeout} s")
 
 
 def dataset_bytes(part10: bytes) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli, wait_for
+from tests.conftest import free_port, listening, run_cli, wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
 from tests.scu import statuses, store
@@ -25,11 +24,6 @@ def serve(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_sigkill_mid_queue_then_restart_delivers_everything(tmp_path: Path,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,24 +13,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import dcmtk_env, free_port
+from tests.conftest import dcmtk_env, free_port, listening, wait_listening
 from tests.dicomgen import write_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 PACSNODE = [sys.executable, "-m", "hierarchy.cli"]  # the `pacsnode` console script
-
-
-def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"pacsnode serve exited early:\n{proc.stdout.read()}")  # type: ignore[union-attr]
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listening on {port} after {timeout}s")
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
@@ -53,9 +40,8 @@ def stop(proc: subprocess.Popen[str], sig: int) -> str:
 
 
 def test_serve_with_no_arguments_runs_the_embedded_default(tmp_path: Path, dcmtk: Path) -> None:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 11112)) == 0:
-            pytest.fail("port 11112 is taken by another program: the default node cannot start")
+    if listening(11112):
+        pytest.fail("port 11112 is taken by another program: the default node cannot start")
     proc = start(tmp_path)
     try:
         wait_listening(11112, proc)

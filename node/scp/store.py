@@ -25,6 +25,7 @@ from node.db.indexer import (
     INDEX_ELEMENTS,
     INDEX_TAGS,
     InstanceAttributes,
+    StoredInstance,
     StoredStudy,
     add_instance,
     attributes,
@@ -193,25 +194,45 @@ class Ingest:
         relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
                                    attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
         final = self.root / relpath
+        # The file goes into place before its index row, outside the index's write
+        # transaction (SQLite's is one at a time for the whole node, and the directory's fsync
+        # was half of what it held it for). Two stores of one instance at once cannot undo
+        # each other: whoever indexes it first wins (the unique row), a store replaces a file
+        # only once it holds the new row, and a store removes only its own link (same_file).
+        # Either way the temporary file stays in .incoming until the commit: after a crash it
+        # is what names this file to the start-up check (storage/reconcile.py).
+        placed = files.place_new(source, final)  # else an indexed copy, or a crash's orphan
+        try:
+            indexed = self._index(peer, source, size, attrs, transfer_syntax, relpath, placed)
+        except BaseException:
+            if files.same_file(source, final):
+                files.remove_quietly(final)
+            raise
+        if isinstance(indexed, Outcome):
+            return indexed
+        if placed and files.same_file(source, final):
+            # Indexed already (under this or another path): leave what was there as it was.
+            files.remove_quietly(final)
+        return self._duplicate(peer, source, self.root / indexed.path, attrs)
+
+    def _index(self, peer: Peer, source: Path, size: int, attrs: InstanceAttributes,
+               transfer_syntax: str, relpath: str, placed: bool) -> Outcome | StoredInstance:
+        """Index the instance whose file is at `relpath` (`placed`: this store put it there;
+        else the file there is an orphan to replace), or the instance indexed already."""
+        partition = peer.partition
         for _ in range(_INDEX_ATTEMPTS):
-            placed = False
             try:
                 with self.db.write() as conn:
                     existing = find_instance(conn, partition.id, attrs["SOPInstanceUID"])
                     if existing is not None:
-                        stored_path = self.root / existing.path
-                        break
+                        return existing
                     study = add_instance(conn, partition.id, attrs, relpath=relpath,
                                          size=size, transfer_syntax=transfer_syntax,
                                          calling_ae=peer.calling_ae)
-                    # The index row is flushed (so this association owns the SOP instance)
-                    # before the file goes into place; an existing file is then an orphan of
-                    # an earlier crash and is replaced. The temporary file stays in .incoming
-                    # until the commit either way: after a crash it is what names this file
-                    # to the start-up check (storage/reconcile.py).
-                    if not files.place_new(source, final):
-                        files.replace_keeping_source(source, final)
-                    placed = True
+                    if not placed:
+                        # Not indexed (this transaction holds the new row): what is there is an
+                        # earlier crash's orphan, or the link of a store that lost the race.
+                        files.replace_keeping_source(source, self.root / relpath)
                     queued = self._enqueue(conn, peer, attrs, study)
                     mismatch = [] if study.is_new else demographic_differences(
                         study.demographics, attrs.demographics, partition.match_fields)
@@ -219,25 +240,16 @@ class Ingest:
                         conn.execute(insert(IntegrityItem), _integrity(
                             partition, attrs, peer, IntegrityKind.DEMOGRAPHICS_MISMATCH,
                             mismatch))
-                if queued and self.on_queued is not None:
-                    self.on_queued()
-                if mismatch:
-                    log.warning("C-STORE %s from %s: demographics differ from the stored study: %s",
-                                attrs["SOPInstanceUID"], peer,
-                                ", ".join(d.keyword for d in mismatch))
-                return Outcome(SUCCESS, integrity=mismatch)
             except IntegrityError:
-                # Another association created the same patient/study/series/instance first.
-                if placed:
-                    files.remove_quietly(final)
+                # Another association created the same patient/study/series first.
                 continue
-            except BaseException:
-                if placed:
-                    files.remove_quietly(final)
-                raise
-        else:
-            raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
-        return self._duplicate(peer, source, stored_path, attrs)
+            if queued and self.on_queued is not None:
+                self.on_queued()
+            if mismatch:
+                log.warning("C-STORE %s from %s: demographics differ from the stored study: %s",
+                            attrs["SOPInstanceUID"], peer, ", ".join(d.keyword for d in mismatch))
+            return Outcome(SUCCESS, integrity=mismatch)
+        raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
 
     def _enqueue(self, conn: Connection, peer: Peer, attrs: InstanceAttributes,
                  study: StoredStudy) -> int:

@@ -125,6 +125,14 @@ def replace_keeping_source(source: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Both names are links to one file (False if either is missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom import dcmread
@@ -176,3 +178,36 @@ def test_shared_port_routes_by_called_ae(node: RunningNode) -> None:
     assert not (node.storage / "RESEARCH" / a.StudyInstanceUID).exists()
     listing = json.loads(node.cli("partition", "list", "--json").output)
     assert {p["ae_title"]: p["studies"] for p in listing} == {"PACSNODE": 1, "RESEARCH": 1}
+
+
+def test_one_instance_sent_over_many_associations_at_once_is_stored_once(
+        node: RunningNode, tmp_path: Path) -> None:
+    # Each sender's copy differs (InstitutionName), so the stored file shows whose it is.
+    first = make_instance()
+    copies: list[Path] = []
+    for n in range(8):
+        ds = make_instance(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID,
+                           sop_uid=first.SOPInstanceUID)
+        ds.InstitutionName = f"SENDER {n}"
+        path = tmp_path / f"copy{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        copies.append(path)
+    start = threading.Barrier(len(copies))
+
+    def send(path: Path) -> list[int]:
+        start.wait()
+        return statuses(store(node.port, [path]))
+
+    with ThreadPoolExecutor(len(copies)) as pool:
+        results = list(pool.map(send, copies))
+    assert results == [[0]] * len(copies)  # the default policy answers duplicates success
+    assert count(node, Instance) == 1
+    with node.db.session() as s:
+        instance = s.scalars(select(Instance)).one()
+    stored = dcmread(node.storage / instance.path)  # one sender's copy, whole
+    assert stored.SOPInstanceUID == first.SOPInstanceUID
+    assert str(stored.InstitutionName).startswith("SENDER ")
+    assert instance.size == (node.storage / instance.path).stat().st_size
+    assert [p for p in (node.storage / "PACSNODE").rglob("*") if p.is_file()] == [
+        node.storage / instance.path]
+    assert incoming_files(node.storage) == []

@@ -121,8 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--receivers", default=",".join(RECEIVERS),
                         help="comma-separated, from: " + ", ".join(RECEIVERS))
-    parser.add_argument("--small", type=int, default=2000, help="number of 64x64 images")
-    parser.add_argument("--ct", type=int, default=200, help="number of 512x512 images")
+    parser.add_argument("--small", type=int, default=2000, help="number of 64x64 images (0: none)")
+    parser.add_argument("--ct", type=int, default=200, help="number of 512x512 images (0: none)")
     parser.add_argument("--runs", type=int, default=3, help="runs per cell (median is printed)")
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--database-url", default=None,
@@ -154,8 +154,11 @@ def main() -> None:
     if not names:
         raise SystemExit("no receiver to measure")
 
-    datasets = {label: image_set(args.data, args.small if size == 64 else args.ct, size)
-                for label, size in DATASETS.items()}
+    counts = {label: args.small if size == 64 else args.ct for label, size in DATASETS.items()}
+    datasets = {label: image_set(args.data, counts[label], size)
+                for label, size in DATASETS.items() if counts[label] > 0}  # 0: not measured
+    if not datasets:
+        raise SystemExit("nothing to send: --small and --ct are both 0")
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsnode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     receivers = {name: make_receiver(name, work, args.database_url) for name in names}
@@ -200,7 +203,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for cell in cells.values():
         print(cell.row())
-    columns = [(label, n) for label in DATASETS for n in args.associations]
+    columns = [(label, n) for label in datasets for n in args.associations]
     print("\nimages/s, median of", args.runs, "run(s):\n")
     print("| receiver | " + " | ".join(f"{label} {n} assoc" for label, n in columns) + " |")
     print("|---|" + "---:|" * len(columns))

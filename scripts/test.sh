@@ -45,4 +45,5 @@ VENV=${VENV:-.venv}
 "$VENV/bin/pip" install -q -e ".[test]"
 
 "$VENV/bin/ruff" check .
-exec "$VENV/bin/python" -m pytest "$@"
+# The slowest tests are listed after every run: the whole suite must stay under 15 minutes.
+exec "$VENV/bin/python" -m pytest --durations=15 "$@"

@@ -12,7 +12,7 @@ import pytest
 from node import config
 from node.service import Node
 from tests.certs import CA, Issued, make_ca
-from tests.conftest import RunningNode, free_port, node_toml, write_config
+from tests.conftest import RunningNode, free_port, node_toml, stop_nodes, write_config
 
 
 @dataclass
@@ -80,5 +80,4 @@ tls_port = {tls_port}
         return running
 
     yield start
-    for node in started:
-        node.stop()
+    stop_nodes(started)

@@ -221,9 +221,9 @@ def answer_values(query: Query, row: Any, retrieve_ae: str) -> list[tuple[str, A
     return pairs
 
 
-def identifier(query: Query, row: Any, retrieve_ae: str, *, implicit_vr: bool = False,
+def identifier(pairs: list[tuple[str, Any]], *, implicit_vr: bool = False,
                little_endian: bool = True) -> Dataset:
-    """The C-FIND response identifier for one matching row (see `answer_values`).
+    """The C-FIND response identifier holding `answer_values`' pairs.
 
     Text values go in already encoded (raw elements, in the answer's transfer syntax), so
     pynetdicom's encoding of the identifier copies them instead of converting each value:
@@ -231,21 +231,20 @@ def identifier(query: Query, row: Any, retrieve_ae: str, *, implicit_vr: bool = 
     "Performance"). Values pydicom must convert itself (other VRs, an IS held as text,
     non-ASCII text in a VR without a character set) are set as pydicom values."""
     ds = Dataset()
-    for keyword, value in answer_values(query, row, retrieve_ae):
+    for keyword, value in pairs:
         _set(ds, keyword, value, implicit_vr, little_endian)
     ds.set_original_encoding(implicit_vr, little_endian, ds._character_set)
     return ds
 
 
-def encoded_identifier(query: Query, row: Any, retrieve_ae: str, *,
-                       implicit_vr: bool) -> bytes | None:
-    """The identifier `identifier` builds, already encoded in Little Endian with or without
-    explicit VRs, or None when one of its values needs pydicom's conversion.
+def encoded_identifier(pairs: list[tuple[str, Any]], *, implicit_vr: bool) -> bytes | None:
+    """The identifier `identifier` builds from the same pairs, already encoded in Little
+    Endian with or without explicit VRs, or None when one of its values needs pydicom's conversion.
 
     The elements are packed with struct straight from the row's values: building a Dataset
     and having pydicom write it was most of an answer's CPU (README, "Performance")."""
     elements: dict[int, bytes] = {}
-    for keyword, value in answer_values(query, row, retrieve_ae):
+    for keyword, value in pairs:
         element = _element(keyword)
         if element is None:
             return None

@@ -22,7 +22,13 @@ from node.config import QuerySettings, Settings
 from node.db.database import Database
 from node.db.models import Device, Study, utcnow
 from node.query.conditions import Match, Query, QueryError, parse_identifier
-from node.query.index import MatchSettings, encoded_identifier, identifier, statement
+from node.query.index import (
+    MatchSettings,
+    answer_values,
+    encoded_identifier,
+    identifier,
+    statement,
+)
 from node.scp import lookup, pdu_guard
 from node.scp.direct_answers import FindAnswers
 from node.scp.store import Peer
@@ -197,9 +203,11 @@ class QueryRetrieve:
                     yield status(LIMIT_EXCEEDED, f"more than {settings.limit} matches: "
                                  "narrow the query"), None
                     return
-                if direct is None or not self._send_direct(direct, query, row, peer):
-                    answer = identifier(query, row, peer.partition.ae_title,
-                                        implicit_vr=syntax.is_implicit_VR,
+                pairs = answer_values(query, row, peer.partition.ae_title)
+                encoded = (encoded_identifier(pairs, implicit_vr=direct.implicit)
+                           if direct is not None else None)
+                if encoded is None or direct is None or not direct.send_encoded(encoded):
+                    answer = identifier(pairs, implicit_vr=syntax.is_implicit_VR,
                                         little_endian=syntax.is_little_endian)
                     if direct is None or not direct.send(answer):
                         yield PENDING, answer
@@ -207,13 +215,6 @@ class QueryRetrieve:
                 report.count = sent
         log.info("C-FIND %s from %s: %d matches in %.1f ms", query.level, peer, sent,
                  (time.perf_counter() - started) * 1000)
-
-    @staticmethod
-    def _send_direct(direct: FindAnswers, query: Query, row: Any, peer: Peer) -> bool:
-        """Send the row's answer encoded without pydicom; False if it needs pydicom."""
-        encoded = encoded_identifier(query, row, peer.partition.ae_title,
-                                     implicit_vr=direct.implicit)
-        return encoded is not None and direct.send_encoded(encoded)
 
     # Retrieve -----------------------------------------------------------------------------
     def _instances(self, query: Query, peer: Peer) -> list[Stored]:

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
 from node.query.conditions import parse_identifier
-from node.query.index import encoded_identifier, identifier
+from node.query.index import answer_values, encoded_identifier, identifier
 
 STUDY = SimpleNamespace(
     study_instance_uid="1.2.826.0.1.3680043.10.1457.12345",  # odd length: padded with NUL
@@ -61,7 +61,8 @@ STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "
 @pytest.mark.parametrize(("implicit", "little"), [(False, True), (True, True), (False, False)])
 def test_study_answers_encode_as_pydicom_encodes_them(implicit: bool, little: bool) -> None:
     row = Row(Patient=PATIENT, Study=STUDY)
-    answer = identifier(query("STUDY", *STUDY_KEYS), row, "PACSNODE", implicit_vr=implicit,
+    answer = identifier(answer_values(query("STUDY", *STUDY_KEYS), row, "PACSNODE"),
+                        implicit_vr=implicit,
                         little_endian=little)
     assert answer.PatientName == PATIENT.patient_name
     assert list(answer.ModalitiesInStudy) == ["CT", "MR"]
@@ -73,9 +74,9 @@ def test_study_answers_encode_as_pydicom_encodes_them(implicit: bool, little: bo
 
 def test_series_answers_with_values_pydicom_converts_itself() -> None:
     row = Row(Patient=PATIENT, Study=STUDY, Series=SERIES)
-    answer = identifier(query("SERIES", "SeriesInstanceUID", "SeriesNumber", "Modality",
-                              "SeriesDate", "NumberOfSeriesRelatedInstances"),
-                        row, "PACSNODE")
+    answer = identifier(answer_values(
+        query("SERIES", "SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDate",
+              "NumberOfSeriesRelatedInstances"), row, "PACSNODE"))
     assert answer.SeriesNumber == 1  # an IS held as text: set through pydicom
     assert "SeriesDate" in answer and answer.SeriesDate == ""
     assert encode(answer, False, True) == encode(as_pydicom_sets_it(answer), False, True)
@@ -84,8 +85,9 @@ def test_series_answers_with_values_pydicom_converts_itself() -> None:
 def test_a_key_whose_vr_depends_on_other_elements_is_returned_empty() -> None:
     # Raw elements skip pydicom's ambiguous-VR correction, and "US or SS" cannot be encoded
     # in explicit VR: the answer must pick a VR itself (else it fails with 0xC312).
-    answer = identifier(query("STUDY", "StudyInstanceUID", "SmallestImagePixelValue"),
-                        Row(Patient=PATIENT, Study=STUDY), "PACSNODE")
+    answer = identifier(answer_values(query("STUDY", "StudyInstanceUID",
+                                            "SmallestImagePixelValue"),
+                                      Row(Patient=PATIENT, Study=STUDY), "PACSNODE"))
     encoded = encode(answer, False, True)
     assert encoded is not None
     assert b"\x28\x00\x06\x01US\x00\x00" in encoded  # (0028,0106) US, length 0
@@ -106,9 +108,10 @@ SERIES_INTEGERS = SimpleNamespace(**{**vars(SERIES), "series_number": 3})
 def test_packed_answers_are_what_pydicom_writes(level: str, keys: tuple[str, ...], row: Row,
                                                 implicit: bool) -> None:
     asked = query(level, *keys)
-    packed = encoded_identifier(asked, row, "PACSNODE", implicit_vr=implicit)
+    pairs = answer_values(asked, row, "PACSNODE")
+    packed = encoded_identifier(pairs, implicit_vr=implicit)
     assert packed is not None
-    assert packed == encode(identifier(asked, row, "PACSNODE", implicit_vr=implicit),
+    assert packed == encode(identifier(pairs, implicit_vr=implicit),
                             implicit, True)
 
 
@@ -116,4 +119,4 @@ def test_an_answer_with_a_value_pydicom_must_convert_is_not_packed() -> None:
     # SeriesNumber held as the text "1.0" (an IS): pydicom converts it, so it builds the answer.
     asked = query("SERIES", "SeriesInstanceUID", "SeriesNumber")
     row = Row(Patient=PATIENT, Study=STUDY, Series=SERIES)
-    assert encoded_identifier(asked, row, "PACSNODE", implicit_vr=False) is None
+    assert encoded_identifier(answer_values(asked, row, "PACSNODE"), implicit_vr=False) is None

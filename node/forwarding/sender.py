@@ -170,9 +170,15 @@ class Connection:
                 return (f"fail:{self.target.name} accepts no context for {job.sop_class} in "
                         f"{job.transfer_syntax} or uncompressed, and it cannot be "
                         f"decompressed here: {exc}")
+        if not self.assoc.is_established:
+            # The destination aborted or went away after answering the job before: the job
+            # itself is fine, the association is not.
+            return "broken:the association ended (aborted or connection lost)"
         try:
             rsp = self.assoc.send_c_store(ds)
-        except (ValueError, RuntimeError) as exc:
+        except RuntimeError as exc:  # pynetdicom: the association ended as we began
+            return f"broken:{exc}"
+        except ValueError as exc:  # no context for it, or it cannot be encoded
             return f"fail:{exc}"
         if "Status" not in rsp:
             return "broken:no C-STORE response (timeout, abort or connection lost)"

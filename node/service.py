@@ -42,6 +42,7 @@ def open_database(settings: Settings) -> Database:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     migrate.upgrade(db.engine)
+    db.make_durable()  # alembic commits on its own connection, outside Database's writes
     # Read first: every CLI command opens the database, and a write transaction would take
     # SQLite's write lock each time for a value that rarely changes.
     with db.session() as session:

@@ -1,0 +1,83 @@
+"""SQLite writes from several processes of one node: they queue on a file lock, and a commit
+reaches the disk (its WAL fsynced) before the write returns."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from node.db import migrate
+from node.db.database import Database
+from node.db.models import Partition
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    migrate.upgrade(database.engine)
+    yield database
+    database.dispose()
+
+
+def add_partition(db: Database, title: str) -> None:
+    with db.transaction() as session:
+        session.add(Partition(ae_title=title, port=104, folder=title))
+
+
+def test_a_writer_waits_while_another_process_holds_the_write_lock(
+        db: Database, tmp_path: Path) -> None:
+    lock = tmp_path / "node.db.writer-lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (add_partition(db, "WAITED"), done.set()))
+        writer.start()
+        assert not done.wait(0.5)  # queued behind the other process
+        assert holder.stdin is not None
+        holder.stdin.close()  # the other process ends, and its lock with it
+        assert done.wait(10)
+        writer.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    with db.session() as session:
+        assert session.scalar(select(Partition.ae_title)) == "WAITED"
+
+
+def test_a_commit_is_on_disk_when_the_write_returns(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    for title in ("FIRST", "SECOND"):
+        synced.clear()
+        add_partition(db, title)
+        # SQLite itself does not wait for the disk at commit (synchronous=NORMAL) ...
+        with db.engine.connect() as connection:
+            assert connection.execute(text("PRAGMA synchronous")).scalar() == 1
+        # ... the write does, before it returns.
+        assert str(tmp_path / "node.db-wal") in synced
+    synced.clear()
+    with db.write() as connection:
+        connection.execute(text("UPDATE partitions SET description = 'x'"))
+    assert synced == [str(tmp_path / "node.db-wal")]

@@ -18,6 +18,7 @@ from typing import Any
 from pydicom.uid import UID, AllTransferSyntaxes, ImplicitVRLittleEndian
 
 ENV_CONFIG = "PACSNODE_CONFIG"
+MAX_ASSOCIATION_PROCESSES = 64
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,16 @@ class DicomSettings:
     # Inbound associations one calling device (AE title) may hold at once; a device's own
     # max_inbound_associations overrides it; 0: no limit below maximum_associations.
     max_associations_per_device: int = 16
+    # Processes that serve inbound associations, the node's main one included: one Python
+    # process runs its Python code on one core at a time, so on a machine with more cores,
+    # associations spread over several receive faster together. 0: one per CPU core.
+    association_processes: int = 1
+
+    def processes(self) -> int:
+        """How many processes serve associations (association_processes, 0 resolved)."""
+        if self.association_processes:
+            return self.association_processes
+        return max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass
@@ -292,6 +303,9 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"dicom.{key} must be positive")
     if d.maximum_associations < 1:
         raise ConfigError("dicom.maximum_associations must be at least 1")
+    if not 0 <= d.association_processes <= MAX_ASSOCIATION_PROCESSES:
+        raise ConfigError("dicom.association_processes must be 0 (one per CPU core) or 1-"
+                          f"{MAX_ASSOCIATION_PROCESSES}")
     if d.max_associations_per_device < 0:
         raise ConfigError("dicom.max_associations_per_device must be 0 (no limit) or positive")
     if d.transfer_syntax_preference not in ("requestor", "node"):

@@ -26,8 +26,11 @@ from node.db.models import Partition
 from node.forwarding.service import Forwarder
 from node.notify import Notifier
 from node.redact import redact_url
+from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
+from node.scp.processes import AssociationProcesses
 from node.scp.qr import QueryRetrieve
+from node.scp.registry import AssociationRegistry
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
 from node.storage import deletion, files, reconcile
@@ -96,6 +99,7 @@ class Node:
         self.settings = settings
         self.db: Database | None = None
         self.server: DicomServer | None = None
+        self.processes: AssociationProcesses | None = None
         self.forwarder: Forwarder | None = None
         self.guard: StorageGuard | None = None
         self.monitor: StorageMonitor | None = None
@@ -138,11 +142,21 @@ class Node:
                                    activity=self.activity)
         ingest = Ingest(self.db, storage, settings.forwarding.send_updates,
                         on_queued=self.forwarder.wake, guard=self.guard)
+        d = settings.dicom
+        registry = AssociationRegistry(
+            Limits(d.maximum_associations, d.max_associations_per_device))
+        if d.processes() > 1:
+            self.processes = AssociationProcesses(settings, registry, self.forwarder.wake,
+                                                  d.processes() - 1)
         self.server = DicomServer(settings, self.db, ingest,
                                   QueryRetrieve(self.db, settings, storage, self.activity),
                                   StorageCommitment(self.settings, self.db, storage,
                                                     self.activity),
-                                  self.activity)
+                                  self.activity, admissions=registry,
+                                  dispatcher=self.processes)
+        if self.processes is not None:
+            # Before the listeners open, so the first connections are spread too.
+            self.processes.start()
         self.server.start()
         self.forwarder.start()
         self.notifier = Notifier(settings.notify, settings.node.name)
@@ -170,9 +184,16 @@ class Node:
             self.forwarder.stop()
             self.forwarder = None
             log.info("forwarding stopped (%.1f s)", time.monotonic() - started)
+        grace = self.settings.node.shutdown_grace_seconds
+        if self.processes is not None:
+            # They finish their associations while this process finishes its own.
+            self.processes.request_stop(grace)
         if self.server is not None:
-            self.server.stop(self.settings.node.shutdown_grace_seconds)
+            self.server.stop(grace)
             self.server = None
+        if self.processes is not None:
+            self.processes.join(grace + 15.0)
+            self.processes = None
             log.info("DICOM listeners and associations stopped (%.1f s)",
                      time.monotonic() - started)
         if self.activity is not None:

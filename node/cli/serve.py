@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -10,7 +9,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.cli.common import ConfigOption, fail, load_settings
 from node.config import Settings
-from node.redact import RedactingFilter, known_secrets, scrub
+from node.logs import configure_logging
+from node.redact import known_secrets, scrub
 from node.service import Extension, Node
 from node.tls import TlsError
 
@@ -22,15 +22,8 @@ def serve(config: ConfigOption = None) -> None:
 
 def run(config: Path | None, extensions: Callable[[Settings], Sequence[Extension]]) -> None:
     settings = load_settings(config)
-    logging.basicConfig(
-        level=settings.node.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # The node's own messages hide passwords; this also catches what libraries log.
+    configure_logging(settings)
     secrets = known_secrets(settings)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter(secrets))
     try:
         Node(settings, extensions(settings)).run_until_signalled()
     except (OSError, SQLAlchemyError, TlsError) as exc:

@@ -26,6 +26,7 @@ from node.scp.direct_store import DirectStore, StoreRequest
 from node.scp.pdu_guard import discard_partial_dataset
 from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
+from node.scp.registry import Admissions, AssociationRegistry
 from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,15 @@ class ScpHandlers:
                  commitment: StorageCommitment,
                  supported: Mapping[str, PresentationContext], by_requestor: bool,
                  activity: ActivityLog | None = None,
-                 limits: admission.Limits = admission.Limits(0, 0)) -> None:
+                 admissions: Admissions | None = None) -> None:
         """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
         order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor");
         `activity`: where association, reject and store rows go (None: not recorded);
-        `limits`: inbound associations allowed at once."""
+        `admissions`: counts inbound associations against the node's limits (default: no
+        limits)."""
         self.db = db
-        self.limits = limits
+        self.admissions = (admissions if admissions is not None
+                           else AssociationRegistry(admission.Limits(0, 0)))
         self.activity = activity if activity is not None and activity.enabled else None
         self.ingest = ingest
         self.qr = qr
@@ -99,6 +102,7 @@ class ScpHandlers:
             if by_requestor else None)
         self._peers: dict[Association, Peer] = {}
         self._usage: dict[Association, Usage] = {}
+        self._tokens: dict[Association, int] = {}
         self._lock = threading.Lock()
         self._contexts: dict[tuple[str, tuple[str, ...]], PresentationContext] = {}
 
@@ -176,15 +180,20 @@ class ScpHandlers:
             # pynetdicom ends some associations without EVT_CONN_CLOSE (an exception in its
             # reactor, e.g. the disk filling mid-transfer): forget those here, and drop the
             # temporary file they were writing.
-            for dead in [a for a in self._peers if not a.is_alive() and a is not assoc]:
-                self._peers.pop(dead, None)
-                self._usage.pop(dead, None)
-                _discard_partial_dataset(dead)
-            # Counted and registered under one lock: simultaneous requests cannot all pass.
-            too_many = admission.over_limit(self.limits, partition, device, calling,
-                                            self._open_now(peer))
-            if too_many is None:
+            dead = [a for a in self._peers if not a.is_alive() and a is not assoc]
+            for gone in dead:
+                self._peers.pop(gone, None)
+                self._usage.pop(gone, None)
+            tokens = [self._tokens.pop(gone) for gone in dead if gone in self._tokens]
+        for gone in dead:
+            _discard_partial_dataset(gone)
+        for token in tokens:
+            self.admissions.release(token)
+        token, too_many = self.admissions.admit(partition, device, calling)
+        if token is not None:
+            with self._lock:
                 self._peers[assoc] = peer
+                self._tokens[assoc] = token
                 if self.activity is not None:
                     self._usage[assoc] = Usage(called)
         if too_many is not None:
@@ -199,14 +208,6 @@ class ScpHandlers:
                                                    self.ingest.incoming)
         log.info("association from %s@%s:%s to %s accepted%s", calling, ip, peer_port, called,
                  " (TLS)" if tls else "")
-
-    def _open_now(self, peer: Peer) -> admission.OpenAssociations:
-        """Admitted associations that are still open; call with the lock held."""
-        peers = list(self._peers.values())
-        return admission.OpenAssociations(
-            node=len(peers),
-            partition=sum(p.partition.id == peer.partition.id for p in peers),
-            device=sum(_sender(p) == _sender(peer) for p in peers))
 
     def _refuse(self, assoc: Association, decision: admission.Admission, port: int,
                 tls: bool, partition: admission.PartitionPolicy | None) -> None:
@@ -349,6 +350,9 @@ class ScpHandlers:
         with self._lock:
             peer = self._peers.pop(assoc, None)
             usage = self._usage.pop(assoc, None)
+            token = self._tokens.pop(assoc, None)
+        if token is not None:
+            self.admissions.release(token)
         _discard_partial_dataset(assoc)
         if peer is None and not assoc.is_rejected:
             ip, port = _peer_address(assoc)
@@ -381,11 +385,6 @@ class ScpHandlers:
                    + usage.gets + usage.commitments + usage.echoes),
             failed=usage.store_failures, outcome="ok" if end == "released" else "warning",
             detail=f"{usage.summary()}; {end} after {time.monotonic() - usage.opened:.1f} s"))
-
-
-def _sender(peer: Peer) -> tuple[str, object]:
-    """Who a per-device limit counts: the device entry, else (unknown) the calling AE."""
-    return ("device", peer.device.id) if peer.device is not None else ("ae", peer.calling_ae)
 
 
 def _discard_partial_dataset(assoc: Association) -> None:

@@ -14,10 +14,11 @@ import socket
 import socketserver
 import ssl
 import struct
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.tls import tls_reason
 
@@ -56,6 +57,37 @@ class SharedContexts(list[PresentationContext]):
         return list(self)
 
 
+class Listen(NamedTuple):
+    """One listening socket: a port, plain DICOM or DICOM over TLS."""
+
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'TLS ' if self.tls else ''}port {self.port}"
+
+
+class Dispatcher(Protocol):
+    """Spreads accepted connections over the node's association processes."""
+
+    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> bool:
+        """True if another process took the connection; False: serve it here (and call
+        `finished` when it ends)."""
+        ...
+
+    def finished(self) -> None: ...
+
+
+class _RememberingRequestHandler(RequestHandler):
+    """pynetdicom's handler, keeping the association it started (it runs in its own thread)."""
+
+    assoc: Association | None = None
+
+    def _create_association(self) -> Association:
+        self.assoc = super()._create_association()
+        return self.assoc
+
+
 class ScreeningAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, plus a screen, TCP_NODELAY and timeouts on every
     connection, and TLS handshakes done in the connection's own thread.
@@ -64,24 +96,55 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
     sends a ClientHello would block every new association on the port.
     """
 
+    # A connection's thread lives as long as its association when a dispatcher counts it:
+    # closing the listener must not wait for them (the node's stop has its own grace).
+    daemon_threads = True
+    block_on_close = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.contexts = SharedContexts(self.contexts)
+        self.listen = Listen(self.server_address[1], self.ssl_context is not None)
+        self.dispatcher: Dispatcher | None = None
+        self.RequestHandlerClass = _RememberingRequestHandler
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client, address = self.socket.accept()
         return client, address
 
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: tuple[str, int] | str) -> None:
+        if (self.dispatcher is not None and isinstance(request, socket.socket)
+                and isinstance(client_address, tuple)
+                and self.dispatcher.hand_off(request, client_address, self.listen)):
+            # The other process holds its own descriptor: close ours without shutdown(),
+            # which would end the connection for it too.
+            request.close()
+            return
+        super().process_request(request, client_address)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        handler = self.RequestHandlerClass(request, client_address, self)
+        if self.dispatcher is not None and isinstance(handler, _RememberingRequestHandler) \
+                and handler.assoc is not None:
+            # The dispatcher counts connections until they end, not until the association's
+            # own thread has started.
+            handler.assoc.join()
+
     def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
                                client_address: tuple[str, int] | str) -> None:
-        if isinstance(request, socket.socket):
-            admitted = self._admit(request, client_address)
-            if admitted is None:
-                self.shutdown_request(request)
-                return
-            request = admitted
-        super().process_request_thread(request, client_address)
+        try:
+            if isinstance(request, socket.socket):
+                admitted = self._admit(request, client_address)
+                if admitted is None:
+                    self.shutdown_request(request)
+                    return
+                request = admitted
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.dispatcher is not None:
+                self.dispatcher.finished()
 
     def _admit(self, sock: socket.socket, client_address: tuple[str, int] | str
                ) -> socket.socket | None:
@@ -146,6 +209,24 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
     def shutdown(self) -> None:
         """Stop accepting and close the socket (the node keeps its own list of listeners)."""
         socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class AdoptingAssociationServer(ScreeningAssociationServer):
+    """A server that listens nowhere: it serves connections another process accepted
+    (`adopt`), with the same screen, timeouts and handlers as the listener they came to."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        self.process_request(sock, address)
+
+    def shutdown(self) -> None:
+        # Nothing runs serve_forever here, so BaseServer.shutdown would wait for ever.
         self.server_close()
 
 

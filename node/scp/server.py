@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from typing import NamedTuple
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config
@@ -31,8 +31,14 @@ from node.scp import pdu_guard, prompt
 from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
 from node.scp.handlers import ScpHandlers
-from node.scp.listener import ScreeningAssociationServer
+from node.scp.listener import (
+    AdoptingAssociationServer,
+    Dispatcher,
+    Listen,
+    ScreeningAssociationServer,
+)
 from node.scp.qr import QueryRetrieve
+from node.scp.registry import Admissions, AssociationRegistry
 from node.scp.store import Ingest
 from node.tls import TlsError, server_context
 
@@ -97,20 +103,14 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-class Listen(NamedTuple):
-    """One listening socket: a port, plain DICOM or DICOM over TLS."""
-
-    port: int
-    tls: bool
-
-    def __str__(self) -> str:
-        return f"{'TLS ' if self.tls else ''}port {self.port}"
-
-
 class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
                  qr: QueryRetrieve, commitment: StorageCommitment,
-                 activity: ActivityLog | None = None) -> None:
+                 activity: ActivityLog | None = None, admissions: Admissions | None = None,
+                 dispatcher: Dispatcher | None = None) -> None:
+        """`admissions`: where associations are counted against the node's limits (default:
+        a registry of this server's own); `dispatcher`: spreads accepted connections over
+        the node's association processes (default: all served here)."""
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
@@ -118,10 +118,15 @@ class DicomServer:
                         and not settings.dicom.enforce_default_transfer_syntax)
         supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
         d = settings.dicom
-        self.handlers = ScpHandlers(
-            db, ingest, qr, commitment, supported, by_requestor, activity,
-            Limits(d.maximum_associations, d.max_associations_per_device))
+        if admissions is None:
+            admissions = AssociationRegistry(
+                Limits(d.maximum_associations, d.max_associations_per_device))
+        self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor,
+                                    activity, admissions)
+        self.dispatcher = dispatcher
         self.listeners: dict[Listen, ScreeningAssociationServer] = {}
+        self._adopters: dict[Listen, AdoptingAssociationServer] = {}
+        self._adopters_lock = threading.Lock()
         self.ssl_context = server_context(settings)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -158,16 +163,32 @@ class DicomServer:
             log.info("DICOM listener on %s:%d%s", self.settings.node.listen_host, listen.port,
                      " (TLS)" if listen.tls else "")
 
-    def _listen(self, listen: Listen) -> ScreeningAssociationServer:
+    def _server(self, listen: Listen,
+                server_class: type[ScreeningAssociationServer]) -> ScreeningAssociationServer:
         if listen.tls and self.ssl_context is None:
             raise TlsError("a partition has this TLS port but [tls] has no cert and key")
         server = self.ae.make_server(
             (self.settings.node.listen_host, listen.port),
             evt_handlers=[*self.handlers.for_port(listen.port, listen.tls), *pdu_guard.HANDLERS,
                           *prompt.HANDLERS],
-            server_class=ScreeningAssociationServer,
+            server_class=server_class,
             ssl_context=self.ssl_context if listen.tls else None,
         )
+        server.dispatcher = self.dispatcher
+        return server
+
+    def adopt(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> None:
+        """Serve a connection the node's main process accepted on `listen`."""
+        with self._adopters_lock:
+            server = self._adopters.get(listen)
+            if server is None:
+                made = self._server(listen, AdoptingAssociationServer)
+                assert isinstance(made, AdoptingAssociationServer)
+                server = self._adopters[listen] = made
+        server.adopt(sock, address)
+
+    def _listen(self, listen: Listen) -> ScreeningAssociationServer:
+        server = self._server(listen, ScreeningAssociationServer)
         threading.Thread(target=server.serve_forever, name=f"dicom-listener-{listen.port}",
                          daemon=True).start()
         return server
@@ -193,6 +214,10 @@ class DicomServer:
         for server in self.listeners.values():
             server.shutdown()  # closes the socket; running associations carry on
         self.listeners.clear()
+        with self._adopters_lock:
+            for adopter in self._adopters.values():
+                adopter.shutdown()
+            self._adopters.clear()
         deadline = time.monotonic() + grace
         # Only established associations carry work worth waiting for; a connection still in
         # negotiation (or one that never sent an A-ASSOCIATE-RQ) is simply aborted.

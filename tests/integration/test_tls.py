@@ -169,3 +169,26 @@ def test_device_echo_names_a_certificate_problem(start_tls: StartTls, pki: Pki,
         assert "certificate verify failed" in pinged.output
     finally:
         restarted.stop()
+
+
+def test_tls_connections_handed_to_another_association_process(
+        start_tls: StartTls, pki: Pki) -> None:
+    # The connection is handed over before the handshake: the other process does it.
+    node = start_tls(extra="[dicom]\nassociation_processes = 2\n")
+    tls_port = node.tls_port  # type: ignore[attr-defined]
+    held = associate(tls_port, calling="CT1", tls_args=pki.client_context(pki.client))
+    try:
+        assert held.is_established  # served by the main process
+        ds = make_instance()
+        assoc = associate(tls_port, calling="CT1", tls_args=pki.client_context(pki.client))
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(ds).Status) == 0
+        finally:
+            assoc.release()
+        assert node.node.processes is not None and node.node.processes.handed()[1] == 1
+        assert list(node.storage.rglob(f"{ds.SOPInstanceUID}.dcm"))
+        # A client without a trusted certificate is refused there too.
+        assert not echo(tls_port, pki.client_context(pki.rogue))
+    finally:
+        held.release()

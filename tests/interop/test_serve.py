@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -121,3 +122,50 @@ def test_a_second_node_on_the_same_control_port_stops_with_a_clear_error(tmp_pat
         assert f"the control plane cannot listen on 127.0.0.1:{control}" in output
     finally:
         stop(first, signal.SIGTERM)
+
+
+def child_processes(pid: int) -> list[int]:
+    """Started by any thread of the process: each lists its own under its task."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_sigterm_stops_every_association_process_and_loses_nothing_acknowledged(
+        tmp_path: Path, dcmtk: Path) -> None:
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "data"\nlisten_host = "127.0.0.1"\n'
+                      f"shutdown_grace_seconds = 0\n[bootstrap_partition]\nport = {port}\n"
+                      "[dicom]\nassociation_processes = 2\n")
+    studies = [write_study(tmp_path / f"in{n}", 400, size=128) for n in range(2)]
+    proc = start(tmp_path, "--config", str(config))
+    try:
+        wait_listening(port, proc)
+        children = child_processes(proc.pid)
+        assert len(children) == 1  # the other association process
+        senders = [subprocess.Popen([str(dcmtk / "storescu"), "-aec", "PACSNODE", "127.0.0.1",
+                                     str(port), *map(str, files)], env=dcmtk_env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for files in studies]
+        storage = tmp_path / "data" / "storage"
+        deadline = time.monotonic() + 30
+        while len(list(storage.rglob("*.dcm"))) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        output = stop(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:  # a failed step: the node's processes must not outlive it
+            proc.kill()
+            proc.wait()
+    for sender in senders:
+        sender.wait(timeout=30)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), output
+    stored = [p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts]
+    assert 40 <= len(stored) < 800, "the stop should have come mid-transfer"
+    with sqlite3.connect(tmp_path / "data" / "pacsnode.db") as db:
+        indexed = {row[0] for row in db.execute("select path from instances")}
+    assert indexed == {str(p.relative_to(storage)) for p in stored}
+    # The second sender was served by the other process (its log lines say so).
+    assert "[association process 1]: association from" in output

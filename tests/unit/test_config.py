@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,13 @@ def test_bad_storage_settings_are_refused_naming_the_key(tmp_path: Path, text: s
                                                          message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(_write(tmp_path, text))
+
+
+def test_association_processes_zero_is_one_per_core_and_out_of_range_is_named(
+        tmp_path: Path) -> None:
+    auto = load(_write(tmp_path, "[dicom]\nassociation_processes = 0\n"))
+    assert auto.dicom.processes() == len(os.sched_getaffinity(0))
+    assert load(_write(tmp_path, "[dicom]\nassociation_processes = 3\n")).dicom.processes() == 3
+    for bad in (-1, 65):
+        with pytest.raises(ConfigError, match=r"dicom\.association_processes must be 0"):
+            load(_write(tmp_path, f"[dicom]\nassociation_processes = {bad}\n"))

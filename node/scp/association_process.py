@@ -1,0 +1,110 @@
+"""An association process other than the node's main one (`dicom.association_processes`).
+
+Started by the main process (`processes.AssociationProcesses`) as
+`python -m node.scp.association_process FD`, FD being its end of the channel. It serves the
+connections the main process hands it, with the node's settings, database and storage, and
+asks the main process to admit each association and to wake forwarding. It stops when told
+to, or when the main process is gone (its channel closes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import tempfile
+
+from node import permissions
+from node.activity import ActivityLog
+from node.config import Settings
+from node.db.database import Database
+from node.logs import configure_logging
+from node.scp.channel import Channel, RemoteAdmissions
+from node.scp.commitment import StorageCommitment
+from node.scp.listener import Listen
+from node.scp.qr import QueryRetrieve
+from node.scp.server import DicomServer, configure_pynetdicom
+from node.scp.store import Ingest
+from node.service import tune_process
+from node.storage import files
+from node.storage.space import StorageGuard
+
+log = logging.getLogger(__name__)
+
+
+class _Served:
+    """`listener.Dispatcher` here: every connection is served here, and its end reported."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> bool:
+        return False
+
+    def finished(self) -> None:
+        with contextlib.suppress(OSError):
+            self.channel.send("closed")
+
+
+def serve(channel: Channel, settings: Settings, number: int) -> None:
+    storage = settings.storage_dir
+    tempfile.tempdir = str(storage / files.INCOMING)
+    configure_pynetdicom()
+    db = Database(settings.database_url)
+    activity = ActivityLog(db, settings.storage.activity_log)
+    activity.start()
+
+    def queued() -> None:
+        with contextlib.suppress(OSError):
+            channel.send("queued")
+
+    admissions = RemoteAdmissions(channel)
+    ingest = Ingest(db, storage, settings.forwarding.send_updates, on_queued=queued,
+                    guard=StorageGuard(storage, settings.storage.critical_watermark))
+    server = DicomServer(settings, db, ingest,
+                         QueryRetrieve(db, settings, storage, activity),
+                         StorageCommitment(settings, db, storage, activity), activity,
+                         admissions=admissions, dispatcher=_Served(channel))
+    tune_process()
+    channel.send("ready")
+    grace = settings.node.shutdown_grace_seconds
+    while (received := channel.receive()) is not None:
+        message, sock = received
+        kind = message[0]
+        if kind == "connection" and sock is not None:
+            _, port, tls, address = message
+            try:
+                server.adopt(sock, address, Listen(port, tls))
+            except Exception:
+                log.exception("cannot serve the connection from %s:%s", *address)
+                sock.close()
+                _Served(channel).finished()
+        elif kind == "admitted":
+            admissions.answered(*message[1:])
+        elif kind == "stop":
+            grace = message[1]
+            break
+    else:
+        log.error("the node's main process is gone; stopping")
+    server.stop(grace)
+    activity.stop()
+    db.dispose()
+
+
+def main(argv: list[str]) -> None:
+    # Ctrl-C reaches the whole process group: the main process decides when this one stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    permissions.tighten_umask()
+    channel = Channel(socket.socket(fileno=int(argv[1])))
+    first = channel.receive()
+    if first is None:
+        return
+    (_, settings, number), _ = first
+    configure_logging(settings, f"association process {number}")
+    serve(channel, settings, number)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

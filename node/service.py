@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +31,7 @@ from node.scp.qr import QueryRetrieve
 from node.scp.registry import AssociationRegistry
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
+from node.server_process import tune_process
 from node.storage import deletion, files, reconcile
 from node.storage.monitor import StorageMonitor
 from node.storage.space import StorageGuard
@@ -67,23 +66,6 @@ def ensure_bootstrap_partition(db: Database, settings: Settings) -> None:
                               accept_any_device=True))
         log.info("created partition %s on port %d, TLS port %d", b.ae_title, b.port,
                  b.tls_port)
-
-
-# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
-# An association thread whose fsync or recv returned waits that long for one that is
-# decoding or hashing; 1 ms measured +6% for 64x64 and +18-28% for CT over 4 associations,
-# and no change on one.
-SWITCH_INTERVAL = 0.001
-
-
-def tune_process() -> None:
-    """Process-wide settings for a server process (`pacsnode serve`), after start-up."""
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    # What start-up built (modules, pydicom's dictionary, SQLAlchemy's metadata and compiled
-    # statements, the AE's contexts) lives as long as the process: frozen, it is no longer
-    # walked by every full collection, which stopped all threads for about 80 ms each time (3%
-    # of the CPU of a 4-association ingest, measured).
-    gc.freeze()
 
 
 class Extension(Protocol):

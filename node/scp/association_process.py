@@ -27,7 +27,7 @@ from node.scp.listener import Listen
 from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
-from node.service import tune_process
+from node.server_process import tune_process
 from node.storage import files
 from node.storage.space import StorageGuard
 

@@ -14,7 +14,8 @@ benchmark a minute after the first has removed its files.
 
 Receivers (`--receivers`, default: every one installed; one that is not is skipped with a note):
   pacsnode  `python -m node.cli serve`, fresh data directory and index; every instance is
-            fsynced and indexed before it is acknowledged.
+            fsynced and indexed before it is acknowledged. `--pacsnode-processes` sets its
+            dicom.association_processes (default 0: one per CPU core).
   dcmtk     DCMTK `storescp --fork -od DIR` (a process per association, files only, no fsync).
   orthanc   Orthanc with its SQLite index in a fresh storage folder (no fsync by default).
 
@@ -22,8 +23,8 @@ Receivers (`--receivers`, default: every one installed; one that is not is skipp
     python bench/ingest.py --runs 1 --small 200 --ct 50     # a quick check
     python bench/ingest.py --receivers pacsnode --database-url postgresql+psycopg://u:p@host/db
 
-Peak RSS is the receiver process's VmHWM, or for storescp --fork the highest sampled sum over
-the parent and its per-association children.
+Peak RSS is the receiver process's VmHWM, or for storescp --fork and for pacsnode with more
+than one association process the highest sampled sum over the parent and its children.
 """
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ class Cell:
         return f"{self.rate(self.median_seconds):.0f}" if self.runs else "failed"
 
 
-def make_receiver(name: str, work: Path, database_url: str | None) -> Receiver:
+def make_receiver(name: str, work: Path, database_url: str | None,
+                  pacsnode_processes: int) -> Receiver:
     if name == "pacsnode":
-        return PacsNode(work, database_url)
+        return PacsNode(work, database_url, pacsnode_processes)
     return RECEIVERS[name](work)
 
 
@@ -132,6 +134,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the receivers' storage (default: a temporary folder; "
                              "put it on the filesystem you want to measure)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the received files (deleting them makes files created in "
+                             "the next minutes slower on ext4 without a journal: use it when "
+                             "another benchmark follows)")
+    parser.add_argument("--pacsnode-processes", type=int, default=0,
+                        help="pacsnode's dicom.association_processes (default 0: one per core)")
     parser.add_argument("--no-netns", action="store_true",
                         help="stay in the host's network (default: a private loopback-only "
                              "namespace when root; always off with --database-url)")
@@ -161,7 +169,8 @@ def main() -> None:
         raise SystemExit("nothing to send: --small and --ct are both 0")
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsnode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    receivers = {name: make_receiver(name, work, args.database_url) for name in names}
+    receivers = {name: make_receiver(name, work, args.database_url, args.pacsnode_processes)
+                 for name in names}
     cells = {(name, label, n): Cell(name, label, n, len(files),
                                     sum(f.stat().st_size for f in files) / 1e6)
              for name in names for label, files in datasets.items()
@@ -170,7 +179,9 @@ def main() -> None:
     index = "SQLite" if not args.database_url else args.database_url.split("@")[-1]
     print(f"C-STORE ingest, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
           f"{network}, work dir {work}, pacsnode index {index}, {args.runs} run(s) per cell")
-    print("receivers: " + "; ".join(RECEIVERS[n].version() or n for n in names))
+    print("receivers: " + "; ".join(RECEIVERS[n].version() or n for n in names)
+          + (f" (pacsnode dicom.association_processes = {args.pacsnode_processes})"
+             if "pacsnode" in names else ""))
     print("sender: DCMTK storescu, TCP_NODELAY=1, files split round-robin over the associations")
     print("data: " + "; ".join(f"{cell.dataset} {cell.images} images, {cell.megabytes:.1f} MB"
                                for cell in cells.values() if cell.receiver == names[0]
@@ -211,7 +222,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells[(name, label, n)].matrix_value()
                                          for label, n in columns) + " |")
     failed = [c for c in cells.values() if c.failures]
-    if not failed:
+    if not failed and not args.keep:
         for receiver in receivers.values():
             receiver.clean()
         if args.work is None:

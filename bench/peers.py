@@ -81,10 +81,17 @@ def _status_kb(pid: int, key: str) -> int:
 
 
 def _children(pid: int) -> list[int]:
+    """Its live child processes, whichever of its threads started them (each thread's are
+    listed under its own task: pacsnode starts its association processes from a thread)."""
+    found: list[int] = []
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -255,9 +262,14 @@ class PacsNode(Receiver):
     name = "pacsnode"
     ae_title = "PACSNODE"
 
-    def __init__(self, work: Path, database_url: str | None = None) -> None:
+    def __init__(self, work: Path, database_url: str | None = None, processes: int = 1) -> None:
         super().__init__(work)
         self.database_url = database_url
+        self.processes = processes  # dicom.association_processes; 0: one per core
+
+    def sampler(self, interval: float = 0.05) -> RssSampler:
+        # Several association processes: their memory is summed, like storescp --fork's.
+        return RssSampler(self.pid, interval, children=self.processes != 1)
 
     @classmethod
     def version(cls) -> str:
@@ -285,7 +297,8 @@ class PacsNode(Receiver):
             db_line = f'database_url = "{self.database_url}"\n'
         self.config.write_text(
             f'[node]\ndata_dir = "{self.work / "data"}"\n{db_line}listen_host = "127.0.0.1"\n'
-            f'log_level = "WARNING"\n[bootstrap_partition]\nport = {self.port}\n')
+            f'log_level = "WARNING"\n[bootstrap_partition]\nport = {self.port}\n'
+            f'[dicom]\nassociation_processes = {self.processes}\n')
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         return ([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],

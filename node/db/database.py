@@ -103,11 +103,11 @@ class Database:
         self.make_durable()
 
     def make_durable(self) -> None:
-        """Make what was committed so far survive a power loss: fsync SQLite's WAL.
+        """Make what was committed so far survive a power loss: fdatasync SQLite's WAL.
 
         SQLite runs with synchronous=NORMAL, so a commit writes the WAL without waiting for
-        the disk, under its write lock; the fsync is done here, after the lock is released.
-        A writer no longer waits for the one before it to reach the disk, and one fsync
+        the disk, under its write lock; the sync is done here, after the lock is released.
+        A writer no longer waits for the one before it to reach the disk, and one sync
         covers every commit written before it began, from any thread or process. A
         checkpoint fsyncs the WAL before it copies it into the database and the database
         before the WAL is reused, so a commit already checkpointed is durable as well.
@@ -132,7 +132,7 @@ class Database:
                 finally:
                     os.close(files_dir)
                 self._wal_fd = fd
-        os.fsync(fd)
+        os.fdatasync(fd)  # as SQLite itself syncs it: the WAL's size rarely changes
 
     def dispose(self) -> None:
         if self._write_lock is not None:

@@ -62,13 +62,13 @@ def test_a_writer_waits_while_another_process_holds_the_write_lock(
 def test_a_commit_is_on_disk_when_the_write_returns(
         db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[str] = []
-    real_fsync = os.fsync
+    real_fdatasync = os.fdatasync
 
-    def recording_fsync(fd: int) -> None:
+    def recording_fdatasync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
+        real_fdatasync(fd)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
     for title in ("FIRST", "SECOND"):
         synced.clear()
         add_partition(db, title)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner, Result
 from hierarchy.cli import app
 from hierarchy.plane import ControlPlane
 from node import config
+from node.db import migrate
 from node.db.database import Database
 from node.service import Node
 
@@ -137,6 +138,15 @@ def _drop_database(admin: Engine, name: str) -> None:
 @pytest.fixture
 def db_url(new_db: Callable[[str], str]) -> str:
     return new_db("index")
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite index of its own, without a node."""
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    migrate.upgrade(database.engine)
+    yield database
+    database.dispose()
 
 
 def write_config(path: Path, settings_toml: str) -> Path:

@@ -7,23 +7,18 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
-from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    migrate.upgrade(database.engine)
-    yield database
-    database.dispose()
+def db(sqlite_db: Database) -> Database:
+    return sqlite_db
 
 
 def add_partition(db: Database, title: str) -> None:

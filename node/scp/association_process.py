@@ -61,12 +61,13 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
             channel.send("queued")
 
     admissions = RemoteAdmissions(channel)
+    served = _Served(channel)
     ingest = Ingest(db, storage, settings.forwarding.send_updates, on_queued=queued,
                     guard=StorageGuard(storage, settings.storage.critical_watermark))
     server = DicomServer(settings, db, ingest,
                          QueryRetrieve(db, settings, storage, activity),
                          StorageCommitment(settings, db, storage, activity), activity,
-                         admissions=admissions, dispatcher=_Served(channel))
+                         admissions=admissions, dispatcher=served)
     tune_process()
     channel.send("ready")
     grace = settings.node.shutdown_grace_seconds
@@ -80,7 +81,7 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
             except Exception:
                 log.exception("cannot serve the connection from %s:%s", *address)
                 sock.close()
-                _Served(channel).finished()
+                served.finished()
         elif kind == "admitted":
             admissions.answered(*message[1:])
         elif kind == "stop":

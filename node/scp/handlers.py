@@ -26,7 +26,7 @@ from node.scp.direct_store import DirectStore, StoreRequest
 from node.scp.pdu_guard import discard_partial_dataset
 from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
-from node.scp.registry import Admissions, AssociationRegistry
+from node.scp.registry import Admissions
 from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,13 @@ class ScpHandlers:
     def __init__(self, db: Database, ingest: Ingest, qr: QueryRetrieve,
                  commitment: StorageCommitment,
                  supported: Mapping[str, PresentationContext], by_requestor: bool,
-                 activity: ActivityLog | None = None,
-                 admissions: Admissions | None = None) -> None:
+                 activity: ActivityLog | None, admissions: Admissions) -> None:
         """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
         order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor");
         `activity`: where association, reject and store rows go (None: not recorded);
-        `admissions`: counts inbound associations against the node's limits (default: no
-        limits)."""
+        `admissions`: counts inbound associations against the node's limits."""
         self.db = db
-        self.admissions = (admissions if admissions is not None
-                           else AssociationRegistry(admission.Limits(0, 0)))
+        self.admissions = admissions
         self.activity = activity if activity is not None and activity.enabled else None
         self.ingest = ingest
         self.qr = qr

@@ -28,7 +28,6 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
 from node.scp import pdu_guard, prompt
-from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
 from node.scp.handlers import ScpHandlers
 from node.scp.listener import (
@@ -38,7 +37,7 @@ from node.scp.listener import (
     ScreeningAssociationServer,
 )
 from node.scp.qr import QueryRetrieve
-from node.scp.registry import Admissions, AssociationRegistry
+from node.scp.registry import Admissions
 from node.scp.store import Ingest
 from node.tls import TlsError, server_context
 
@@ -106,21 +105,17 @@ def build_ae(settings: Settings) -> AE:
 class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
                  qr: QueryRetrieve, commitment: StorageCommitment,
-                 activity: ActivityLog | None = None, admissions: Admissions | None = None,
+                 activity: ActivityLog | None, *, admissions: Admissions,
                  dispatcher: Dispatcher | None = None) -> None:
-        """`admissions`: where associations are counted against the node's limits (default:
-        a registry of this server's own); `dispatcher`: spreads accepted connections over
-        the node's association processes (default: all served here)."""
+        """`admissions`: where associations are counted against the node's limits (one
+        registry for all the node's processes); `dispatcher`: spreads accepted connections
+        over the node's association processes (None: all served here)."""
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
         by_requestor = (settings.dicom.transfer_syntax_preference == "requestor"
                         and not settings.dicom.enforce_default_transfer_syntax)
         supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
-        d = settings.dicom
-        if admissions is None:
-            admissions = AssociationRegistry(
-                Limits(d.maximum_associations, d.max_associations_per_device))
         self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor,
                                     activity, admissions)
         self.dispatcher = dispatcher

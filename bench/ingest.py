@@ -15,7 +15,8 @@ benchmark a minute after the first has removed its files.
 Receivers (`--receivers`, default: every one installed; one that is not is skipped with a note):
   pacsnode  `python -m node.cli serve`, fresh data directory and index; every instance is
             fsynced and indexed before it is acknowledged. `--pacsnode-processes` sets its
-            dicom.association_processes (default 0: one per CPU core).
+            dicom.association_processes (default 0: one per CPU core); `--python` what runs
+            it (default: this checkout as `pip install .` installs it, see deployed.py).
   dcmtk     DCMTK `storescp --fork -od DIR` (a process per association, files only, no fsync).
   orthanc   Orthanc with its SQLite index in a fresh storage folder (no fsync by default).
 
@@ -43,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import image_set, warm
+from deployed import interpreter
 from peers import RECEIVERS, STORESCU, PacsNode, Receiver, private_network, send
 
 DATASETS = {"CT": 512, "64x64": 64}  # label -> image size, in the matrix's column order
@@ -90,9 +92,9 @@ class Cell:
 
 
 def make_receiver(name: str, work: Path, database_url: str | None,
-                  pacsnode_processes: int) -> Receiver:
+                  pacsnode_processes: int, python: str) -> Receiver:
     if name == "pacsnode":
-        return PacsNode(work, database_url, pacsnode_processes)
+        return PacsNode(work, database_url, pacsnode_processes, python)
     return RECEIVERS[name](work)
 
 
@@ -140,11 +142,16 @@ def main() -> None:
                              "another benchmark follows)")
     parser.add_argument("--pacsnode-processes", type=int, default=0,
                         help="pacsnode's dicom.association_processes (default 0: one per core)")
+    parser.add_argument("--python", default="deployed",
+                        help="pacsnode's interpreter: deployed (default: this checkout installed "
+                             "with `pip install .`, no test extras, in a venv under --data), "
+                             "current (this script's), or a path")
     parser.add_argument("--no-netns", action="store_true",
                         help="stay in the host's network (default: a private loopback-only "
                              "namespace when root; always off with --database-url)")
     args = parser.parse_args()
 
+    python = interpreter(args.python, args.data) if "pacsnode" in args.receivers else ""
     network = private_network(not args.no_netns and not args.database_url)
     if not Path(STORESCU).exists():
         raise SystemExit(f"DCMTK's {STORESCU} is needed as the sender: apt-get install dcmtk")
@@ -169,7 +176,8 @@ def main() -> None:
         raise SystemExit("nothing to send: --small and --ct are both 0")
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsnode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    receivers = {name: make_receiver(name, work, args.database_url, args.pacsnode_processes)
+    receivers = {name: make_receiver(name, work, args.database_url, args.pacsnode_processes,
+                                     python)
                  for name in names}
     cells = {(name, label, n): Cell(name, label, n, len(files),
                                     sum(f.stat().st_size for f in files) / 1e6)
@@ -180,8 +188,8 @@ def main() -> None:
     print(f"C-STORE ingest, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
           f"{network}, work dir {work}, pacsnode index {index}, {args.runs} run(s) per cell")
     print("receivers: " + "; ".join(RECEIVERS[n].version() or n for n in names)
-          + (f" (pacsnode dicom.association_processes = {args.pacsnode_processes})"
-             if "pacsnode" in names else ""))
+          + (f" (pacsnode dicom.association_processes = {args.pacsnode_processes}, "
+             f"run by {python})" if "pacsnode" in names else ""))
     print("sender: DCMTK storescu, TCP_NODELAY=1, files split round-robin over the associations")
     print("data: " + "; ".join(f"{cell.dataset} {cell.images} images, {cell.megabytes:.1f} MB"
                                for cell in cells.values() if cell.receiver == names[0]

@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import image_set, large_instance, warm
+from deployed import interpreter
 from peers import STORESCU, PacsNode, private_network, send
 
 
@@ -47,8 +48,8 @@ class Measure:
 
 
 def measure(work: Path, case: str, files: list[Path], associations: int,
-            check: Callable[[PacsNode], str]) -> Measure:
-    node = PacsNode(work)
+            check: Callable[[PacsNode], str], python: str) -> Measure:
+    node = PacsNode(work, python=python)
     warm(files)
     node.start()
     try:
@@ -105,11 +106,16 @@ def main() -> None:
                         "pacsnode-bench-data", help="where the generated data are kept")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the node's data directory (default: a temporary folder)")
+    parser.add_argument("--python", default="deployed",
+                        help="pacsnode's interpreter: deployed (default: this checkout installed "
+                             "with `pip install .`, no test extras, in a venv under --data), "
+                             "current (this script's), or a path")
     parser.add_argument("--no-netns", action="store_true",
                         help="stay in the host's network (default: a private loopback-only "
                              "namespace when root)")
     args = parser.parse_args()
 
+    python = interpreter(args.python, args.data)
     network = private_network(not args.no_netns)
     if not Path(STORESCU).exists():
         raise SystemExit(f"DCMTK's {STORESCU} is needed as the sender: apt-get install dcmtk")
@@ -120,15 +126,16 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsnode-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"pacsnode memory, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-          f"{network}, work dir {work}, SQLite index, sender DCMTK storescu (TCP_NODELAY=1)")
+          f"{network}, work dir {work}, SQLite index, sender DCMTK storescu (TCP_NODELAY=1), "
+          f"pacsnode run by {python}")
     print(f"large instance: {large} ({large.stat().st_size / 1e6:.0f} MB"
           f"{f', generated in {made:.0f} s' if made > 1 else ''})\n", flush=True)
 
     results = [
         measure(work, f"(a) one {args.size_mb} MiB instance, 1 assoc", [large], 1,
-                check_large(large, sop_uid)),
+                check_large(large, sop_uid), python),
         measure(work, f"(b) {args.ct} CT images, {args.associations} assoc", ct,
-                args.associations, check_count(len(ct))),
+                args.associations, check_count(len(ct)), python),
     ]
     print(f"| case | MB sent | s | MB/s | idle RSS MB | peak sampled RSS MB | VmHWM MB | "
           f"< {args.target_mb:.0f} MB | stored |")

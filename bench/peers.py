@@ -4,7 +4,8 @@ Each receiver is started fresh (empty storage and index) on a free loopback port
 it answers a C-ECHO, and is stopped by its own process id. While it runs, the memory of its
 process tree can be sampled; its CPU time is read from /proc.
 
-- `PacsNode`: `python -m node.cli serve` with its own data directory and index (SQLite unless a
+- `PacsNode`: `python -m node.cli serve` (the interpreter of `deployed.interpreter`) with its
+  own data directory and index (SQLite unless a
   database URL is given); every instance is fsynced and indexed before it is acknowledged.
 - `DcmtkStorescp`: `storescp --fork -od DIR`, one child process per association, files only.
 - `Orthanc`: Orthanc with its default SQLite index in the storage folder, no HTTP server.
@@ -55,7 +56,7 @@ def private_network(use: bool) -> str:
     without them (or with `use` false) the script goes on in the host's network. Returns a
     description of the network the benchmark runs in.
     """
-    if os.environ.get(_NETNS_MARK) == "1":
+    if in_private_network():
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         return "private network namespace (loopback only)"
     if not use:
@@ -68,6 +69,11 @@ def private_network(use: bool) -> str:
     os.execvpe("unshare", ["unshare", "-n", "--", sys.executable, *sys.argv],
                {**os.environ, _NETNS_MARK: "1"})
     raise AssertionError("unreachable")
+
+
+def in_private_network() -> bool:
+    """This is the copy of the script that `private_network` started in the namespace."""
+    return os.environ.get(_NETNS_MARK) == "1"
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -262,10 +268,12 @@ class PacsNode(Receiver):
     name = "pacsnode"
     ae_title = "PACSNODE"
 
-    def __init__(self, work: Path, database_url: str | None = None, processes: int = 1) -> None:
+    def __init__(self, work: Path, database_url: str | None = None, processes: int = 1,
+                 python: str = sys.executable) -> None:
         super().__init__(work)
         self.database_url = database_url
         self.processes = processes  # dicom.association_processes; 0: one per core
+        self.python = python  # deployed.interpreter
 
     def sampler(self, interval: float = 0.05) -> RssSampler:
         # Several association processes: their memory is summed, like storescp --fork's.
@@ -301,7 +309,7 @@ class PacsNode(Receiver):
             f'[dicom]\nassociation_processes = {self.processes}\n')
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        return ([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+        return ([self.python, "-m", "node.cli", "serve", "--config", str(self.config)],
                 dict(os.environ))
 
     def stored(self) -> int:

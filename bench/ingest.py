@@ -19,6 +19,10 @@ Receivers (`--receivers`, default: every one installed; one that is not is skipp
             it (default: this checkout as `pip install .` installs it, see deployed.py).
   dcmtk     DCMTK `storescp --fork -od DIR` (a process per association, files only, no fsync).
   orthanc   Orthanc with its SQLite index in a fresh storage folder (no fsync by default).
+  pacsnode-nofsync
+            a diagnostic, not a way to run a node: pacsnode as above with os.fsync and
+            os.fdatasync made no-ops (bench/nofsync/), so its row beside pacsnode's shows what
+            the three syncs per image (file, directory, WAL) cost on this machine.
 
     python bench/ingest.py                                  # all installed receivers, 3 runs
     python bench/ingest.py --runs 1 --small 200 --ct 50     # a quick check
@@ -93,9 +97,10 @@ class Cell:
 
 def make_receiver(name: str, work: Path, database_url: str | None,
                   pacsnode_processes: int, python: str) -> Receiver:
-    if name == "pacsnode":
-        return PacsNode(work, database_url, pacsnode_processes, python)
-    return RECEIVERS[name](work)
+    receiver = RECEIVERS[name]
+    if issubclass(receiver, PacsNode):
+        return receiver(work, database_url, pacsnode_processes, python)
+    return receiver(work)
 
 
 def run_case(receiver: Receiver, files: list[Path], associations: int) -> Run:

@@ -414,8 +414,22 @@ class Orthanc(Receiver):
             db.close()
 
 
+class PacsNodeNoFsync(PacsNode):
+    """Diagnostic: pacsnode with os.fsync and os.fdatasync made no-ops in its processes
+    (bench/nofsync/sitecustomize.py), beside the real one, to show what its durability costs.
+    What it acknowledges is not durable: never a way to run a node."""
+
+    name = "pacsnode-nofsync"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        argv, env = super().command()
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "bench" / "nofsync"), *filter(None, [env.get("PYTHONPATH")])])
+        return argv, env
+
+
 RECEIVERS: dict[str, type[Receiver]] = {
-    cls.name: cls for cls in (PacsNode, DcmtkStorescp, Orthanc)}
+    cls.name: cls for cls in (PacsNode, DcmtkStorescp, Orthanc, PacsNodeNoFsync)}
 
 
 def send(files: list[Path], associations: int, ae_title: str, port: int,

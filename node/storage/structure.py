@@ -56,6 +56,11 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# Element headers by byte order: (group, element, length) implicit, (group, element, VR,
+# 16-bit length) explicit; a long VR's 32-bit length follows at offset 8.
+_IMPLICIT_HEADER = {order: struct.Struct(order + "HHL") for order in "<>"}
+_EXPLICIT_HEADER = {order: struct.Struct(order + "HH2sH") for order in "<>"}
+_LENGTH = {order: struct.Struct(order + "L") for order in "<>"}
 # Explicit VRs whose length field is 4 bytes (after 2 reserved bytes), PS3.5 7.1.2.
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
@@ -213,23 +218,29 @@ class _Walk:
         order = order or self.order
         if not top and not implicit:
             implicit = self._switches_to_implicit(pos, end, order)
+        # Every received image is walked: one precompiled unpack per element header.
+        unpack = (_IMPLICIT_HEADER if implicit else _EXPLICIT_HEADER)[order].unpack
+        long_length = _LENGTH[order].unpack_from
+        on_element = self.on_element if top else None
         while pos < end:
             head = self._header(pos, 8)
-            tag = _tag(head, order)
-            if tag >> 16 == 0xFFFE:
+            if implicit:
+                group, element, length = unpack(head)
+                vr, value = b"", pos + 8
+            else:
+                group, element, vr, length = unpack(head)
+            tag = group << 16 | element
+            if group == 0xFFFE:
                 if tag == _ITEM_END and not top:
                     return pos + 8
-                raise StructureError(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-                                     f" at offset {pos}")
-            if implicit:
-                vr, length, value = b"", struct.unpack_from(order + "L", head, 4)[0], pos + 8
-            else:
-                vr = head[4:6]
+                raise StructureError(f"unexpected delimiter ({group:04X},{element:04X}) at "
+                                     f"offset {pos}")
+            if not implicit:
                 if vr in LONG_VRS:
-                    length = struct.unpack_from(order + "L", self._header(pos, 12), 8)[0]
+                    length = long_length(self._header(pos, 12), 8)[0]
                     value = pos + 12
                 elif vr in _SHORT_VRS:
-                    length, value = struct.unpack_from(order + "H", head, 6)[0], pos + 8
+                    value = pos + 8
                 else:
                     raise StructureError(f"element {_name(tag)} at offset {pos} has no valid VR "
                                          f"({vr!r})")
@@ -243,8 +254,8 @@ class _Walk:
                 pos = self._items(value, tag, fragments, implicit or un, "<" if un else order,
                                   depth)
                 continue
-            if top and self.on_element is not None:
-                self.on_element(tag, vr, value, length)
+            if on_element is not None:
+                on_element(tag, vr, value, length)
             pos = value + length
             if pos > end:
                 raise StructureError(

@@ -110,13 +110,33 @@ class GuardedAssociationSocket(AssociationSocket):
 
     def _recv_quietly(self, nr_bytes: int) -> bytearray:
         try:
-            return super().recv(nr_bytes)
+            return self._recv_exactly(nr_bytes)
         except OSError as exc:  # TimeoutError included
             # pynetdicom would log a traceback for what is only a peer gone quiet or away; a
             # short read makes it close the connection all the same.
             log.warning("connection with %s closed mid-PDU: %s", self._peer(),
                         "timed out" if isinstance(exc, TimeoutError) else exc)
             return bytearray()
+
+    def _recv_exactly(self, nr_bytes: int) -> bytearray:
+        # pynetdicom's recv reads 4 KiB at a time into a growing bytearray: a 16 KiB PDU was
+        # four recv calls and four copies, a 512 KiB CT image 128. One buffer of the PDU's size
+        # takes whatever the socket holds in each call. As pynetdicom's: what arrived before
+        # the peer closed the connection is returned short.
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        got = 0
+        while got < nr_bytes:
+            count = sock.recv_into(view[got:])
+            if not count:
+                view.release()
+                del buffer[got:]
+                return buffer
+            got += count
+        view.release()
+        return buffer
 
     def _refuse(self, reason: str) -> None:
         self._guard_refused = True

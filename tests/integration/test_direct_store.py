@@ -5,6 +5,8 @@ data set cut off or broken mid-transfer aborts only its own association and leav
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,22 @@ def test_the_stored_file_holds_the_data_set_as_sent(
     gaps = [after - before for before, after in zip([0, *writebacks[:-1]], writebacks, strict=True)]
     pdu_and_meta = 4096 + 512
     assert all(0 < gap <= writeback_every + pdu_and_meta for gap in gaps), gaps
+
+
+def test_pdus_that_arrive_in_pieces_are_read_whole(node: RunningNode) -> None:
+    """A PDU is read with as few calls as the socket allows (pdu_guard._recv_exactly), which
+    must still gather one that arrives in many pieces, headers split included."""
+    sop, data = instance_bytes(size=128)  # 32 KiB: several PDUs of up to 16 KiB
+    stream = hostile.store_request(data, CTImageStorage, sop, 1, max_pdu=16382)
+    with ct_peer(node) as peer:
+        peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(stream), 3001):  # 3001: no piece ends on a PDU boundary
+            peer.send(stream[start:start + 3001])
+            time.sleep(0.002)
+        (answer,) = hostile.command_sets(peer.read_pdu())
+    assert int(answer.Status) == 0 and answer.AffectedSOPInstanceUID == sop
+    (stored,) = stored_files(node.storage)
+    assert stored.read_bytes().endswith(data)
 
 
 def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:

@@ -52,6 +52,12 @@ class Database:
         self._wal_path = f"{database}-wal" if self._lock_path is not None else None
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
+        # Group commit of the WAL's syncs (make_durable): commits are counted, and a sync
+        # covers every commit counted before it began.
+        self._syncs = threading.Condition()
+        self._committed = 0  # commits made through this object so far
+        self._synced = 0  # every commit up to this count is on disk
+        self._syncing = False  # a sync is under way
         self._writer: Connection | None = None  # SQLite: write()'s connection, under the lock
 
     @contextlib.contextmanager
@@ -82,9 +88,11 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """A write transaction, committed on success and rolled back on error."""
-        with self._writing(), self._sessions() as session, session.begin():
-            yield session
-        self.make_durable()
+        with self._writing():
+            with self._sessions() as session, session.begin():
+                yield session
+            committed = self._count_commit()
+        self.make_durable(committed)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -100,20 +108,51 @@ class Database:
                 self._writer = self.engine.connect()
             with self._writer.begin():
                 yield self._writer
-        self.make_durable()
+            committed = self._count_commit()
+        self.make_durable(committed)
 
-    def make_durable(self) -> None:
-        """Make what was committed so far survive a power loss: fdatasync SQLite's WAL.
+    def _count_commit(self) -> int:
+        """Number the commit just made (called under the write lock)."""
+        with self._syncs:
+            self._committed += 1
+            return self._committed
+
+    def make_durable(self, commit: int | None = None) -> None:
+        """Make what was committed so far (or up to `commit`, a number from _count_commit)
+        survive a power loss: fdatasync SQLite's WAL.
 
         SQLite runs with synchronous=NORMAL, so a commit writes the WAL without waiting for
         the disk, under its write lock; the sync is done here, after the lock is released.
         A writer no longer waits for the one before it to reach the disk, and one sync
-        covers every commit written before it began, from any thread or process. A
-        checkpoint fsyncs the WAL before it copies it into the database and the database
-        before the WAL is reused, so a commit already checkpointed is durable as well.
+        covers every commit written before it began, from any thread or process. So the
+        syncs are grouped: while one is under way, the writers that committed meanwhile
+        wait for it to end, and then one sync covers them all instead of one each (each
+        costs about 0.1 ms of CPU and 0.3 ms here). A checkpoint fsyncs the WAL before it
+        copies it into the database and the database before the WAL is reused, so a commit
+        already checkpointed is durable as well.
         """
         if self._wal_path is None:
             return
+        with self._syncs:
+            while self._syncing:
+                self._syncs.wait()
+            if commit is not None and self._synced >= commit:
+                return  # the sync that just ended began after this commit
+            self._syncing = True
+            covered = self._committed
+        synced = False
+        try:
+            self._sync_wal()
+            synced = True
+        finally:
+            with self._syncs:
+                self._syncing = False
+                if synced:
+                    self._synced = max(self._synced, covered)
+                self._syncs.notify_all()
+
+    def _sync_wal(self) -> None:
+        assert self._wal_path is not None
         with self._wal_lock:
             fd = self._wal_fd
             if fd is not None and os.fstat(fd).st_nlink == 0:

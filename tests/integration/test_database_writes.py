@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import select, text
 
 from node.db.database import Database
 from node.db.models import Partition
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -76,3 +78,47 @@ def test_a_commit_is_on_disk_when_the_write_returns(
     with db.write() as connection:
         connection.execute(text("UPDATE partitions SET description = 'x'"))
     assert synced == [str(tmp_path / "node.db-wal")]
+
+
+def test_writers_that_commit_during_a_sync_share_the_next_one(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: while one WAL sync is under way, the writers that commit wait for it,
+    then one sync covers them all; none returns before a sync that began after its commit."""
+    add_partition(db, "FIRST")  # the WAL exists and is open
+    syncs: list[int] = []  # commits made when each sync began
+    commits = {"made": 0}
+    first_sync_started, release_first = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_first_fdatasync(fd: int) -> None:
+        syncs.append(commits["made"])
+        if len(syncs) == 1:
+            first_sync_started.set()
+            assert release_first.wait(10)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_first_fdatasync)
+    returned: dict[str, int] = {}
+
+    def write(name: str) -> None:
+        with db.write() as connection:
+            connection.execute(text("UPDATE partitions SET description = :d"), {"d": name})
+            commits["made"] += 1  # under the write lock: commits are numbered in order
+            mine = commits["made"]
+        returned[name] = mine
+
+    first = threading.Thread(target=write, args=("first",))
+    first.start()
+    assert first_sync_started.wait(10)  # the first writer's sync is under way (and held)
+    others = [threading.Thread(target=write, args=(name,)) for name in ("second", "third")]
+    for thread in others:
+        thread.start()
+    assert wait_for(lambda: commits["made"] == 3, 10)  # both committed, both wait
+    time.sleep(0.1)
+    assert set(returned) == set()  # nobody returns before its commit is synced
+    release_first.set()
+    for thread in (first, *others):
+        thread.join(10)
+    assert set(returned) == {"first", "second", "third"}
+    # The first sync covered commit 1; the next began after commits 2 and 3 and covered both.
+    assert syncs == [1, 3]

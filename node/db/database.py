@@ -14,6 +14,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.syncgroup import SyncGroup
+
 
 class Database:
     """One engine per node process, and the write discipline its backend needs.
@@ -52,12 +54,7 @@ class Database:
         self._wal_path = f"{database}-wal" if self._lock_path is not None else None
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()
-        # Group commit of the WAL's syncs (make_durable): commits are counted, and a sync
-        # covers every commit counted before it began.
-        self._syncs = threading.Condition()
-        self._committed = 0  # commits made through this object so far
-        self._synced = 0  # every commit up to this count is on disk
-        self._syncing = False  # a sync is under way
+        self._wal_syncs = SyncGroup()  # commits are its changes
         self._writer: Connection | None = None  # SQLite: write()'s connection, under the lock
 
     @contextlib.contextmanager
@@ -91,7 +88,7 @@ class Database:
         with self._writing():
             with self._sessions() as session, session.begin():
                 yield session
-            committed = self._count_commit()
+            committed = self._wal_syncs.changed()
         self.make_durable(committed)
 
     @contextlib.contextmanager
@@ -108,18 +105,12 @@ class Database:
                 self._writer = self.engine.connect()
             with self._writer.begin():
                 yield self._writer
-            committed = self._count_commit()
+            committed = self._wal_syncs.changed()
         self.make_durable(committed)
 
-    def _count_commit(self) -> int:
-        """Number the commit just made (called under the write lock)."""
-        with self._syncs:
-            self._committed += 1
-            return self._committed
-
     def make_durable(self, commit: int | None = None) -> None:
-        """Make what was committed so far (or up to `commit`, a number from _count_commit)
-        survive a power loss: fdatasync SQLite's WAL.
+        """Make what was committed so far (or up to `commit`, a number from the WAL's
+        SyncGroup) survive a power loss: fdatasync SQLite's WAL.
 
         SQLite runs with synchronous=NORMAL, so a commit writes the WAL without waiting for
         the disk, under its write lock; the sync is done here, after the lock is released.
@@ -131,25 +122,8 @@ class Database:
         copies it into the database and the database before the WAL is reused, so a commit
         already checkpointed is durable as well.
         """
-        if self._wal_path is None:
-            return
-        with self._syncs:
-            while self._syncing:
-                self._syncs.wait()
-            if commit is not None and self._synced >= commit:
-                return  # the sync that just ended began after this commit
-            self._syncing = True
-            covered = self._committed
-        synced = False
-        try:
-            self._sync_wal()
-            synced = True
-        finally:
-            with self._syncs:
-                self._syncing = False
-                if synced:
-                    self._synced = max(self._synced, covered)
-                self._syncs.notify_all()
+        if self._wal_path is not None:
+            self._wal_syncs.sync(commit, self._sync_wal)
 
     def _sync_wal(self) -> None:
         assert self._wal_path is not None

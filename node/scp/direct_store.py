@@ -293,10 +293,13 @@ class DirectStore:
             finally:
                 file.close()
             status, comment = self.persist(self.assoc, request, path)
+            # The answer first: the temporary file is of no use once the store returned (an
+            # indexed copy is in place, or nothing was kept), and the peer need not wait for
+            # its removal. A crash in between leaves it to the start-up sweep.
+            self.assoc.dul.socket.send(store_response(request, status, comment))
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        self.assoc.dul.socket.send(store_response(request, status, comment))
 
     def abandon(self) -> None:
         """Drop a half-received data set (the association is ending)."""

@@ -68,6 +68,8 @@ def test_stores_from_a_sender_go_through_the_direct_receiver(
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
     assert direct_stores == sent
     assert sorted(indexed(node)) == sorted(sent)
+    # Each temporary file is removed once its answer is sent.
+    assert wait_for(lambda: incoming_files(node.storage) == [], 5)
     assert incoming_files(node.storage) == []
 
 

@@ -259,7 +259,9 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def stored_files(storage: Path) -> list[Path]:
-    return sorted(p for p in storage.rglob("*") if p.is_file())
+    """The archive's files; the temporary ones in .incoming are `incoming_files`."""
+    incoming = storage / ".incoming"
+    return sorted(p for p in storage.rglob("*") if p.is_file() and incoming not in p.parents)
 
 
 def incoming_files(storage: Path) -> list[Path]:

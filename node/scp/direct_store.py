@@ -206,6 +206,9 @@ class DirectStore:
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._unsynced = 0  # bytes written since the last start_writeback
+        # The next store's temporary file, made while the peer prepares that store: creating
+        # a file costs about 0.12 ms of (the kernel's) CPU here, off the path the peer waits on.
+        self._spare: tuple[BinaryIO, Path] | None = None
 
     @property
     def busy(self) -> bool:
@@ -251,11 +254,17 @@ class DirectStore:
             return None
         return request
 
+    def _new_file(self) -> tuple[BinaryIO, Path]:
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.incoming)
+        return os.fdopen(fd, "wb"), Path(name)
+
     def _start(self, request: StoreRequest) -> None:
         context = self.assoc._accepted_cx[request.context_id]
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.incoming)
-        self._file = os.fdopen(fd, "wb")
-        self._path = Path(name)
+        spare, self._spare = self._spare, None
+        if spare is not None and os.fstat(spare[0].fileno()).st_nlink == 0:
+            spare[0].close()  # the storage monitor swept it while the association was idle
+            spare = None
+        self._file, self._path = spare or self._new_file()
         self._request = request
         self._file.write(file_meta(request.sop_class, request.sop_instance,
                                    str(context.transfer_syntax[0])))
@@ -300,15 +309,17 @@ class DirectStore:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        with contextlib.suppress(OSError):  # e.g. a full disk: the next store makes its own
+            self._spare = self._new_file()
 
     def abandon(self) -> None:
-        """Drop a half-received data set (the association is ending)."""
-        path, file = self._path, self._file
-        self._request = self._path = self._file = None
+        """Drop a half-received data set and the spare file (the association is ending)."""
+        for file, path in ((self._file, self._path), self._spare or (None, None)):
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        self._request = self._path = self._file = self._spare = None
         self._unsynced = 0
-        if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()
-        if path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)

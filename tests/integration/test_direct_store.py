@@ -116,6 +116,37 @@ def test_pdus_that_arrive_in_pieces_are_read_whole(node: RunningNode) -> None:
     assert stored.read_bytes().endswith(data)
 
 
+def test_the_next_temporary_file_is_made_while_the_peer_prepares_its_next_store(
+        node: RunningNode) -> None:
+    first, second, third = (instance_bytes() for _ in range(3))
+
+    def store_one(peer: RawPeer, instance: tuple[str, bytes], message_id: int) -> None:
+        sop, data = instance
+        peer.send(hostile.store_request(data, CTImageStorage, sop, 1, message_id=message_id))
+        (answer,) = hostile.command_sets(peer.read_pdu())
+        assert int(answer.Status) == 0 and answer.AffectedSOPInstanceUID == sop
+
+    def the_spare() -> Path:
+        assert wait_for(lambda: len(incoming_files(node.storage)) == 1, 5)
+        (spare,) = incoming_files(node.storage)
+        assert spare.stat().st_size == 0
+        return spare
+
+    with ct_peer(node) as peer:
+        store_one(peer, first, 1)
+        spare = the_spare()
+        inode = spare.stat().st_ino
+        store_one(peer, second, 2)  # received into the spare file
+        (stored,) = [p for p in stored_files(node.storage) if p.stem == second[0]]
+        assert stored.stat().st_ino == inode and stored.read_bytes().endswith(second[1])
+        the_spare().unlink()  # as the storage monitor's sweep of idle files would
+        store_one(peer, third, 3)  # into a new file, not the swept one
+        (stored,) = [p for p in stored_files(node.storage) if p.stem == third[0]]
+        assert stored.read_bytes().endswith(third[1])
+    assert sorted(indexed(node)) == sorted(sop for sop, _ in (first, second, third))
+    assert wait_for(lambda: incoming_files(node.storage) == [], 5)  # the spare goes too
+
+
 def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:
     sop, data = instance_bytes()
     command = hostile.command(CommandField=0x0001, MessageID=9, Priority=0,

@@ -30,6 +30,7 @@ import logging
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ P_DATA_TF = 0x04
 # A large data set's pages are sent to disk as it arrives, this many bytes at a time, so the
 # final fsync has little left to wait for and dirty pages never pile up in memory.
 WRITEBACK_EVERY = 8 << 20
+# The next store's temporary file is made in advance (DirectStore._spare); one older than this
+# is not used, since the storage monitor sweeps temporary files idle for longer than the
+# network timeout plus a second, and one about to be swept must not receive a store.
+SPARE_MAX_AGE = 1.0
 # The node's response PDU is about 200 bytes plus a 64-character comment; a peer that can
 # receive less than this gets pynetdicom's fragmenting encoder instead.
 _MIN_PEER_PDU = 1024
@@ -261,9 +266,11 @@ class DirectStore:
     def _start(self, request: StoreRequest) -> None:
         context = self.assoc._accepted_cx[request.context_id]
         spare, self._spare = self._spare, None
-        if spare is not None and os.fstat(spare[0].fileno()).st_nlink == 0:
-            spare[0].close()  # the storage monitor swept it while the association was idle
-            spare = None
+        if spare is not None:
+            made = os.fstat(spare[0].fileno())
+            if made.st_nlink == 0 or time.time() - made.st_mtime > SPARE_MAX_AGE:
+                _discard(*spare)  # removed meanwhile, or about to be swept: a new one
+                spare = None
         self._file, self._path = spare or self._new_file()
         self._request = request
         self._file.write(file_meta(request.sop_class, request.sop_instance,
@@ -315,11 +322,15 @@ class DirectStore:
     def abandon(self) -> None:
         """Drop a half-received data set and the spare file (the association is ending)."""
         for file, path in ((self._file, self._path), self._spare or (None, None)):
-            if file is not None:
-                with contextlib.suppress(OSError):
-                    file.close()
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            _discard(file, path)
         self._request = self._path = self._file = self._spare = None
         self._unsynced = 0
+
+
+def _discard(file: BinaryIO | None, path: Path | None) -> None:
+    if file is not None:
+        with contextlib.suppress(OSError):
+            file.close()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

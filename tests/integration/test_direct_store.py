@@ -117,33 +117,45 @@ def test_pdus_that_arrive_in_pieces_are_read_whole(node: RunningNode) -> None:
 
 
 def test_the_next_temporary_file_is_made_while_the_peer_prepares_its_next_store(
-        node: RunningNode) -> None:
-    first, second, third = (instance_bytes() for _ in range(3))
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Path] = []  # the temporary files the receiver made, in order
+    original = direct_store.DirectStore._new_file
 
-    def store_one(peer: RawPeer, instance: tuple[str, bytes], message_id: int) -> None:
-        sop, data = instance
-        peer.send(hostile.store_request(data, CTImageStorage, sop, 1, message_id=message_id))
+    def recording(self: direct_store.DirectStore) -> tuple[object, Path]:
+        file, path = original(self)
+        made.append(path)
+        return file, path
+
+    monkeypatch.setattr(direct_store.DirectStore, "_new_file", recording)
+    instances = [instance_bytes() for _ in range(4)]
+
+    def store_one(peer: RawPeer, index: int) -> None:
+        sop, data = instances[index]
+        peer.send(hostile.store_request(data, CTImageStorage, sop, 1, message_id=index + 1))
         (answer,) = hostile.command_sets(peer.read_pdu())
         assert int(answer.Status) == 0 and answer.AffectedSOPInstanceUID == sop
+        (stored,) = [p for p in stored_files(node.storage) if p.stem == sop]
+        assert stored.read_bytes().endswith(data)
 
-    def the_spare() -> Path:
-        assert wait_for(lambda: len(incoming_files(node.storage)) == 1, 5)
-        (spare,) = incoming_files(node.storage)
-        assert spare.stat().st_size == 0
-        return spare
+    def spare_made(count: int) -> Path:
+        """After an answer: the store's own file is removed and a spare is made."""
+        assert wait_for(lambda: len(made) == count and incoming_files(node.storage) == [made[-1]],
+                        5), (made, incoming_files(node.storage))
+        assert made[-1].stat().st_size == 0
+        return made[-1]
 
     with ct_peer(node) as peer:
-        store_one(peer, first, 1)
-        spare = the_spare()
-        inode = spare.stat().st_ino
-        store_one(peer, second, 2)  # received into the spare file
-        (stored,) = [p for p in stored_files(node.storage) if p.stem == second[0]]
-        assert stored.stat().st_ino == inode and stored.read_bytes().endswith(second[1])
-        the_spare().unlink()  # as the storage monitor's sweep of idle files would
-        store_one(peer, third, 3)  # into a new file, not the swept one
-        (stored,) = [p for p in stored_files(node.storage) if p.stem == third[0]]
-        assert stored.read_bytes().endswith(third[1])
-    assert sorted(indexed(node)) == sorted(sop for sop, _ in (first, second, third))
+        store_one(peer, 0)  # no spare yet: one file made for it, then the spare
+        spare_made(2)
+        store_one(peer, 1)  # received into the spare: only the next spare is made
+        spare = spare_made(3)
+        time.sleep(direct_store.SPARE_MAX_AGE + 0.2)
+        store_one(peer, 2)  # too old for the storage monitor's sweep to be ruled out: a new one
+        assert not spare.exists()
+        spare_made(5).unlink()  # as someone might
+        store_one(peer, 3)  # gone: a new one
+        spare_made(7)
+    assert sorted(indexed(node)) == sorted(sop for sop, _ in instances)
     assert wait_for(lambda: incoming_files(node.storage) == [], 5)  # the spare goes too
 
 

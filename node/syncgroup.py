@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 
 class SyncGroup:
-    """The changes to one file or directory and the syncs that cover them."""
+    """The changes to one file (the WAL) and the syncs that cover them."""
 
     def __init__(self) -> None:
         self._lock = threading.Condition()

@@ -79,8 +79,9 @@ class StoreRequest:
     sop_instance: str
 
 
-# The node's store: (association, request, path of the received file) -> (status, comment).
-Persist = Callable[[Any, StoreRequest, Path], tuple[int, str]]
+# The node's store: (association, request, path of the received file) -> (status, comment,
+# what to complete after answering: None when the received file may simply be removed).
+Persist = Callable[[Any, StoreRequest, Path], tuple[int, str, files.DeferredSync | None]]
 
 
 def pdv_items(body: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, memoryview]]:
@@ -301,6 +302,7 @@ class DirectStore:
         assert request is not None and path is not None and file is not None
         self._request = self._path = self._file = None
         self._unsynced = 0
+        deferred: files.DeferredSync | None = None
         try:
             try:
                 file.flush()
@@ -308,14 +310,18 @@ class DirectStore:
                 files.start_writeback(file.fileno())
             finally:
                 file.close()
-            status, comment = self.persist(self.assoc, request, path)
-            # The answer first: the temporary file is of no use once the store returned (an
-            # indexed copy is in place, or nothing was kept), and the peer need not wait for
-            # its removal. A crash in between leaves it to the start-up sweep.
+            status, comment, deferred = self.persist(self.assoc, request, path)
+            # The answer first, while the peer prepares its next store: the fsync of the new
+            # file's directory (the data and the index row are on disk already, and the fsynced
+            # temporary file is kept until that fsync is done: files.DeferredSync), and the
+            # removal of the temporary file. A crash in between leaves it to the start-up check.
             self.assoc.dul.socket.send(store_response(request, status, comment))
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if deferred is not None:
+                _complete(deferred)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         with contextlib.suppress(OSError):  # e.g. a full disk: the next store makes its own
             self._spare = self._new_file()
 
@@ -325,6 +331,16 @@ class DirectStore:
             _discard(file, path)
         self._request = self._path = self._file = self._spare = None
         self._unsynced = 0
+
+
+def _complete(deferred: files.DeferredSync) -> None:
+    try:
+        deferred.complete()
+    except OSError as exc:
+        # Answered and indexed already: nothing to undo. The temporary files are left in
+        # .incoming, where the start-up check would restore the file from them.
+        log.error("could not make the entry of a stored instance in %s durable: %s",
+                  deferred.directory, exc)
 
 
 def _discard(file: BinaryIO | None, path: Path | None) -> None:

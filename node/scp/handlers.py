@@ -28,6 +28,7 @@ from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
 from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
+from node.storage.files import DeferredSync
 
 log = logging.getLogger(__name__)
 
@@ -265,17 +266,19 @@ class ScpHandlers:
         return rsp
 
     def on_direct_store(self, assoc: Association, request: StoreRequest,
-                        received: Path) -> tuple[int, str]:
-        """A C-STORE taken off the wire by direct_store.DirectStore."""
-        outcome = self._store(assoc, request.sop_class, request.sop_instance, received)
-        return outcome.status, outcome.comment
+                        received: Path) -> tuple[int, str, DeferredSync | None]:
+        """A C-STORE taken off the wire by direct_store.DirectStore, which completes the
+        deferred sync once it has answered."""
+        outcome = self._store(assoc, request.sop_class, request.sop_instance, received,
+                              defer_sync=True)
+        return outcome.status, outcome.comment, outcome.deferred
 
     def _store(self, assoc: Association, sop_class: str, sop_instance: str,
-               received: Path) -> Outcome:
+               received: Path, defer_sync: bool = False) -> Outcome:
         peer = self.peer(assoc)
         if peer is None:
             return Outcome(PROCESSING_FAILURE, "association was not admitted")
-        outcome = self.ingest.store(peer, received, sop_class, sop_instance)
+        outcome = self.ingest.store(peer, received, sop_class, sop_instance, defer_sync)
         usage = self._used(assoc)
         if usage is not None:
             # One association's stores run one at a time (on its reactor or its DUL thread):

@@ -1,7 +1,10 @@
 """Persist one received instance: validate, coerce, write durably, index, then answer.
 
-Success is answered only after the file is fsynced and renamed into place and the index
-transaction that covers it has committed.
+Success is answered only after the file is fsynced and linked into place and the index
+transaction that covers it has committed (and its WAL is on disk). The directory entry of the
+new link is fsynced before the answer too, unless the caller defers it (`defer_sync`: the
+direct receiver, which makes it durable right after answering; files.DeferredSync says why
+that is safe).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class Outcome:
     comment: str = ""
     integrity: list[Difference] = field(default_factory=list)
     study: str = ""  # the dataset's Study Instance UID, once it was read (activity log)
+    # Stores with defer_sync: what the caller must complete once it has answered.
+    deferred: files.DeferredSync | None = None
 
     @property
     def ok(self) -> bool:
@@ -114,8 +119,13 @@ class Ingest:
         self.send_updates = send_updates
         self.on_queued = on_queued
 
-    def store(self, peer: Peer, received: Path, sop_class: str, sop_instance: str) -> Outcome:
-        """Handle one C-STORE whose dataset pynetdicom wrote to `received` (with file meta)."""
+    def store(self, peer: Peer, received: Path, sop_class: str, sop_instance: str,
+              defer_sync: bool = False) -> Outcome:
+        """Handle one C-STORE whose dataset was written to `received` (with file meta).
+
+        `defer_sync`: the new file's directory entry is left unsynced and the outcome's
+        `deferred` says what to complete after answering; `received` (and a coerced copy)
+        must stay until then, and `deferred.complete()` removes them."""
         coerced: Path | None = None
         study = ""
         try:
@@ -142,7 +152,10 @@ class Ingest:
                 source = received
             study = attrs["StudyInstanceUID"][:64]
             _validate(attrs, sop_class, sop_instance)
-            outcome = self._persist(peer, source, size, attrs, transfer_syntax)
+            keep = None if not defer_sync else (source, received) if coerced else (received,)
+            outcome = self._persist(peer, source, size, attrs, transfer_syntax, keep)
+            if outcome.deferred is not None:
+                coerced = None  # kept until the caller completes the deferred sync
             return dataclasses.replace(outcome, study=study)
         except Refused as refused:
             log.warning("C-STORE %s from %s refused (0x%04X): %s",
@@ -189,7 +202,9 @@ class Ingest:
         return ds
 
     def _persist(self, peer: Peer, source: Path, size: int, attrs: InstanceAttributes,
-                 transfer_syntax: str) -> Outcome:
+                 transfer_syntax: str, keep: tuple[Path, ...] | None) -> Outcome:
+        """`keep`: None to fsync the new file's directory now, else the temporary files to
+        keep until the caller completes the outcome's `deferred` sync."""
         partition = peer.partition
         relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
                                    attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
@@ -199,9 +214,11 @@ class Ingest:
         # was half of what it held it for). Two stores of one instance at once cannot undo
         # each other: whoever indexes it first wins (the unique row), a store replaces a file
         # only once it holds the new row, and a store removes only its own link (same_file).
-        # Either way the temporary file stays in .incoming until the commit: after a crash it
-        # is what names this file to the start-up check (storage/reconcile.py).
-        placed = files.place_new(source, final)  # else an indexed copy, or a crash's orphan
+        # Either way the temporary file stays in .incoming until the commit (with a deferred
+        # sync, until the new entry is on disk): after a crash it is what names this file to
+        # the start-up check (storage/reconcile.py), and what it restores an indexed one from.
+        # placed is False when an indexed copy, or a crash's orphan, is there already.
+        placed = files.place_new(source, final, sync=keep is None)
         try:
             indexed = self._index(peer, source, size, attrs, transfer_syntax, relpath, placed)
         except BaseException:
@@ -209,6 +226,8 @@ class Ingest:
                 files.remove_quietly(final)
             raise
         if isinstance(indexed, Outcome):
+            if placed and keep is not None:
+                return dataclasses.replace(indexed, deferred=files.DeferredSync(final.parent, keep))
             return indexed
         if placed and files.same_file(source, final):
             # Indexed already (under this or another path): leave what was there as it was.

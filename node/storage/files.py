@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 INCOMING = ".incoming"
@@ -72,12 +73,15 @@ def ensure_dir(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
-def place_new(source: Path, target: Path) -> bool:
+def place_new(source: Path, target: Path, sync: bool = True) -> bool:
     """Durably put the already-fsynced `source` at `target` unless `target` exists.
 
     Returns False (and changes nothing) when `target` already exists. A hard link is an atomic
     create-if-absent, so two associations storing the same instance at once never overwrite
     each other; `source` is left for the caller (pynetdicom) to remove.
+
+    `sync=False` leaves the new entry's fsync to the caller (a `DeferredSync`), who keeps
+    `source` until then.
     """
     ensure_dir(target.parent)
     try:
@@ -88,8 +92,33 @@ def place_new(source: Path, target: Path) -> bool:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
             raise
         _copy_new(source, target)
-    fsync_dir(target.parent)
+    if sync:
+        fsync_dir(target.parent)
     return True
+
+
+@dataclass(frozen=True)
+class DeferredSync:
+    """A file linked into `directory` whose new entry is made durable after the store was
+    answered, and the temporary files (`keep`) that hold its data until then.
+
+    Acknowledging before the directory's fsync is safe because `keep` are fsynced files
+    created in `.incoming`: the fsync of a new file makes its own name durable with it
+    (ext4 with or without a journal, XFS, btrfs), and the start-up check (reconcile.py) puts
+    an indexed instance whose file is missing back from a temporary file of the same size.
+    """
+
+    directory: Path
+    keep: tuple[Path, ...]
+
+    def complete(self) -> None:
+        """fsync the directory, then remove the temporary files; on an error (raised) they
+        stay, for the start-up check."""
+        # Gone: the instance was deleted meanwhile, nothing is left to make durable.
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(self.directory)
+        for path in self.keep:
+            remove_quietly(path)
 
 
 def _copy_new(source: Path, target: Path) -> None:
@@ -115,6 +144,7 @@ def replace(source: Path, target: Path) -> None:
 
 def replace_keeping_source(source: Path, target: Path) -> None:
     """Like `replace`, but `source` stays where it is (a second link, or a copy)."""
+    ensure_dir(target.parent)
     beside = target.with_name(f".{target.name}.{os.getpid()}.restore")
     try:
         os.link(source, beside)

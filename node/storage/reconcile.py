@@ -1,10 +1,15 @@
-"""Start-up check: remove the files a crash left placed but never indexed.
+"""Start-up check: remove the files a crash left placed but never indexed, and put back the
+files of indexed instances whose directory entry a crash took.
 
 A store links its temporary file into the archive and then commits the index row; a crash
 between the two leaves a file no row points to. Its temporary file is still in `.incoming/`
 (pynetdicom removes it only after the handler returns, and the store keeps it while it works),
 so the temporary files name every instance that can have such an orphan. Checking only those
 costs nothing at run time and nothing in proportion to the archive at start-up: no storage scan.
+
+The direct receiver answers before the new link's directory is fsynced, and keeps the
+temporary file until it is (files.DeferredSync); a power loss in between can leave an indexed
+instance without its link. Its temporary file, fsynced and of the indexed size, is linked back.
 
 Run after `deletion.recover` (a file an interrupted delete held aside is back, not missing)
 and before `files.sweep_incoming`, which then removes the temporary files themselves.
@@ -23,7 +28,7 @@ from sqlalchemy import select
 from node.db.database import Database
 from node.db.models import Instance, Partition
 from node.storage import files
-from node.storage.paths import instance_relpath
+from node.storage.paths import inside, instance_relpath
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +42,18 @@ class Reconciled:
     temporary: int = 0  # temporary files examined
     unreadable: int = 0  # of those, without the three UIDs (partial transfers, garbage)
     removed: list[str] = field(default_factory=list)  # orphan files removed
+    restored: list[str] = field(default_factory=list)  # indexed files put back from .incoming
     missing: list[str] = field(default_factory=list)  # indexed, but the file is not there
 
     def __str__(self) -> str:
         return (f"{self.temporary} temporary file(s) examined ({self.unreadable} unreadable), "
-                f"{len(self.removed)} unindexed file(s) removed, {len(self.missing)} indexed "
-                "instance(s) without a file")
+                f"{len(self.removed)} unindexed file(s) removed, {len(self.restored)} indexed "
+                f"file(s) restored, {len(self.missing)} indexed instance(s) without a file")
 
 
 def reconcile(db: Database, root: Path) -> Reconciled:
-    """Remove archive files of the instances named in `.incoming/` that no index row points to.
+    """Remove archive files of the instances named in `.incoming/` that no index row points
+    to, and restore from there the missing files of those that are indexed.
 
     Must run while nothing stores (at start, before the listeners open): a store in progress
     has placed its file before committing its row and would look the same.
@@ -55,7 +62,9 @@ def reconcile(db: Database, root: Path) -> Reconciled:
     if not incoming.is_dir():
         return Reconciled()
     temporary = unreadable = 0
-    instances: set[tuple[str, str, str]] = set()
+    # (study, series, SOP instance) -> the temporary files holding it: a coerced copy names
+    # the same instance as its original.
+    instances: dict[tuple[str, str, str], list[Path]] = {}
     for entry in sorted(incoming.iterdir()):
         if not entry.is_file():
             continue
@@ -64,21 +73,22 @@ def reconcile(db: Database, root: Path) -> Reconciled:
         if uids is None:
             unreadable += 1
         else:
-            instances.add(uids)  # a coerced copy names the same instance as its original
-    removed: list[str] = []
-    missing: list[str] = []
+            instances.setdefault(uids, []).append(entry)
+    result = Reconciled(temporary, unreadable)
     if instances:
         with db.session() as session:
             partitions = [(pid, folder) for pid, folder in
                           session.execute(select(Partition.id, Partition.folder))]
-        for study, series, sop in sorted(instances):
-            _reconcile_one(db, root, partitions, study, series, sop, removed, missing)
-    result = Reconciled(temporary, unreadable, removed, missing)
+        for uids, copies in sorted(instances.items()):
+            _reconcile_one(db, root, partitions, uids, copies, result)
     if temporary:
         log.info("start-up check of %s: %s", incoming, result)
-    for path in missing:
-        # Never expected (a file is placed and its directory fsynced before the row commits);
-        # reported, not repaired: only the sender has the data.
+    for path in result.restored:
+        log.warning("start-up check: %s was indexed but missing; restored from %s", path,
+                    incoming)
+    for path in result.missing:
+        # Never expected (the file is fsynced before the row commits, and kept in .incoming
+        # until its link is durable); reported, not repaired: only the sender has the data.
         log.error("start-up check: %s is indexed but missing from the storage", path)
     return result
 
@@ -93,8 +103,9 @@ def _read_uids(path: Path) -> tuple[str, str, str] | None:
     return (study, series, sop) if all(uids) else None
 
 
-def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]], study: str,
-                   series: str, sop: str, removed: list[str], missing: list[str]) -> None:
+def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]],
+                   uids: tuple[str, str, str], copies: list[Path], result: Reconciled) -> None:
+    study, series, sop = uids
     candidates: list[str] = []
     for _, folder in partitions:
         try:
@@ -106,12 +117,19 @@ def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]], 
     with db.session() as session:
         # Any partition's row, by path: a row of another partition, or one whose partition's
         # folder was renamed since, keeps the file it points to.
-        indexed = set(session.scalars(select(Instance.path).where(
-            Instance.partition_id.in_([pid for pid, _ in partitions]),
-            Instance.sop_instance_uid == sop)))
-    for path in sorted(indexed):
-        if not (root / path).exists():
-            missing.append(path)
+        indexed = {path: size for path, size in session.execute(
+            select(Instance.path, Instance.size).where(
+                Instance.partition_id.in_([pid for pid, _ in partitions]),
+                Instance.sop_instance_uid == sop))}
+    for path, size in sorted(indexed.items()):
+        if (root / path).exists():
+            continue
+        copy = _copy_of(copies, size)
+        if copy is None:
+            result.missing.append(path)
+        else:
+            files.replace_keeping_source(copy, inside(root, path))
+            result.restored.append(path)
     for relpath in candidates:
         final = root / relpath
         series_dir = final.parent
@@ -120,20 +138,34 @@ def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]], 
         changed = False
         if relpath not in indexed and final.exists():
             files.remove_quietly(final)
-            removed.append(relpath)
+            result.removed.append(relpath)
             changed = True
         # What a crash inside files.replace_keeping_source or the copy fallback of
         # files.place_new leaves beside the final name.
         for leftover in [*series_dir.glob(f".{final.name}.*.restore"),
                          *series_dir.glob(f".{final.name}.*.partial")]:
             files.remove_quietly(leftover)
-            removed.append(str(leftover.relative_to(root)))
+            result.removed.append(str(leftover.relative_to(root)))
             changed = True
         # Empty series/study folders of the orphan, or of a crash inside files.ensure_dir.
         _prune(series_dir, stop=root / relpath.split("/", 1)[0])
         if changed and series_dir.is_dir():
             # Durable before the sweep removes the temporary file that names this instance.
             files.fsync_dir(series_dir)
+
+
+def _copy_of(copies: list[Path], size: int) -> Path | None:
+    """The temporary file an indexed instance of `size` bytes was placed from: its coerced
+    copy if there is one of that size (what a store with coercion rules indexes)."""
+    fits = [copy for copy in copies if _size(copy) == size]
+    return max(fits, key=lambda copy: copy.name.endswith(".coerced"), default=None)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _prune(directory: Path, stop: Path) -> None:

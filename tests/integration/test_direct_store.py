@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def direct_stores(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = ScpHandlers.on_direct_store
 
     def counting(self: ScpHandlers, assoc: object, request: object, received: Path
-                 ) -> tuple[int, str]:
+                 ) -> tuple[int, str, files.DeferredSync | None]:
         seen.append(request.sop_instance)  # type: ignore[attr-defined]
         return original(self, assoc, request, received)  # type: ignore[arg-type]
 
@@ -157,6 +158,47 @@ def test_the_next_temporary_file_is_made_while_the_peer_prepares_its_next_store(
         spare_made(7)
     assert sorted(indexed(node)) == sorted(sop for sop, _ in instances)
     assert wait_for(lambda: incoming_files(node.storage) == [], 5)  # the spare goes too
+
+
+def test_the_answer_goes_out_before_the_directory_fsync_and_the_data_stays_until_it(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The series directory's fsync runs while the peer prepares its next store; until it is
+    done, the fsynced temporary file is kept (the start-up check restores from it)."""
+    ds = make_instance()
+    in_fsync, release = threading.Event(), threading.Event()
+    seen: list[list[Path]] = []  # what .incoming held while the series directory was synced
+    original = files.fsync_dir
+
+    def holding(path: Path) -> None:
+        if path.name == series:
+            seen.append(incoming_files(node.storage))
+            in_fsync.set()
+            release.wait(10)
+        original(path)
+        if path.name == series:
+            in_fsync.clear()
+
+    sop, series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+    data = hostile.encode(ds)
+    monkeypatch.setattr(files, "fsync_dir", holding)
+    try:
+        with ct_peer(node) as peer:
+            peer.send(hostile.store_request(data, CTImageStorage, sop, 1))
+            (answer,) = hostile.command_sets(peer.read_pdu())
+            assert int(answer.Status) == 0
+            # Answered before the fsync ended (it is held until `release`), not after it.
+            assert in_fsync.wait(5)
+            (kept,) = seen[0]
+            assert kept.exists() and kept.read_bytes().endswith(data)
+            (stored,) = [p for p in stored_files(node.storage) if p.stem == sop]
+            assert files.same_file(stored, kept)
+            release.set()
+            # Then the temporary file goes (only the next store's spare is left).
+            assert wait_for(lambda: not kept.exists() and not in_fsync.is_set(), 5)
+    finally:
+        release.set()
+    assert indexed(node) == [sop]
+    assert len(seen) == 1
 
 
 def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:

@@ -34,9 +34,9 @@ def _temporary(incoming: Path, ds: Dataset, name: str) -> Path:
     return path
 
 
-def _index(db: Database, partition_id: int, ds: Dataset, relpath: str) -> None:
+def _index(db: Database, partition_id: int, ds: Dataset, relpath: str, size: int = 1) -> None:
     with db.transaction() as session:
-        add_instance(session, partition_id, extract(ds), relpath=relpath, size=1,
+        add_instance(session, partition_id, extract(ds), relpath=relpath, size=size,
                      transfer_syntax=str(ds.file_meta.TransferSyntaxUID), calling_ae="CT1")
 
 
@@ -79,10 +79,24 @@ def test_reconcile_removes_unindexed_files_named_in_incoming(
             f".{replacing.SOPInstanceUID}.dcm.4242.restore")
         files.ensure_dir(beside.parent)
         os.link(_temporary(incoming, replacing, "tmpreplacing.dcm"), beside)
-        # Indexed but its file is gone: reported, the row is left alone.
+        # Indexed but its file is gone, and no temporary file of its size: reported, the row
+        # is left alone.
         lost = make_instance(fill=5)
         _temporary(incoming, lost, "tmplost.dcm")
         _index(db, partition.id, lost, _relpath(folder, lost))
+        # Answered by the direct receiver, then a power loss took the link's directory entry
+        # (it is fsynced after the answer): the kept temporary file puts it back.
+        unsynced = make_instance(fill=8)
+        copy = _temporary(incoming, unsynced, "tmpunsynced.dcm")
+        _index(db, partition.id, unsynced, _relpath(folder, unsynced), copy.stat().st_size)
+        # The same with coercion rules: the coerced copy is what was indexed.
+        coerced_unsynced = make_instance(fill=9)
+        _temporary(incoming, coerced_unsynced, "tmpcu.dcm")
+        coerced_unsynced.PatientID = "COERCED-PID"
+        coerced_copy = _temporary(incoming, coerced_unsynced, "tmpcu.dcm.coerced")
+        assert coerced_copy.stat().st_size != (incoming / "tmpcu.dcm").stat().st_size
+        _index(db, partition.id, coerced_unsynced, _relpath(folder, coerced_unsynced),
+               coerced_copy.stat().st_size)
         # A transfer cut short: not even the UIDs can be read.
         (incoming / "tmppartial.dcm").write_bytes(b"\0" * 128 + b"DICM\x02\x00")
         # Not named by any temporary file: the check does not scan the storage.
@@ -92,12 +106,16 @@ def test_reconcile_removes_unindexed_files_named_in_incoming(
 
         result = reconcile(db, root)
 
-        assert result.temporary == 7
+        assert result.temporary == 10
         assert result.unreadable == 1
         assert sorted(result.removed) == sorted([
             _relpath(folder, orphan), _relpath(folder, coerced),
             str(beside.relative_to(root))])
         assert result.missing == [_relpath(folder, lost)]
+        assert sorted(result.restored) == sorted([
+            _relpath(folder, unsynced), _relpath(folder, coerced_unsynced)])
+        assert files.same_file(root / _relpath(folder, unsynced), copy)
+        assert files.same_file(root / _relpath(folder, coerced_unsynced), coerced_copy)
         assert (root / _relpath(folder, kept)).read_bytes() == \
             (incoming / "tmpkept.dcm").read_bytes()
         assert not (root / _relpath(folder, orphan)).exists()
@@ -107,10 +125,11 @@ def test_reconcile_removes_unindexed_files_named_in_incoming(
             assert not (root / folder / gone.StudyInstanceUID).exists()
         assert (root / folder / study / series).is_dir()
         # The temporary files are the sweep's business, after the check.
-        assert len(incoming_files(root)) == 7
+        assert len(incoming_files(root)) == 10
         with db.session() as session:
             assert set(session.scalars(select(Instance.sop_instance_uid))) == {
-                kept.SOPInstanceUID, lost.SOPInstanceUID}
+                kept.SOPInstanceUID, lost.SOPInstanceUID, unsynced.SOPInstanceUID,
+                coerced_unsynced.SOPInstanceUID}
     finally:
         db.dispose()
 
@@ -131,12 +150,23 @@ def test_node_start_reconciles_before_sweeping(tmp_path: Path,
     orphan = make_instance()
     final = root / _relpath(folder, orphan)
     assert files.place_new(_temporary(incoming, orphan, "tmpcrash.dcm"), final)
+    unsynced = make_instance()
+    copy = _temporary(incoming, unsynced, "tmpunsynced.dcm")
+    sent = copy.read_bytes()
+    db = open_database(settings)
+    try:
+        with db.session() as session:
+            partition_id = session.scalars(select(Partition.id)).one()
+        _index(db, partition_id, unsynced, _relpath(folder, unsynced), len(sent))
+    finally:
+        db.dispose()
 
     node = Node(settings)
     node.start()
     try:
         assert not final.exists()
         assert not (root / folder / orphan.StudyInstanceUID).exists()
+        assert (root / _relpath(folder, unsynced)).read_bytes() == sent
         assert incoming_files(root) == []
     finally:
         node.stop()

@@ -27,6 +27,7 @@ from node import config
 from node.db import migrate
 from node.db.database import Database
 from node.service import Node
+from node.storage import files
 
 PG_URL = os.environ.get("PACSNODE_TEST_PG_URL", "")
 REQUIRE_PG = os.environ.get("PACSNODE_REQUIRE_POSTGRES") == "1"
@@ -258,6 +259,20 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+@pytest.fixture
+def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every directory `files.fsync_dir` fsyncs (for real) from now on, in order."""
+    calls: list[Path] = []
+    original = files.fsync_dir
+
+    def recording(path: Path) -> None:
+        calls.append(path)
+        original(path)
+
+    monkeypatch.setattr(files, "fsync_dir", recording)
+    return calls
+
+
 def stored_files(storage: Path) -> list[Path]:
     """The archive's files; the temporary ones in .incoming are `incoming_files`."""
     incoming = storage / ".incoming"
@@ -267,6 +282,12 @@ def stored_files(storage: Path) -> list[Path]:
 def incoming_files(storage: Path) -> list[Path]:
     incoming = storage / ".incoming"
     return sorted(incoming.iterdir()) if incoming.is_dir() else []
+
+
+def incoming_emptied(storage: Path, timeout: float = 5.0) -> bool:
+    """`.incoming` empties: a direct store's temporary file is kept until its directory's
+    batched fsync (storage/dirsync.py), a fraction of a second after the answer."""
+    return wait_for(lambda: incoming_files(storage) == [], timeout)
 
 
 @pytest.fixture(autouse=True)

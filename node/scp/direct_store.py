@@ -41,6 +41,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from node.storage import files
+from node.storage.dirsync import DirectorySyncs
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +205,12 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
 class DirectStore:
     """One association's C-STORE receiver; used by its DUL thread only (prompt.PromptDUL)."""
 
-    def __init__(self, assoc: Any, persist: Persist, incoming: Path) -> None:
+    def __init__(self, assoc: Any, persist: Persist, incoming: Path,
+                 syncs: DirectorySyncs) -> None:
         self.assoc = assoc
         self.persist = persist
         self.incoming = incoming
+        self.syncs = syncs
         self._request: StoreRequest | None = None
         self._file: BinaryIO | None = None
         self._path: Path | None = None
@@ -311,14 +314,15 @@ class DirectStore:
             finally:
                 file.close()
             status, comment, deferred = self.persist(self.assoc, request, path)
-            # The answer first, while the peer prepares its next store: the fsync of the new
-            # file's directory (the data and the index row are on disk already, and the fsynced
-            # temporary file is kept until that fsync is done: files.DeferredSync), and the
-            # removal of the temporary file. A crash in between leaves it to the start-up check.
+            # The answer first: the data and the index row are on disk already. The fsync of
+            # the new file's directory follows in a batch (storage/dirsync.py), and the fsynced
+            # temporary file is kept until it is done (files.DeferredSync); without one, the
+            # temporary file is of no more use. A crash in between leaves either to the
+            # start-up check.
             self.assoc.dul.socket.send(store_response(request, status, comment))
         finally:
             if deferred is not None:
-                _complete(deferred)
+                self.syncs.add(deferred)
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -331,16 +335,6 @@ class DirectStore:
             _discard(file, path)
         self._request = self._path = self._file = self._spare = None
         self._unsynced = 0
-
-
-def _complete(deferred: files.DeferredSync) -> None:
-    try:
-        deferred.complete()
-    except OSError as exc:
-        # Answered and indexed already: nothing to undo. The temporary files are left in
-        # .incoming, where the start-up check would restore the file from them.
-        log.error("could not make the entry of a stored instance in %s durable: %s",
-                  deferred.directory, exc)
 
 
 def _discard(file: BinaryIO | None, path: Path | None) -> None:

@@ -28,6 +28,7 @@ from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
 from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
+from node.storage.dirsync import DirectorySyncs
 from node.storage.files import DeferredSync
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class ScpHandlers:
         self._tokens: dict[Association, int] = {}
         self._lock = threading.Lock()
         self._contexts: dict[tuple[str, tuple[str, ...]], PresentationContext] = {}
+        # The direct receivers' directory fsyncs, deferred past their answers; the server
+        # closes it once its associations have ended.
+        self.directory_syncs = DirectorySyncs()
 
     def for_port(self, port: int, tls: bool = False) -> list[Any]:
         return [
@@ -203,7 +207,7 @@ class ScpHandlers:
             lookup.auto_insert(self.db, partition, calling, ip)
         if isinstance(assoc.dul, PromptDUL):
             assoc.dul.store_receiver = DirectStore(assoc, self.on_direct_store,
-                                                   self.ingest.incoming)
+                                                   self.ingest.incoming, self.directory_syncs)
         log.info("association from %s@%s:%s to %s accepted%s", calling, ip, peer_port, called,
                  " (TLS)" if tls else "")
 

@@ -233,3 +233,6 @@ class DicomServer:
         join_deadline = time.monotonic() + 10.0
         for assoc in working:
             assoc.join(timeout=max(0.0, join_deadline - time.monotonic()))
+        # Their directory fsyncs deferred past the answers (a store still running after the
+        # deadline has its own made at once).
+        self.handlers.directory_syncs.close()

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -111,14 +112,23 @@ class DeferredSync:
     directory: Path
     keep: tuple[Path, ...]
 
-    def complete(self) -> None:
-        """fsync the directory, then remove the temporary files; on an error (raised) they
-        stay, for the start-up check."""
-        # Gone: the instance was deleted meanwhile, nothing is left to make durable.
-        with contextlib.suppress(FileNotFoundError):
-            fsync_dir(self.directory)
-        for path in self.keep:
-            remove_quietly(path)
+
+def complete(deferred: list[DeferredSync]) -> list[tuple[Path, OSError]]:
+    """fsync each directory once, then remove the temporary files kept for it; returns the
+    directories whose fsync failed (their temporary files stay, for the start-up check)."""
+    failed: dict[Path, OSError] = {}
+    for directory in dict.fromkeys(each.directory for each in deferred):
+        try:
+            fsync_dir(directory)
+        except FileNotFoundError:
+            pass  # deleted meanwhile: nothing is left to make durable
+        except OSError as exc:
+            failed[directory] = exc
+    for each in deferred:
+        if each.directory not in failed:
+            for path in each.keep:
+                remove_quietly(path)
+    return list(failed.items())
 
 
 def _copy_new(source: Path, target: Path) -> None:
@@ -177,14 +187,22 @@ def sweep_incoming(storage_root: Path, idle_seconds: float | None = None) -> int
     incoming = storage_root / INCOMING
     if not incoming.is_dir():
         return 0
-    removed = 0
     cutoff = time.time() - idle_seconds if idle_seconds is not None else None
+    stale: list[Path] = []
+    linked = False
     for entry in incoming.iterdir():
         try:
-            if not entry.is_file() or (cutoff is not None and entry.stat().st_mtime > cutoff):
-                continue
+            status = entry.stat()
         except FileNotFoundError:
             continue  # its store finished meanwhile
+        if not stat.S_ISREG(status.st_mode) or (cutoff is not None and status.st_mtime > cutoff):
+            continue
+        stale.append(entry)
+        linked = linked or status.st_nlink > 1
+    if linked:
+        # Still linked into the archive: kept for a directory entry whose deferred fsync a
+        # process that died never made (storage/dirsync.py). Make it durable first.
+        os.sync()
+    for entry in stale:
         remove_quietly(entry)
-        removed += 1
-    return removed
+    return len(stale)

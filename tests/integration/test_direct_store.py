@@ -21,7 +21,7 @@ from node.scp.handlers import ScpHandlers
 from node.storage import files
 from tests import hostile
 from tests.conftest import RunningNode, incoming_files, stored_files, wait_for
-from tests.dicomgen import make_instance
+from tests.dicomgen import make_instance, uid
 from tests.hostile import RawPeer, is_abort
 from tests.scu import statuses, store
 
@@ -188,10 +188,9 @@ def test_the_answer_goes_out_before_the_directory_fsync_and_the_data_stays_until
             assert int(answer.Status) == 0
             # Answered before the fsync ended (it is held until `release`), not after it.
             assert in_fsync.wait(5)
-            (kept,) = seen[0]
-            assert kept.exists() and kept.read_bytes().endswith(data)
             (stored,) = [p for p in stored_files(node.storage) if p.stem == sop]
-            assert files.same_file(stored, kept)
+            assert stored.read_bytes().endswith(data)
+            (kept,) = [p for p in seen[0] if files.same_file(p, stored)]
             release.set()
             # Then the temporary file goes (only the next store's spare is left).
             assert wait_for(lambda: not kept.exists() and not in_fsync.is_set(), 5)
@@ -199,6 +198,30 @@ def test_the_answer_goes_out_before_the_directory_fsync_and_the_data_stays_until
         release.set()
     assert indexed(node) == [sop]
     assert len(seen) == 1
+
+
+def test_a_series_directory_is_fsynced_once_for_a_batch_of_stores(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch, synced_directories: list[Path]
+        ) -> None:
+    syncs = node.node.server.handlers.directory_syncs  # type: ignore[union-attr]
+    monkeypatch.setattr(syncs, "delay", 30.0)  # nothing made until the test flushes
+    synced = synced_directories
+    study, series = uid(), uid()
+    datasets = [make_instance(study_uid=study, series_uid=series) for _ in range(5)]
+    assert statuses(store(node.port, datasets)) == [0] * 5
+    stored = [p for p in stored_files(node.storage) if p.parent.name == series]
+    assert len(stored) == 5 and sorted(indexed(node)) == sorted(
+        str(ds.SOPInstanceUID) for ds in datasets)
+    series_dir = stored[0].parent
+    # Answered and indexed; each file's temporary copy is kept until its entry is durable.
+    assert series_dir not in synced
+    assert all(any(files.same_file(p, kept) for kept in incoming_files(node.storage))
+               for p in stored)
+
+    syncs.flush()
+
+    assert synced.count(series_dir) == 1
+    assert incoming_files(node.storage) == []
 
 
 def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:

@@ -17,7 +17,14 @@ from node.service import Node, ensure_bootstrap_partition, open_database
 from node.storage import files
 from node.storage.paths import instance_relpath
 from node.storage.reconcile import reconcile
-from tests.conftest import RunningNode, free_port, incoming_files, node_toml, write_config
+from tests.conftest import (
+    RunningNode,
+    free_port,
+    incoming_emptied,
+    incoming_files,
+    node_toml,
+    write_config,
+)
 from tests.dicomgen import make_instance, uid
 from tests.scu import statuses, store
 
@@ -189,4 +196,4 @@ def test_store_over_an_orphan_replaces_it(node: RunningNode) -> None:
     assert final.read_bytes() != b"left by a crash"
     assert final.stat().st_size == row.size
     assert not list(final.parent.glob(".*"))
-    assert incoming_files(node.storage) == []
+    assert incoming_emptied(node.storage)

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from node.db.models import Instance, IntegrityItem, Patient, Series, Study
-from tests.conftest import RunningNode, incoming_files
+from tests.conftest import RunningNode, incoming_emptied
 from tests.dicomgen import Patient as Pt
 from tests.dicomgen import make_instance, uid, write_study
 from tests.scu import statuses, store
@@ -48,7 +48,7 @@ def test_instances_are_stored_at_uid_paths_and_indexed(node: RunningNode, tmp_pa
         instance = s.scalars(select(Instance)).first()
         assert instance is not None and instance.calling_ae_title == "TESTSCU"
         assert instance.size == (node.storage / instance.path).stat().st_size
-    assert incoming_files(node.storage) == []
+    assert incoming_emptied(node.storage)
 
 
 def _duplicate_setup(node: RunningNode, policy: str, tmp_path: Path) -> tuple[Path, Path]:
@@ -82,7 +82,7 @@ def test_duplicate_reject_answers_failure(node: RunningNode, tmp_path: Path) -> 
     assert int(rsp.Status) == 0x0111
     assert "duplicate" in rsp.ErrorComment
     assert stored.read_bytes() == before
-    assert incoming_files(node.storage) == []
+    assert incoming_emptied(node.storage)
 
 
 def test_duplicate_compare_records_differences(node: RunningNode, tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_device_coercion_rules_rewrite_header_not_pixels(node: RunningNode) -> N
     assert statuses(store(node.port, [ds2], calling="CT2")) == [0]
     assert dcmread(node.storage / "PACSNODE" / ds2.StudyInstanceUID / ds2.SeriesInstanceUID
                    / f"{ds2.SOPInstanceUID}.dcm").AccessionNumber == "ACC001"
-    assert incoming_files(node.storage) == []
+    assert incoming_emptied(node.storage)
 
 
 def test_device_without_storage_right_is_refused(node: RunningNode) -> None:
@@ -210,4 +210,4 @@ def test_one_instance_sent_over_many_associations_at_once_is_stored_once(
     assert instance.size == (node.storage / instance.path).stat().st_size
     assert [p for p in (node.storage / "PACSNODE").rglob("*") if p.is_file()] == [
         node.storage / instance.path]
-    assert incoming_files(node.storage) == []
+    assert incoming_emptied(node.storage)

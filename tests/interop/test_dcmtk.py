@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from node.db.models import Instance
 from node.storage.space import measure
-from tests.conftest import RunningNode, dcmtk_env
+from tests.conftest import RunningNode, dcmtk_env, stored_files
 from tests.dicomgen import make_instance, write_study
 from tests.smallfs import MiB, fill, small_fs  # noqa: F401  (the fixture)
 
@@ -132,4 +132,4 @@ def test_storescu_sees_out_of_resources_while_storage_is_suspended_and_findscu_w
     assert found.returncode == 0, found.stderr
     (disk / "ballast").unlink()
     assert storescu(dcmtk, node, path).returncode == 0
-    assert len(list(node.storage.rglob("*.dcm"))) == 1
+    assert len(stored_files(node.storage)) == 1

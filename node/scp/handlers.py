@@ -271,8 +271,8 @@ class ScpHandlers:
 
     def on_direct_store(self, assoc: Association, request: StoreRequest,
                         received: Path) -> tuple[int, str, DeferredSync | None]:
-        """A C-STORE taken off the wire by direct_store.DirectStore, which completes the
-        deferred sync once it has answered."""
+        """A C-STORE taken off the wire by direct_store.DirectStore, which hands the
+        deferred sync to `directory_syncs` once it has answered."""
         outcome = self._store(assoc, request.sop_class, request.sop_instance, received,
                               defer_sync=True)
         return outcome.status, outcome.comment, outcome.deferred

@@ -3,8 +3,8 @@
 Success is answered only after the file is fsynced and linked into place and the index
 transaction that covers it has committed (and its WAL is on disk). The directory entry of the
 new link is fsynced before the answer too, unless the caller defers it (`defer_sync`: the
-direct receiver, which makes it durable right after answering; files.DeferredSync says why
-that is safe).
+direct receiver, whose storage/dirsync.DirectorySyncs makes it durable in a batch after the
+answer; files.DeferredSync says why that is safe).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class Ingest:
 
         `defer_sync`: the new file's directory entry is left unsynced and the outcome's
         `deferred` says what to complete after answering; `received` (and a coerced copy)
-        must stay until then, and `deferred.complete()` removes them."""
+        must stay until then, and `files.complete` removes them."""
         coerced: Path | None = None
         study = ""
         try:

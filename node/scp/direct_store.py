@@ -244,7 +244,9 @@ class DirectStore:
         if control != 0x03:  # a command's only (last) fragment
             return None
         assoc = self.assoc
-        if not assoc.is_established or assoc._sent_release \
+        # Not assoc.is_established: the reactor sets it only after the A-ASSOCIATE-AC is queued,
+        # and a quick peer's first store (in Sta6 already) must not race it to pynetdicom.
+        if assoc.is_aborted or assoc._sent_release \
                 or getattr(assoc.dimse, "message", None) is not None:
             return None
         peer_maximum = assoc.requestor.maximum_length

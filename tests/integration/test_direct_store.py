@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from sqlalchemy import select
 
@@ -237,6 +238,34 @@ def test_command_and_data_in_one_pdu_are_stored(node: RunningNode) -> None:
         (answer,) = hostile.command_sets(peer.read_pdu())
     assert int(answer.Status) == 0 and int(answer.MessageIDBeingRespondedTo) == 9
     assert indexed(node) == [sop]
+
+
+def test_a_store_sent_at_once_after_the_accept_is_claimed_before_the_reactor_goes_on(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom's reactor marks the association established only after it has queued the
+    # A-ASSOCIATE-AC; a quick peer's first store can arrive before that. Here the reactor is
+    # held after the accept until the store is done (2 s at most), which makes that race certain.
+    stored = threading.Event()
+    original_accept, original_store = ACSE.send_accept, ScpHandlers.on_direct_store
+
+    def slow_accept(self: ACSE) -> None:
+        original_accept(self)
+        stored.wait(2)
+
+    def store_then_release(self: ScpHandlers, *args: object) -> object:
+        try:
+            return original_store(self, *args)  # type: ignore[arg-type]
+        finally:
+            stored.set()
+
+    monkeypatch.setattr(ACSE, "send_accept", slow_accept)
+    monkeypatch.setattr(ScpHandlers, "on_direct_store", store_then_release)
+    sop, data = instance_bytes()
+    with ct_peer(node) as peer:
+        peer.send(hostile.store_request(data, CTImageStorage, sop, 1))
+        (answer,) = hostile.command_sets(peer.read_pdu())
+    assert int(answer.Status) == 0
+    assert stored.is_set() and indexed(node) == [sop]
 
 
 def test_a_command_set_in_two_fragments_is_served_by_pynetdicom(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import selectors
 import socket
-import socketserver
 import ssl
 import struct
+import threading
 from typing import Any, NamedTuple, Protocol
 
 from pynetdicom.association import Association
@@ -107,6 +109,27 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         self.listen = Listen(self.server_address[1], self.ssl_context is not None)
         self.dispatcher: Dispatcher | None = None
         self.RequestHandlerClass = _RememberingRequestHandler
+        self._closing = False
+        self._served = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """socketserver's accept loop, except that `shutdown` wakes it at once: with
+        socketserver's own, every listener's close (a node's stop, a partition's port taken
+        away) waits for the loop's next poll, up to half a second."""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._closing:
+                    ready = selector.select()
+                    if self._closing:
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._served.set()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -208,8 +231,19 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
 
     def shutdown(self) -> None:
         """Stop accepting and close the socket (the node keeps its own list of listeners)."""
-        socketserver.BaseServer.shutdown(self)
+        self._closing = True
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"\0")
+        self._served.wait()
         self.server_close()
+
+    def server_close(self) -> None:
+        super().server_close()
+        # (once only: a descriptor number closed twice may by then be another file's)
+        wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in wake:
+            if fd >= 0:
+                os.close(fd)
 
 
 class AdoptingAssociationServer(ScreeningAssociationServer):

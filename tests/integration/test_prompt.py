@@ -4,13 +4,15 @@ ways pynetdicom's own loops end them, and do not get a deep copy of the server's
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 from pynetdicom.sop_class import Verification
 
 from node.scp import prompt
+from node.scp.listener import Listen, ScreeningAssociationServer
 from node.scp.prompt import PromptAssociation, PromptDUL
-from tests.conftest import RunningNode, wait_for
+from tests.conftest import RunningNode, free_port, listening, wait_for
 from tests.dicomgen import make_instance
 from tests.scu import associate, statuses, store
 
@@ -78,3 +80,21 @@ def test_associations_share_the_servers_contexts_instead_of_copying_them(
     finally:
         first.release()
         second.release()
+
+
+def test_a_listener_ends_when_shut_down_not_at_its_next_poll(node: RunningNode) -> None:
+    # A node's stop, or a partition's port taken away, shuts its listener down: socketserver's
+    # own accept loop only notices at its next poll. Here that poll would be an hour away.
+    server = node.node.server
+    assert server is not None
+    listener = server._server(Listen(free_port(), False), ScreeningAssociationServer)
+    serving = threading.Thread(target=listener.serve_forever, args=(3600,), daemon=True)
+    serving.start()
+    # It serves: no partition has this port, so the association is rejected, as it should be.
+    assert associate(listener.server_address[1], contexts=[Verification]).is_rejected
+    closing = threading.Thread(target=listener.shutdown, daemon=True)
+    closing.start()
+    closing.join(5)
+    serving.join(5)
+    assert not closing.is_alive() and not serving.is_alive()
+    assert not listening(listener.server_address[1])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import dcmtk_env, free_port, listening, wait_listening
+from tests.conftest import dcmtk_env, free_port, listening, stored_files, wait_listening
 from tests.dicomgen import write_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -65,6 +65,12 @@ def test_serve_with_no_arguments_runs_the_embedded_default(tmp_path: Path, dcmtk
         assert db.execute("select count(*) from instances").fetchone() == (3,)
 
 
+def archived(storage: Path) -> list[Path]:
+    """The images stored so far; .incoming also holds the temporary files of stores that are
+    not yet answered, or whose directory's fsync is still to come."""
+    return [p for p in stored_files(storage) if p.suffix == ".dcm"]
+
+
 def test_sigterm_during_transfer_leaves_only_complete_indexed_files(
         tmp_path: Path, dcmtk: Path) -> None:
     port = free_port()
@@ -82,13 +88,13 @@ def test_sigterm_during_transfer_leaves_only_complete_indexed_files(
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = tmp_path / "data" / "storage"
     deadline = time.monotonic() + 30
-    while len(list(storage.rglob("*.dcm"))) < 20 and time.monotonic() < deadline:
+    while len(archived(storage)) < 20 and time.monotonic() < deadline:
         time.sleep(0.01)
     output = stop(proc, signal.SIGTERM)
     sender.wait(timeout=30)
     assert "received SIGTERM, stopping" in output
 
-    stored = [p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts]
+    stored = archived(storage)
     assert 20 <= len(stored) < len(files), "the stop should have come mid-transfer"
     originals = {dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
     for path in stored:
@@ -152,7 +158,7 @@ def test_sigterm_stops_every_association_process_and_loses_nothing_acknowledged(
                    for files in studies]
         storage = tmp_path / "data" / "storage"
         deadline = time.monotonic() + 30
-        while len(list(storage.rglob("*.dcm"))) < 40 and time.monotonic() < deadline:
+        while len(archived(storage)) < 40 and time.monotonic() < deadline:
             time.sleep(0.01)
         output = stop(proc, signal.SIGTERM)
     finally:
@@ -162,7 +168,7 @@ def test_sigterm_stops_every_association_process_and_loses_nothing_acknowledged(
     for sender in senders:
         sender.wait(timeout=30)
     assert not any(Path(f"/proc/{pid}").exists() for pid in children), output
-    stored = [p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts]
+    stored = archived(storage)
     assert 40 <= len(stored) < 800, "the stop should have come mid-transfer"
     with sqlite3.connect(tmp_path / "data" / "pacsnode.db") as db:
         indexed = {row[0] for row in db.execute("select path from instances")}

@@ -89,6 +89,7 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
             break
     else:
         log.error("the node's main process is gone; stopping")
+    admissions.close()  # nothing reads its answers any more
     server.stop(grace)
     activity.stop()
     db.dispose()

@@ -29,6 +29,7 @@ MAX_MESSAGE = 1 << 20
 # How long an association process waits for the main process to admit an association: the
 # answer is a dictionary look-up there, so only a main process that is stuck or gone is slower.
 ADMIT_TIMEOUT = 10.0
+GONE = "the node's main process is gone"
 
 
 class Channel:
@@ -74,12 +75,15 @@ class RemoteAdmissions:
         self._requests = itertools.count(1)
         self._lock = threading.Lock()
         self._waiting: dict[int, tuple[threading.Event, list[Any]]] = {}
+        self._closed = False
 
     def admit(self, partition: PartitionPolicy, device: DeviceView | None,
               calling_ae: str) -> tuple[int | None, str | None]:
         request = next(self._requests)
         done, answer = threading.Event(), []
         with self._lock:
+            if self._closed:
+                return None, GONE
             self._waiting[request] = (done, answer)
         try:
             self.channel.send("admit", request, partition, device, calling_ae)
@@ -94,7 +98,8 @@ class RemoteAdmissions:
         if unreachable is not None:
             return None, f"the node's main process cannot be reached ({unreachable})"
         if not answer:
-            return None, "the node's main process did not answer the admission in time"
+            return None, GONE if self._closed else \
+                "the node's main process did not answer the admission in time"
         token, why = answer
         return token, why
 
@@ -107,6 +112,14 @@ class RemoteAdmissions:
                 done.set()
         if waiting is None and token is not None:
             self.release(token)  # counted there for an association that timed out here
+
+    def close(self) -> None:
+        """No more answers will come (the main process is gone, or this process stops):
+        refuse what waits for one, and every later request, at once."""
+        with self._lock:
+            self._closed = True
+            for done, _ in self._waiting.values():
+                done.set()
 
     def release(self, token: int) -> None:
         # A main process that is gone took its count with it.

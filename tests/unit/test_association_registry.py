@@ -3,11 +3,13 @@ process asks for it over its channel."""
 
 from __future__ import annotations
 
+import socket
 import threading
 
 from node.scp.admission import DeviceView, Limits, PartitionPolicy
 from node.scp.channel import Channel, RemoteAdmissions
 from node.scp.registry import AssociationRegistry
+from tests.conftest import wait_for
 
 
 def partition(pid: int = 1, max_associations: int = 0) -> PartitionPolicy:
@@ -67,13 +69,15 @@ def test_an_association_process_is_admitted_by_the_main_process_registry() -> No
     remote = RemoteAdmissions(other_side)
     threading.Thread(target=answer_from, args=(main_side, registry, 1), daemon=True).start()
 
-    def read_answers() -> None:
+    def read_answers() -> None:  # as association_process.serve does
         while (received := other_side.receive()) is not None:
             message, _ = received
             if message[0] == "admitted":
                 remote.answered(*message[1:])
+        remote.close()
 
-    threading.Thread(target=read_answers, daemon=True).start()
+    reader = threading.Thread(target=read_answers, daemon=True)
+    reader.start()
     token, why = remote.admit(partition(), None, "CT1")
     assert token is not None and why is None
     assert registry.open_by_owner() == {1: 1}
@@ -81,8 +85,24 @@ def test_an_association_process_is_admitted_by_the_main_process_registry() -> No
         None, "the node already has 1 associations (limit 1)")
     remote.release(token)
     assert remote.admit(partition(), None, "CT2")[0] is not None
+    # The main process is gone (its end of the channel closes with it): a clear refusal at
+    # once, not after the admission's timeout.
+    main_side.sock.shutdown(socket.SHUT_RDWR)
     main_side.close()
-    # The main process is gone: a clear refusal, not a hang.
-    token, why = remote.admit(partition(), None, "CT3")
-    assert token is None and why is not None and "main process" in why
+    reader.join(5)
+    assert remote.admit(partition(), None, "CT3") == (None, "the node's main process is gone")
     other_side.close()
+
+
+def test_an_admission_waiting_when_the_channel_closes_is_refused_at_once() -> None:
+    main_side, theirs = Channel.pair()  # a main process that never answers
+    remote = RemoteAdmissions(Channel(theirs))
+    answers: list[tuple[int | None, str | None]] = []
+    asking = threading.Thread(target=lambda: answers.append(
+        remote.admit(partition(), None, "CT1")))
+    asking.start()
+    assert wait_for(lambda: remote._waiting)
+    remote.close()
+    asking.join(5)
+    assert answers == [(None, "the node's main process is gone")]
+    main_side.close()

@@ -95,9 +95,62 @@ def _pg_available() -> bool:
     return _PG_AVAILABLE
 
 
+class MigratedTemplates:
+    """One migrated database per backend for the whole session: a node's database is a copy.
+
+    Running the migrations costs a third of a second per database on either backend, and the
+    suite starts hundreds of nodes. The migrations themselves are tested on empty databases
+    (`db_url`, tests/integration/test_migrations.py), and `pacsnode serve` on an empty one.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._sqlite: Path | None = None
+        self._postgresql: str | None = None
+
+    def sqlite_copy(self, target: Path) -> None:
+        if self._sqlite is None:
+            path = self.directory / "template.db"
+            database = Database(f"sqlite:///{path}")
+            migrate.upgrade(database.engine)
+            database.dispose()
+            # The last connection's close folds the WAL into the file copied below.
+            assert not Path(f"{path}-wal").exists(), "the template's WAL was left behind"
+            self._sqlite = path
+        shutil.copyfile(self._sqlite, target)
+
+    def postgresql(self, admin: Engine) -> str:
+        """The template's name (CREATE DATABASE ... TEMPLATE it)."""
+        if self._postgresql is None:
+            name = f"pacsnode_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            database = Database(make_url(PG_URL).set(database=name)
+                                .render_as_string(hide_password=False))
+            migrate.upgrade(database.engine)
+            database.dispose()  # a template must have no connections when it is copied
+            self._postgresql = name
+        return self._postgresql
+
+    def drop(self) -> None:
+        if self._postgresql is not None:
+            admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+            _drop_database(admin, self._postgresql)
+            admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MigratedTemplates]:
+    templates = MigratedTemplates(tmp_path_factory.mktemp("templates"))
+    yield templates
+    templates.drop()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], str]]:
-    """Makes fresh, empty databases of each backend (one per node in multi-node tests)."""
+def new_db(request: pytest.FixtureRequest, tmp_path: Path,
+           migrated_templates: MigratedTemplates) -> Iterator[Callable[..., str]]:
+    """Makes fresh databases of each backend (one per node in multi-node tests): migrated to
+    the head revision, or empty with `migrated=False`."""
     created: list[str] = []
     if request.param == "postgresql" and not _pg_available():
         if REQUIRE_PG:
@@ -106,12 +159,16 @@ def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT") if request.param != "sqlite" \
         else None
 
-    def make(name: str = "index") -> str:
+    def make(name: str = "index", migrated: bool = True) -> str:
         if admin is None:
-            return f"sqlite:///{tmp_path / (name + '.db')}"
+            path = tmp_path / (name + ".db")
+            if migrated:
+                migrated_templates.sqlite_copy(path)
+            return f"sqlite:///{path}"
         db = f"pacsnode_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+        template = f' TEMPLATE "{migrated_templates.postgresql(admin)}"' if migrated else ""
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{db}"'))
+            conn.execute(text(f'CREATE DATABASE "{db}"{template}'))
         created.append(db)
         return make_url(PG_URL).set(database=db).render_as_string(hide_password=False)
 
@@ -137,8 +194,9 @@ def _drop_database(admin: Engine, name: str) -> None:
 
 
 @pytest.fixture
-def db_url(new_db: Callable[[str], str]) -> str:
-    return new_db("index")
+def db_url(new_db: Callable[..., str]) -> str:
+    """An empty database (no tables): what a node first started on it migrates."""
+    return new_db("index", migrated=False)
 
 
 @pytest.fixture
@@ -199,14 +257,16 @@ shutdown_grace_seconds = 5
 
 
 @pytest.fixture
-def make_node(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[object]:
+def make_node(tmp_path: Path, new_db: Callable[..., str]) -> Iterator[object]:
     """Start a node (in this process) on a free loopback port; stopped after the test."""
     started: list[Node] = []
 
     def start(extra: str = "", name: str = "node", hierarchy: str | None = None,
-              ae_title: str | None = None, storage_dir: Path | None = None) -> RunningNode:
+              ae_title: str | None = None, storage_dir: Path | None = None,
+              empty_db: bool = False) -> RunningNode:
         """`hierarchy`: lines for the [hierarchy] section; the node then also runs its control
-        plane (node_id = name, on a free loopback port)."""
+        plane (node_id = name, on a free loopback port). `empty_db`: the node creates its
+        database's tables (and, on SQLite, the file) itself."""
         port = free_port()
         if ae_title is not None:
             extra += f"\n[bootstrap_partition]\nae_title = \"{ae_title}\"\nport = {port}\n"
@@ -214,7 +274,7 @@ def make_node(tmp_path: Path, new_db: Callable[[str], str]) -> Iterator[object]:
             extra += (f"\n[hierarchy]\nnode_id = \"{name}\"\n"
                       f"control_listen = \"127.0.0.1:{free_port()}\"\n{hierarchy}\n")
         path = write_config(tmp_path / f"{name}.toml",
-                            node_toml(tmp_path / name, new_db(name), port, extra,
+                            node_toml(tmp_path / name, new_db(name, not empty_db), port, extra,
                                       bootstrap=ae_title is None, storage_dir=storage_dir))
         settings = config.load(path)
         node = Node(settings, [ControlPlane(settings)] if hierarchy is not None else [])

@@ -170,7 +170,7 @@ def test_nothing_the_node_creates_is_world_writable(make_node: Callable[..., Run
                                                     tmp_path: Path) -> None:
     previous = os.umask(0)
     try:
-        node = make_node(name="perm", hierarchy="recollect_timeout = 5\n")
+        node = make_node(name="perm", hierarchy="recollect_timeout = 5\n", empty_db=True)
         assert node.cli("partition", "edit", "PACSNODE", "--track-deleted").exit_code == 0
         study = make_instance()
         other = make_instance(study_uid=study.StudyInstanceUID,

@@ -20,7 +20,8 @@ so bypassing the state machine for it is invisible to the rest of pynetdicom.
 
 A data PDV that breaks the protocol (a command PDV or another context in the middle of the data
 set, anything after the last fragment) aborts the association, as pynetdicom does for a PDU it
-cannot use.
+cannot use. A data set that cannot be written (a full disk) is read to its end and answered
+with the store's failure status (0xA700); the association goes on.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class StoreRequest:
 
 # The node's store: (association, request, path of the received file) -> (status, comment,
 # what to complete after answering: None when the received file may simply be removed).
-Persist = Callable[[Any, StoreRequest, Path], tuple[int, str, files.DeferredSync | None]]
+# (association, request, the received file or the error that stopped its writing)
+Persist = Callable[[Any, StoreRequest, Path | OSError],
+                   tuple[int, str, files.DeferredSync | None]]
 
 
 def pdv_items(body: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, memoryview]]:
@@ -215,6 +218,7 @@ class DirectStore:
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._unsynced = 0  # bytes written since the last start_writeback
+        self._error: OSError | None = None  # why the data set being received is not written
         # The next store's temporary file, made while the peer prepares that store: creating
         # a file costs about 0.12 ms of (the kernel's) CPU here, off the path the peer waits on.
         self._spare: tuple[BinaryIO, Path] | None = None
@@ -277,10 +281,13 @@ class DirectStore:
             if made.st_nlink == 0 or time.time() - made.st_mtime > SPARE_MAX_AGE:
                 _discard(*spare)  # removed meanwhile, or about to be swept: a new one
                 spare = None
-        self._file, self._path = spare or self._new_file()
         self._request = request
-        self._file.write(file_meta(request.sop_class, request.sop_instance,
-                                   str(context.transfer_syntax[0])))
+        try:
+            self._file, self._path = spare or self._new_file()
+            self._file.write(file_meta(request.sop_class, request.sop_instance,
+                                       str(context.transfer_syntax[0])))
+        except OSError as exc:
+            self._failed(exc)
 
     def _data(self, context_id: int, control: int, fragment: memoryview) -> None:
         request = self._request
@@ -291,31 +298,48 @@ class DirectStore:
                 f"{'a command' if control & 0x01 else f'context {context_id}'} PDV inside the "
                 f"data set of C-STORE {request.sop_instance} (context {request.context_id})")
         file = self._file
-        assert file is not None
-        file.write(fragment)
+        if file is not None:  # (None: writing failed; the rest is read and dropped)
+            try:
+                file.write(fragment)
+                self._unsynced += len(fragment)
+                # (after the last fragment, _finish starts the writeback of what is left)
+                if self._unsynced >= WRITEBACK_EVERY and not control & 0x02:
+                    file.flush()
+                    files.start_writeback(file.fileno())
+                    self._unsynced = 0
+            except OSError as exc:
+                self._failed(exc)
         if control & 0x02:
             self._finish()
-            return
-        self._unsynced += len(fragment)
-        if self._unsynced >= WRITEBACK_EVERY:
-            file.flush()
-            files.start_writeback(file.fileno())
-            self._unsynced = 0
+
+    def _failed(self, exc: OSError) -> None:
+        """Writing the data set failed (e.g. the disk is full): drop what was written, read
+        the rest, and answer the store with a failure instead of ending the association."""
+        _discard(self._file, self._path)
+        self._file = self._path = None
+        self._error = exc
 
     def _finish(self) -> None:
         request, path, file = self._request, self._path, self._file
-        assert request is not None and path is not None and file is not None
-        self._request = self._path = self._file = None
+        received: Path | OSError | None = self._error
+        assert request is not None
+        self._request = self._path = self._file = self._error = None
         self._unsynced = 0
         deferred: files.DeferredSync | None = None
         try:
-            try:
-                file.flush()
-                # The store checks the header while the data is on its way to disk.
-                files.start_writeback(file.fileno())
-            finally:
-                file.close()
-            status, comment, deferred = self.persist(self.assoc, request, path)
+            if file is not None and path is not None:
+                try:
+                    try:
+                        file.flush()
+                        # The store checks the header while the data is on its way to disk.
+                        files.start_writeback(file.fileno())
+                    finally:
+                        file.close()
+                    received = path
+                except OSError as exc:
+                    received = exc
+            assert received is not None
+            status, comment, deferred = self.persist(self.assoc, request, received)
             # The answer first: the data and the index row are on disk already. The fsync of
             # the new file's directory follows in a batch (storage/dirsync.py), and the fsynced
             # temporary file is kept until it is done (files.DeferredSync); without one, the
@@ -325,7 +349,7 @@ class DirectStore:
         finally:
             if deferred is not None:
                 self.syncs.add(deferred)
-            else:
+            elif path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         with contextlib.suppress(OSError):  # e.g. a full disk: the next store makes its own
@@ -335,7 +359,7 @@ class DirectStore:
         """Drop a half-received data set and the spare file (the association is ending)."""
         for file, path in ((self._file, self._path), self._spare or (None, None)):
             _discard(file, path)
-        self._request = self._path = self._file = self._spare = None
+        self._request = self._path = self._file = self._spare = self._error = None
         self._unsynced = 0
 
 

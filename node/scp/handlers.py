@@ -270,19 +270,23 @@ class ScpHandlers:
         return rsp
 
     def on_direct_store(self, assoc: Association, request: StoreRequest,
-                        received: Path) -> tuple[int, str, DeferredSync | None]:
-        """A C-STORE taken off the wire by direct_store.DirectStore, which hands the
-        deferred sync to `directory_syncs` once it has answered."""
+                        received: Path | OSError) -> tuple[int, str, DeferredSync | None]:
+        """A C-STORE taken off the wire by direct_store.DirectStore (`received`: its file, or
+        why it could not be written), which hands the deferred sync to `directory_syncs` once
+        it has answered."""
         outcome = self._store(assoc, request.sop_class, request.sop_instance, received,
                               defer_sync=True)
         return outcome.status, outcome.comment, outcome.deferred
 
     def _store(self, assoc: Association, sop_class: str, sop_instance: str,
-               received: Path, defer_sync: bool = False) -> Outcome:
+               received: Path | OSError, defer_sync: bool = False) -> Outcome:
         peer = self.peer(assoc)
         if peer is None:
             return Outcome(PROCESSING_FAILURE, "association was not admitted")
-        outcome = self.ingest.store(peer, received, sop_class, sop_instance, defer_sync)
+        if isinstance(received, OSError):
+            outcome = self.ingest.write_failed(peer, sop_instance, received)
+        else:
+            outcome = self.ingest.store(peer, received, sop_class, sop_instance, defer_sync)
         usage = self._used(assoc)
         if usage is not None:
             # One association's stores run one at a time (on its reactor or its DUL thread):

@@ -162,11 +162,7 @@ class Ingest:
                         sop_instance, peer, refused.status, refused.comment)
             return Outcome(refused.status, refused.comment, study=study)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC and self.guard is not None:
-                self.guard.disk_full(peer.partition.folder)
-            comment = f"storage write failed: {os.strerror(exc.errno or errno.EIO)}"
-            log.error("C-STORE %s from %s failed: %s", sop_instance, peer, exc)
-            return Outcome(OUT_OF_RESOURCES, comment)
+            return self.write_failed(peer, sop_instance, exc)
         except SQLAlchemyError as exc:
             log.error("C-STORE %s from %s: index unavailable: %s", sop_instance, peer, exc)
             return Outcome(PROCESSING_FAILURE, "the index database is unavailable")
@@ -177,6 +173,15 @@ class Ingest:
         finally:
             if coerced is not None:
                 files.remove_quietly(coerced)
+
+    def write_failed(self, peer: Peer, sop_instance: str, exc: OSError) -> Outcome:
+        """The answer to a C-STORE whose data could not be written or placed; a full disk
+        also makes the guard refuse the next stores up front, until space is freed."""
+        if exc.errno == errno.ENOSPC and self.guard is not None:
+            self.guard.disk_full(peer.partition.folder)
+        log.error("C-STORE %s from %s failed: %s", sop_instance, peer, exc)
+        return Outcome(OUT_OF_RESOURCES,
+                       f"storage write failed: {os.strerror(exc.errno or errno.EIO)}")
 
     def _index_values(self, received: Path) -> tuple[InstanceAttributes, str]:
         """The index attributes and transfer syntax of a received file (not coerced)."""

@@ -15,13 +15,13 @@ from sqlalchemy import select
 from node import activity
 from node.db.models import ForwardJob, Instance, JobState, Study
 from node.storage.space import measure
-from tests.conftest import RunningNode, free_port, stored_files, wait_for
+from tests.conftest import RunningNode, free_port, incoming_files, stored_files, wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
 from tests.integration.test_find import find
 from tests.integration.test_forward import FAST
 from tests.integration.test_retrieve import move
-from tests.scu import statuses, store
+from tests.scu import associate, statuses, store
 from tests.smallfs import MiB, fill, small_fs  # noqa: F401  (the fixture)
 
 INSTANCES_PER_STUDY = 3
@@ -242,26 +242,34 @@ def test_the_guard_refuses_before_a_store_would_cross_the_critical_watermark(
             Instance.sop_instance_uid == str(big.SOPInstanceUID))) is None
 
 
-def test_a_disk_that_fills_mid_transfer_loses_nothing_and_leaves_nothing(
+def test_a_disk_that_fills_mid_transfer_is_answered_and_loses_nothing(
         small_fs: Callable[[int], Path],  # noqa: F811  (first: unmounted last)
         make_node: Callable[..., RunningNode]) -> None:
-    # No watermark to stop it (critical 100%): the disk really runs out while pynetdicom writes
-    # the incoming dataset. The association is aborted; what was stored before is intact.
+    # No watermark to stop it (critical 100%): the disk really runs out while the node writes
+    # the incoming data set. The sender gets 0xA700 naming the cause, its association goes on,
+    # and what was stored before is intact.
     disk = small_fs(8 * MiB)
-    node = make_node(lifecycle(low=100, high=100, critical=100, extra="auto_purge = false")
-                     + "[dicom]\nnetwork_timeout = 1\n", storage_dir=disk / "storage")
+    node = make_node(lifecycle(low=100, high=100, critical=100, extra="auto_purge = false"),
+                     storage_dir=disk / "storage")
     kept = send_study(node)
     files_before = stored_files(node.storage)
     fill(disk / "ballast", measure(disk).available - 200_000)
-    responses = store(node.port, [make_instance(size=700)])
-    # An empty response: the association was aborted before the C-STORE-RSP.
-    assert [int(r.get("Status", 0xA700)) for r in responses] == [0xA700]
-    # pynetdicom leaves its partial temporary file; the storage check sweeps it once no
-    # association can be writing it (idle longer than the network timeout).
-    monitor = node.node.monitor
-    assert monitor is not None
-    assert wait_for(lambda: monitor.check() and stored_files(node.storage) == files_before,
-                    timeout=15), stored_files(node.storage)
-    assert held_studies(node) == {kept}
-    (disk / "ballast").unlink()
-    assert statuses(store(node.port, [make_instance(size=700)])) == [0]
+    assoc = associate(node.port)
+    try:
+        failed = assoc.send_c_store(make_instance(size=700))
+        assert int(failed.Status) == 0xA700
+        assert failed.ErrorComment == "storage write failed: No space left on device"
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        # Nothing of it is left, not even in .incoming (but the next store's empty file, once
+        # the earlier stores' kept copies go with their batched directory fsync).
+        assert stored_files(node.storage) == files_before
+        assert wait_for(lambda: all(p.stat().st_size == 0 for p in incoming_files(node.storage)))
+        assert held_studies(node) == {kept}
+        # What still fits is stored (the guard measures again after a full disk).
+        assert int(assoc.send_c_store(make_instance(size=16)).Status) == 0
+        (disk / "ballast").unlink()
+        stored = assoc.send_c_store(make_instance(size=700))
+        assert int(stored.Status) == 0, stored.get("ErrorComment")
+    finally:
+        assoc.release()
+    assert len(stored_files(node.storage)) == len(files_before) + 2

@@ -81,9 +81,9 @@ class StoreRequest:
     sop_instance: str
 
 
-# The node's store: (association, request, path of the received file) -> (status, comment,
-# what to complete after answering: None when the received file may simply be removed).
-# (association, request, the received file or the error that stopped its writing)
+# The node's store: (association, request, the received file or the error that stopped its
+# writing) -> (status, comment, what to complete after answering: None when the received file
+# may simply be removed).
 Persist = Callable[[Any, StoreRequest, Path | OSError],
                    tuple[int, str, files.DeferredSync | None]]
 

@@ -1,9 +1,11 @@
-"""Socket settings for associations the node opens (pynetdicom has no option for them)."""
+"""What pynetdicom has no option for, on associations the node opens: socket and queue."""
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
+from typing import Any
 
 from pynetdicom import evt
 
@@ -22,6 +24,42 @@ def tcp_nodelay(event: evt.Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class ResponsesForTheWaiter(queue.Queue[Any]):
+    """A DIMSE message queue whose non-blocking reads take requests only.
+
+    pynetdicom's reactor polls the queue without blocking, while `send_c_store` and the other
+    `send_*` calls pause it and then wait on the queue for their response. The pause has a gap:
+    a reactor that has just passed its checkpoint can still poll once, and if the response
+    arrives in that moment the reactor takes it, logs "Received unexpected C-STORE service
+    message" and the sender waits out its DIMSE timeout. Leaving responses to the blocking
+    reader closes the gap; requests (a peer's N-EVENT-REPORT) still reach the reactor.
+    """
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            return super().get(block, timeout)
+        with self.not_empty:
+            if not self._qsize() or not _is_request(self.queue[0]):
+                raise queue.Empty
+            item = self._get()
+            self.not_full.notify()
+            return item
+
+
+def _is_request(item: tuple[int | None, Any]) -> bool:
+    msg = item[1]
+    return msg is not None and bool(msg.is_valid_request)
+
+
+def responses_for_the_waiter(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: install `ResponsesForTheWaiter` before any message arrives."""
+    event.assoc.dimse.msg_queue = ResponsesForTheWaiter()
+
+
 # The node's peers on outbound associations are devices it was told about, but what they send
 # back gets the same PDU checks as inbound traffic.
-CONNECTION_HANDLERS = [(evt.EVT_CONN_OPEN, tcp_nodelay), *pdu_guard.HANDLERS]
+CONNECTION_HANDLERS = [
+    (evt.EVT_CONN_OPEN, tcp_nodelay),
+    (evt.EVT_CONN_OPEN, responses_for_the_waiter),
+    *pdu_guard.HANDLERS,
+]

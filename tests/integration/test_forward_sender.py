@@ -1,12 +1,16 @@
-"""A forwarding association that the destination ends between two jobs: the job waiting to
-be sent is tried again later, never failed for good (its data is fine)."""
+"""One forwarding association: a job on one the destination ended is tried again later, and a
+response is never lost to pynetdicom's reactor."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.association import Association
 
 from node.forwarding.queue import Job
 from node.forwarding.sender import Connection, Target
@@ -46,6 +50,65 @@ def test_a_job_on_an_association_the_destination_ended_is_retried(tmp_path: Path
         # The next batch opens a new association and the job arrives.
         assert connection.send([second]).done == [2]
         assert sorted(dest.received) == sorted([first.sop_instance, second.sop_instance])
+    finally:
+        connection.close()
+        dest.stop()
+
+
+class ReactorInTheGap(threading.Event):
+    """pynetdicom's reactor checkpoint, held at its worst moment once: the reactor has passed
+    it (so a sender sees it paused) but polls the message queue only once a message is there.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self.set()
+        self.assoc = assoc
+        self.holding = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        if not self.holding.is_set():
+            self.holding.set()
+            until_a_message(self.assoc)
+        return passed
+
+
+def until_a_message(assoc: Association) -> None:
+    deadline = time.monotonic() + 10
+    while assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def slow_to_wait(assoc: Association) -> None:
+    """The sender, descheduled between sending its request and waiting for the response."""
+    send_msg = assoc.dimse.send_msg
+
+    def sent_then_descheduled(*args: Any) -> None:
+        send_msg(*args)
+        until_a_message(assoc)
+        time.sleep(0.2)
+
+    assoc.dimse.send_msg = sent_then_descheduled  # type: ignore[method-assign]
+
+
+def test_a_response_arriving_as_the_reactor_polls_reaches_the_sender(tmp_path: Path) -> None:
+    dest = CountingSCP().start()
+    connection = Connection(target(dest.port))
+    try:
+        (first,) = (job(1, path) for path in write_study(tmp_path, 1))
+        assert connection._open([first]) is None
+        assert connection.assoc is not None
+        gap = ReactorInTheGap(connection.assoc)
+        connection.assoc._reactor_checkpoint = gap
+        assert gap.holding.wait(timeout=5)
+        slow_to_wait(connection.assoc)
+        started = time.monotonic()
+        result = connection.send([first])
+        # Taken by the reactor, the response was lost: a DIMSE timeout, then a retry.
+        assert result.done == [1], result
+        assert time.monotonic() - started < 4  # the target's DIMSE timeout is 5 s
+        assert connection.is_open
     finally:
         connection.close()
         dest.stop()

@@ -1,5 +1,5 @@
-"""One forwarding association: a job on one the destination ended is tried again later, and a
-response is never lost to pynetdicom's reactor."""
+"""One forwarding association: when the destination ends it, the job waiting to be sent is
+tried again later (its data is fine); and no response is lost to pynetdicom's reactor."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_a_response_arriving_as_the_reactor_polls_reaches_the_sender(tmp_path: P
         slow_to_wait(connection.assoc)
         started = time.monotonic()
         result = connection.send([first])
-        # Taken by the reactor, the response was lost: a DIMSE timeout, then a retry.
+        # Had the reactor taken the response: a DIMSE timeout, the association aborted, a retry.
         assert result.done == [1], result
         assert time.monotonic() - started < 4  # the target's DIMSE timeout is 5 s
         assert connection.is_open

@@ -25,18 +25,24 @@ def tcp_nodelay(event: evt.Event) -> None:
 
 
 class ResponsesForTheWaiter(queue.Queue[Any]):
-    """A DIMSE message queue whose non-blocking reads take requests only.
+    """A DIMSE message queue that keeps a response for the `send_*` call waiting for it.
 
     pynetdicom's reactor polls the queue without blocking, while `send_c_store` and the other
     `send_*` calls pause it and then wait on the queue for their response. The pause has a gap:
     a reactor that has just passed its checkpoint can still poll once, and if the response
     arrives in that moment the reactor takes it, logs "Received unexpected C-STORE service
-    message" and the sender waits out its DIMSE timeout. Leaving responses to the blocking
-    reader closes the gap; requests (a peer's N-EVENT-REPORT) still reach the reactor.
+    message" and the sender waits out its DIMSE timeout. So while a call has the reactor
+    paused (its checkpoint cleared), the reactor's polls take requests only (a peer's
+    N-EVENT-REPORT); between calls it still takes, and drops, a response nobody waits for,
+    which must not be read as the answer to the next request.
     """
 
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self.assoc = assoc
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        if block:
+        if block or self.assoc._reactor_checkpoint.is_set():
             return super().get(block, timeout)
         with self.not_empty:
             if not self._qsize() or not _is_request(self.queue[0]):
@@ -53,7 +59,7 @@ def _is_request(item: tuple[int | None, Any]) -> bool:
 
 def responses_for_the_waiter(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: install `ResponsesForTheWaiter` before any message arrives."""
-    event.assoc.dimse.msg_queue = ResponsesForTheWaiter()
+    event.assoc.dimse.msg_queue = ResponsesForTheWaiter(event.assoc)
 
 
 # The node's peers on outbound associations are devices it was told about, but what they send

@@ -1,5 +1,6 @@
 """One forwarding association: when the destination ends it, the job waiting to be sent is
-tried again later (its data is fine); and no response is lost to pynetdicom's reactor."""
+tried again later (its data is fine); no response is lost to pynetdicom's reactor, and none
+is taken for the answer to a later request."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from node.forwarding.queue import Job
 from node.forwarding.sender import Connection, Target
@@ -109,6 +111,32 @@ def test_a_response_arriving_as_the_reactor_polls_reaches_the_sender(tmp_path: P
         assert result.done == [1], result
         assert time.monotonic() - started < 4  # the target's DIMSE timeout is 5 s
         assert connection.is_open
+    finally:
+        connection.close()
+        dest.stop()
+
+
+def test_a_stray_response_between_requests_is_not_the_next_ones_answer(tmp_path: Path) -> None:
+    first_path, second_path = write_study(tmp_path, 2)
+    first, second = job(1, first_path), job(2, second_path)
+    dest = CountingSCP(refuse={second.sop_instance}).start()
+    connection = Connection(target(dest.port))
+    try:
+        assert connection.send([first]).done == [1]
+        assert connection.assoc is not None
+        # A second success for the first request, from a peer that answers twice.
+        stray = C_STORE()
+        stray.MessageIDBeingRespondedTo = 1
+        stray.Status = 0x0000
+        context_id = connection.assoc.accepted_contexts[0].context_id
+        connection.assoc.dimse.msg_queue.put((context_id, stray))
+        assert wait_for(lambda: connection.assoc is not None
+                        and connection.assoc.dimse.msg_queue.empty(), timeout=5)
+        # The destination refuses the second instance; taken for its answer, the stray
+        # success would mark a job done that never arrived.
+        result = connection.send([second])
+        assert result.done == [] and [why for _, why in result.retry] == [
+            "destination answered 0xA700"], result
     finally:
         connection.close()
         dest.stop()

@@ -205,7 +205,7 @@ class ControlPlane:
                 log.warning("parent %s does not know this node: registering again", parent_id)
                 self._registered = None
                 return
-            with self.db.transaction() as session:
+            with self.db.transaction(durable=False) as session:  # bookkeeping
                 neighbours.seen(session, parent_id)
             self._report(True, "")
         except grpc.RpcError as exc:
@@ -323,7 +323,9 @@ class ControlPlane:
             return 0
         assert self.db is not None
         moved = 0
-        with self.db.transaction() as session:
+        # Not synced: a cursor lost to a power cut only sends those changes again, and the
+        # neighbour ignores versions it has.
+        with self.db.transaction(durable=False) as session:
             for push in delivered:
                 result = session.execute(update(Neighbour).where(
                     Neighbour.node_id == push.target.node_id,

@@ -126,7 +126,7 @@ class ControlServicer(rpc.ControlServicer):
         if not back and not failed:
             return
         try:
-            with self.db.transaction() as session:
+            with self.db.transaction(durable=False) as session:
                 neighbours.seen_all(session, back)
                 for node_id, error in failed.items():
                     neighbours.unreachable(session, node_id, error)
@@ -257,7 +257,7 @@ class ControlServicer(rpc.ControlServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
                   ) -> pb.HeartbeatResponse:
-        with self.db.transaction() as session:
+        with self.db.transaction(durable=False) as session:  # bookkeeping
             known = neighbours.seen(session, request.node_id, request.queue_depth,
                                     role=neighbours.CHILD)
         return pb.HeartbeatResponse(parent_id=self.me, known=known)

@@ -83,13 +83,19 @@ class Database:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """A write transaction, committed on success and rolled back on error."""
+    def transaction(self, *, durable: bool = True) -> Iterator[Session]:
+        """A write transaction, committed on success and rolled back on error.
+
+        `durable=False` for bookkeeping that may be lost to a power cut (a neighbour's
+        last_seen, a sync cursor whose loss only means sending again): committed without
+        waiting for the disk, and made durable by the next durable commit or checkpoint.
+        """
         with self._writing():
             with self._sessions() as session, session.begin():
                 yield session
             committed = self._wal_syncs.changed()
-        self.make_durable(committed)
+        if durable:
+            self.make_durable(committed)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:

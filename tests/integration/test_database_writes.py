@@ -80,6 +80,29 @@ def test_a_commit_is_on_disk_when_the_write_returns(
     assert synced == [str(tmp_path / "node.db-wal")]
 
 
+def test_bookkeeping_is_committed_without_a_sync_and_the_next_durable_write_covers_it(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heartbeats and sync cursors write with durable=False: an idle parent does not flush
+    the disk for every child's heartbeat."""
+    add_partition(db, "FIRST")  # the WAL exists and is open
+    synced: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    with db.transaction(durable=False) as session:
+        session.add(Partition(ae_title="BOOKKEEPING", port=105, folder="b"))
+    assert synced == []
+    with db.engine.connect() as other:  # committed: another connection sees it
+        assert other.execute(text("SELECT count(*) FROM partitions WHERE ae_title = "
+                                  "'BOOKKEEPING'")).scalar() == 1
+    add_partition(db, "DURABLE")
+    assert synced == [str(tmp_path / "node.db-wal")]  # one sync, covering both commits
+
+
 def test_writers_that_commit_during_a_sync_share_the_next_one(
         db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """Group commit: while one WAL sync is under way, the writers that commit wait for it,

@@ -4,8 +4,11 @@ an AE at another site, health checking and mutual TLS."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -16,14 +19,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from hierarchy import neighbours, plane
 from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
 from hierarchy.servicer import collect_from
 from node import devices as device_table
-from node.db.models import Device, DeviceChange, DeviceType, Instance
+from node.db.models import Device, DeviceChange, DeviceType, DirectoryNode, Instance
 from tests.certs import make_ca
 from tests.conftest import RunningNode, free_port, wait_for
 from tests.dicomgen import make_instance
@@ -240,6 +243,48 @@ def test_recollect_batches_entries_only_for_a_caller_that_asks(make_node: Start)
                   for e in (event.entries.entries if batched else [event.entry])]
         assert sorted(listed) == ["kid0", "kid1", "kid2", "root"]
         assert events[-1].done.published == 4
+
+
+@contextlib.contextmanager
+def another_writer(node: RunningNode) -> Iterator[None]:
+    """Another writer, as the CLI would be, holding `node`'s directory tables: on SQLite the
+    writers' queue (the file lock every writer of the database takes first), on PostgreSQL
+    the table."""
+    if node.db.is_sqlite:
+        lock = os.open(f"{node.db.engine.url.database}.writer-lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)
+        return
+    with node.db.engine.connect() as other, other.begin():
+        other.execute(text(f"LOCK TABLE {DirectoryNode.__tablename__} IN EXCLUSIVE MODE"))
+        yield
+
+
+def test_a_store_slower_than_the_recollect_can_wait_is_reported_and_still_completes(
+        make_node: Start, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_node(name="root", hierarchy=FAST)
+    kid = make_node(name="kid", hierarchy=child_of(root))
+    assert wait_for(lambda: registered(kid, root), 10)
+    # Another writer holds the kid's directory while it is published.
+    with another_writer(kid), caplog.at_level(logging.WARNING, logger="hierarchy.servicer"):
+        answer = stub(kid).PublishDirectory(pb.PublishDirectoryRequest(
+            root_id="root", entries=[directory_entry("root"), directory_entry("kid")]),
+            timeout=1.0)
+    # The lock is released: the store goes on.
+    assert answer.stored == 0
+    assert any("storing the directory from root here took longer than the 0.9 s" in r.message
+               and "not counted as published" in r.message for r in caplog.records), \
+        [r.message for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+    def stored() -> set[str]:
+        return {r["node_id"] for r in json.loads(
+            kid.cli("hierarchy", "directory", "--json").output)}
+
+    assert wait_for(lambda: stored() == {"root", "kid"}, 10)
 
 
 class OldNode(rpc.ControlServicer):

@@ -1,7 +1,8 @@
 """Hierarchy benchmark: device-change propagation and recollect over trees of 7 to 127 nodes.
 
-Builds complete binary trees of in-process nodes (control plane and SQLite database only, no
-DICOM listener) on loopback, and for each tree prints
+Builds complete binary trees of nodes (control plane and SQLite database only, no DICOM
+listener) on loopback, all in this process, or with --processes each in a process of its own as
+deployed (`pacsnode serve` runs one node per process), and for each tree prints
   - how long a hierarchy-wide device change made at the deepest, last leaf takes to reach every
     node, as an administrator sees it: the change is committed as `pacsnode device` commits it,
     from outside the node's threads, so nothing wakes the leaf's sync loop: the leaf notices
@@ -15,14 +16,18 @@ DICOM listener) on loopback, and for each tree prints
     entry arrived, and how many nodes its summary says it listed, found unreachable and
     published the directory to (-1: no summary came). Between recollects it waits for the
     process to be idle again and logs which directory every node then holds.
-It also prints the CPU the idle tree uses: every node runs in this one process (one GIL), so
-once that nears 100% of a CPU the figures measure this process rather than the product.
-Once the tree has started, its objects are frozen out of the garbage collector's full passes
-(gc.freeze(); --no-gc-freeze to keep them): 127 nodes' heaps in one process make each full
-pass stop every thread for about half a second, which a node in its own process does not see.
+It also prints the CPU the idle tree uses (with --processes, of all its processes together):
+in one process every node shares one GIL, so once that nears 100% of a CPU the figures
+measure this process rather than the product. Once the tree has started, its objects are
+frozen out of the garbage collector's full passes (gc.freeze(); --no-gc-freeze to keep them):
+127 nodes' heaps in one process make each full pass stop every thread for about half a
+second, which a node in its own process does not see. With --processes each node's process
+is tuned as `pacsnode serve` tunes its own (node.server_process). Every node's process then
+holds its own copy of the code: about 100 MB each, 13 GB for 127.
 A benchmark, not a test: it prints figures and never fails on them.
 
     python bench/hierarchy.py                               # 7, 31, 127 nodes; 1 s / 5 s
+    python bench/hierarchy.py --sizes 127 --processes       # one process per node
     python bench/hierarchy.py --sizes 127 --no-gc-freeze
     python bench/hierarchy.py --sizes 7 31 --repeat 5 --recollect-at root
 
@@ -42,6 +47,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -70,6 +76,7 @@ from node.db.models import (  # noqa: E402
     DirectoryNode,
     ReplicatedDevice,
 )
+from node.server_process import tune_process  # noqa: E402
 from node.service import ensure_bootstrap_partition, open_database  # noqa: E402
 
 DEVICE = "BENCHDEV"
@@ -82,7 +89,8 @@ class Member:
     index: int  # breadth-first position: the parent of i is (i - 1) // 2
     settings: Settings
     db: Database
-    plane: ControlPlane
+    plane: ControlPlane | None  # None: the node runs in `process`
+    process: subprocess.Popen[bytes] | None = None
     _reader: sqlite3.Connection | None = None
 
     @property
@@ -107,7 +115,7 @@ class Member:
 class Recollected:
     seconds: float
     collect_seconds: float  # until the last directory entry arrived
-    cpu_seconds: float  # this process's CPU meanwhile (every node's work, and the idle load)
+    cpu_seconds: float  # the tree's CPU meanwhile (every node's work, and the idle load)
     done: pb.RecollectDone | None
 
 
@@ -116,7 +124,7 @@ class Figures:
     nodes: int
     levels: int
     startup_s: float
-    idle_cpu: float  # CPU seconds per second this process spends with the tree idle
+    idle_cpu: float  # CPU seconds per second the idle tree spends (all its processes)
     propagate_s: float  # polled: change committed at the leaf -> seen in every database
     applied_s: float  # change-log timestamps: committed at the leaf -> applied at the last node
     recollect: Recollected  # the median run
@@ -197,10 +205,16 @@ def start_tree(work: Path, nodes: int, args: argparse.Namespace) -> list[Member]
     try:
         for i in range(nodes):
             parent_port = ports[(i - 1) // 2] if i else None
-            settings = config.load(node_toml(work, f"n{i}", 40000 + i, ports[i], parent_port,
-                                             args))
+            toml = node_toml(work, f"n{i}", 40000 + i, ports[i], parent_port, args)
+            settings = config.load(toml)
             settings.data_dir.mkdir(parents=True)
             shutil.copyfile(template, settings.data_dir / "pacsnode.db")
+            if args.processes:
+                # This process opens the node's database as the CLI does (no migration: the
+                # node's process runs them), to make changes and read results.
+                members.append(Member(i, settings, Database(settings.database_url), None,
+                                      start_node_process(toml, args)))
+                continue
             db = open_database(settings)
             ensure_bootstrap_partition(db, settings)
             plane = ControlPlane(settings)
@@ -210,6 +224,27 @@ def start_tree(work: Path, nodes: int, args: argparse.Namespace) -> list[Member]
         stop_tree(members)
         raise
     return members
+
+
+def start_node_process(toml: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """One node in a process of its own (serve_node), which stops when its stdin closes."""
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-node",
+                             str(toml), "--log-level", args.log_level], stdin=subprocess.PIPE)
+
+
+def serve_node(toml: Path) -> None:
+    """--serve-node: run one node of a --processes tree until this process's stdin closes
+    (the benchmark is done with it, or died)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the benchmark's to handle
+    settings = config.load(toml)
+    db = open_database(settings)
+    ensure_bootstrap_partition(db, settings)
+    plane = ControlPlane(settings)
+    plane.start_with(db)
+    tune_process()
+    sys.stdin.buffer.read()
+    plane.stop()
+    db.dispose()
 
 
 def registered(child: Member, parent: Member) -> bool:
@@ -239,12 +274,26 @@ def wait_registered(members: list[Member], timeout: float) -> None:
 
 
 def stop_tree(members: list[Member]) -> None:
-    """Deepest level first, each level's planes in parallel (one stop takes up to 1 s)."""
+    """Deepest level first, each level's planes in parallel (one stop takes up to 1 s); node
+    processes all at once."""
+    for m in members:
+        if m.process is not None and m.process.stdin is not None:
+            m.process.stdin.close()
+    for m in members:
+        if m.process is not None:
+            try:
+                m.process.wait(10)
+            except subprocess.TimeoutExpired:
+                m.process.kill()
+                m.process.wait()
     by_level: dict[int, list[Member]] = {}
     for m in members:
+        if m.plane is None:
+            continue
         by_level.setdefault((m.index + 1).bit_length(), []).append(m)
     for level in sorted(by_level, reverse=True):
-        threads = [threading.Thread(target=m.plane.stop) for m in by_level[level]]
+        threads = [threading.Thread(target=m.plane.stop) for m in by_level[level]
+                   if m.plane is not None]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -288,7 +337,7 @@ def applied_at(member: Member, version: str) -> datetime | None:
 def propagate_once(members: list[Member], round_: int, timeout: float) -> tuple[float, float]:
     """(seconds until every database shows the change, the same from change-log timestamps)."""
     leaf = members[-1]
-    started, cpu = time.monotonic(), time.process_time()
+    started, cpu = time.monotonic(), tree_cpu(members)
     description, version = change_device(leaf, round_)
     pending = [m for m in members if m is not leaf]
     while pending:
@@ -301,7 +350,7 @@ def propagate_once(members: list[Member], round_: int, timeout: float) -> tuple[
             time.sleep(POLL_SECONDS)
     seconds = time.monotonic() - started
     progress(f"{len(members)} nodes: change v{round_} everywhere after {seconds:.3f} s "
-             f"({time.process_time() - cpu:.1f} CPU s)")
+             f"({tree_cpu(members) - cpu:.1f} CPU s)")
     stamps = [applied_at(m, version) for m in members]
     first = stamps[-1]
     if first is None or any(s is None for s in stamps):
@@ -309,11 +358,11 @@ def propagate_once(members: list[Member], round_: int, timeout: float) -> tuple[
     return seconds, max((s - first).total_seconds() for s in stamps if s is not None)
 
 
-def recollect_once(member: Member, timeout: float) -> Recollected:
+def recollect_once(members: list[Member], member: Member, timeout: float) -> Recollected:
     """Recollect asked at `member`, as `pacsnode recollect` asks it (entries in batches)."""
     with grpc.insecure_channel(member.control) as channel:
         stub = rpc.ControlStub(channel)
-        started, cpu = time.monotonic(), time.process_time()
+        started, cpu = time.monotonic(), tree_cpu(members)
         collected = 0.0
         done = None
         for event in stub.Recollect(pb.RecollectRequest(batched=True), timeout=timeout):
@@ -321,15 +370,16 @@ def recollect_once(member: Member, timeout: float) -> Recollected:
                 done = event.done
             else:
                 collected = time.monotonic() - started
-        return Recollected(time.monotonic() - started, collected, time.process_time() - cpu,
+        return Recollected(time.monotonic() - started, collected, tree_cpu(members) - cpu,
                            done)
 
 
-def settle(idle: float, limit: float) -> float:
+def settle(members: list[Member], idle: float, limit: float) -> float:
     """Seconds until this process is back to its idle CPU use: a walk that overran its
     deadline goes on below the nodes that gave up on it, and would slow the next one."""
     started = time.monotonic()
-    while time.monotonic() - started < limit and idle_cpu(1.0) > 1.5 * idle + 0.05:
+    while (time.monotonic() - started < limit
+           and idle_cpu(members, 1.0) > 1.5 * idle + 0.05):
         pass
     return time.monotonic() - started
 
@@ -356,15 +406,45 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def idle_cpu(seconds: float) -> float:
-    cpu, wall = time.process_time(), time.monotonic()
+def idle_cpu(members: list[Member], seconds: float) -> float:
+    cpu, wall = tree_cpu(members), time.monotonic()
     time.sleep(seconds)
-    return (time.process_time() - cpu) / (time.monotonic() - wall)
+    return (tree_cpu(members) - cpu) / (time.monotonic() - wall)
 
 
-def open_fds() -> int:
+def node_processes(members: list[Member]) -> list[int]:
+    return [m.process.pid for m in members if m.process is not None]
+
+
+def tree_cpu(members: list[Member]) -> float:
+    """CPU seconds used so far by this process and the node processes."""
+    total = time.process_time()
+    for pid in node_processes(members):
+        try:  # utime and stime, the 14th and 15th fields ("comm" may hold spaces)
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def threads_and_fds(members: list[Member]) -> tuple[int, int]:
+    """Threads and open files of this process and the node processes together."""
+    threads, fds = threading.active_count(), open_fds("self")
+    for pid in node_processes(members):
+        fds += open_fds(str(pid))
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        threads += next(int(line.split()[1]) for line in status.splitlines()
+                        if line.startswith("Threads:"))
+    return threads, fds
+
+
+def open_fds(pid: str) -> int:
     try:
-        return len(os.listdir("/proc/self/fd"))
+        return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return -1
 
@@ -386,32 +466,33 @@ def run_tree(nodes: int, args: argparse.Namespace) -> Figures:
         progress(f"{nodes} nodes: all registered after {startup:.1f} s")
         # Let the re-registrations that follow a node's first child (its role changes) pass.
         time.sleep(2 * args.heartbeat_seconds)
-        if args.gc_freeze:
+        if args.gc_freeze and not args.processes:
             freeze_heap()
-        idle = idle_cpu(args.idle_seconds)
-        progress(f"{nodes} nodes: idle, this process uses {100 * idle:.0f}% of a CPU")
+        idle = idle_cpu(members, args.idle_seconds)
+        progress(f"{nodes} nodes: idle, the tree uses {100 * idle:.0f}% of a CPU")
         rounds = []
         for i in range(args.repeat):
             rounds.append(propagate_once(members, i, args.timeout))
         recollects = []
         for _ in range(args.repeat):
             asked = members[0] if args.recollect_at == "root" else members[-1]
-            recollects.append(recollect_once(asked, args.recollect_call_timeout))
+            recollects.append(recollect_once(members, asked, args.recollect_call_timeout))
             r = recollects[-1]
             d = r.done
             summary = (f"{d.nodes} listed, {d.unreachable} unreachable, {d.published} "
                        "published" if d is not None else "no done event")
             progress(f"{nodes} nodes: recollect returned after {r.seconds:.3f} s (collected "
                      f"{r.collect_seconds:.3f} s, {r.cpu_seconds:.1f} CPU s): {summary}")
-            waited = settle(idle, args.timeout)
+            waited = settle(members, idle, args.timeout)
             progress(f"{nodes} nodes: idle again {waited:.0f} s later; directories held "
                      f"({{entries: nodes}}): {directory_census(members)}")
+        threads, fds = threads_and_fds(members)
         return Figures(
             nodes=nodes, levels=levels, startup_s=startup, idle_cpu=idle,
             propagate_s=statistics.median(r[0] for r in rounds),
             applied_s=statistics.median(r[1] for r in rounds),
             recollect=sorted(recollects, key=lambda r: r.seconds)[len(recollects) // 2],
-            threads=threading.active_count(), fds=open_fds())
+            threads=threads, fds=fds)
     finally:
         stopping = time.monotonic()
         stop_tree(members)
@@ -463,23 +544,32 @@ def main() -> None:
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                         help="leave the started tree's objects to the garbage collector's "
                              "full passes (half-second pauses at 127 nodes)")
+    parser.add_argument("--processes", action="store_true",
+                        help="run every node in a process of its own, as deployed (start-up "
+                             "takes about 1 s of CPU and 100 MB per node)")
+    parser.add_argument("--serve-node", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the temporary data directories (default: system temp)")
     parser.add_argument("--log-level", default="ERROR", help="level of the nodes' log (stderr)")
     args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.serve_node is not None:
+        serve_node(args.serve_node)
+        return
     if args.recollect_call_timeout is None:
         args.recollect_call_timeout = args.recollect_timeout + 5
     for size in args.sizes:
         levels_of(size)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_fd_limit()
     faulthandler.register(signal.SIGUSR1)
-    print(f"pacsnode hierarchy, {os.cpu_count()} CPUs, SQLite, every node in this process on "
+    where = "in a process of its own" if args.processes else "in this process"
+    print(f"pacsnode hierarchy, {os.cpu_count()} CPUs, SQLite, every node {where} on "
           f"loopback\nsync_seconds={args.sync_seconds} heartbeat_seconds="
           f"{args.heartbeat_seconds} rpc_timeout={args.rpc_timeout} recollect_timeout="
           f"{args.recollect_timeout} (Recollect call deadline {args.recollect_call_timeout} s); "
-          f"median of {args.repeat}; gc.freeze() after start: {args.gc_freeze}\n"
+          f"median of {args.repeat}; gc.freeze() after start: "
+          f"{True if args.processes else args.gc_freeze}\n"
           "change made at the last leaf, sync loop not woken (it polls); "
           f"recollect asked at the {'root' if args.recollect_at == 'root' else 'last leaf'}\n")
     print(HEADER)
@@ -488,7 +578,7 @@ def main() -> None:
     for size in args.sizes:
         figures = run_tree(size, args)
         print(row(figures), flush=True)
-        if figures.idle_cpu > SATURATED:
+        if figures.idle_cpu > SATURATED and not args.processes:
             saturated.append(size)
     if saturated:
         print(f"\nnote: idle, the {', '.join(map(str, saturated))}-node tree(s) already kept this "

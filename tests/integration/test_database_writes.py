@@ -23,6 +23,20 @@ def db(sqlite_db: Database) -> Database:
     return sqlite_db
 
 
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the files fdatasync'ed from now on, in order (they are still synced)."""
+    paths: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    return paths
+
+
 def add_partition(db: Database, title: str) -> None:
     with db.transaction() as session:
         session.add(Partition(ae_title=title, port=104, folder=title))
@@ -57,15 +71,7 @@ def test_a_writer_waits_while_another_process_holds_the_write_lock(
 
 
 def test_a_commit_is_on_disk_when_the_write_returns(
-        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fdatasync = os.fdatasync
-
-    def recording_fdatasync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+        db: Database, tmp_path: Path, synced: list[str]) -> None:
     for title in ("FIRST", "SECOND"):
         synced.clear()
         add_partition(db, title)
@@ -81,18 +87,11 @@ def test_a_commit_is_on_disk_when_the_write_returns(
 
 
 def test_bookkeeping_is_committed_without_a_sync_and_the_next_durable_write_covers_it(
-        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: Database, tmp_path: Path, synced: list[str]) -> None:
     """Heartbeats and sync cursors write with durable=False: an idle parent does not flush
     the disk for every child's heartbeat."""
     add_partition(db, "FIRST")  # the WAL exists and is open
-    synced: list[str] = []
-    real_fdatasync = os.fdatasync
-
-    def recording_fdatasync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    synced.clear()
     with db.transaction(durable=False) as session:
         session.add(Partition(ae_title="BOOKKEEPING", port=105, folder="b"))
     assert synced == []

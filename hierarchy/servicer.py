@@ -337,8 +337,7 @@ class ControlServicer(rpc.ControlServicer):
         """Pass the directory on and store it here at the same time: the walk down the tree
         does not wait for any node's database. Returns how many nodes stored it."""
         deadline = time.monotonic() + remaining * WAIT_SHARE
-        # The children first: the walk down the tree waits for no node's database. Read
-        # before the store starts, too: on SQLite a read waits for a writer to finish.
+        # The children first: the walk down the tree waits for no node's database.
         below = self._over_children(
             remaining,
             lambda stub, timeout: iter([stub.PublishDirectory(request, timeout=timeout)]),

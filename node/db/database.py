@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.syncgroup import SyncGroup
 
+READ_ONLY = "pacsnode_read_only"  # execution option of the read sessions' engine
+
 
 class Database:
     """One engine per node process, and the write discipline its backend needs.
@@ -45,6 +47,10 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads begin DEFERRED on SQLite (see _sqlite_on_begin): a snapshot of the WAL, which
+        # neither waits for a writer nor makes one wait.
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
+                                           expire_on_commit=False)
         self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
         database = self.engine.url.database if self.is_sqlite else None
         self._lock_path = (f"{database}.writer-lock"
@@ -59,8 +65,9 @@ class Database:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A read session (no commit)."""
-        with self._sessions() as session:
+        """A read session (no commit; on SQLite it takes no write lock, so it must not
+        write)."""
+        with self._read_sessions() as session:
             yield session
 
     @contextlib.contextmanager
@@ -187,7 +194,11 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Any) -> None:
-    # IMMEDIATE takes the write lock up front, so two writers never deadlock on an upgrade.
+    # A write transaction begins IMMEDIATE: it takes the write lock up front, so two writers
+    # never deadlock on an upgrade. A read session's begins DEFERRED: with IMMEDIATE every
+    # read (a C-FIND, a control-plane lookup) held the write lock for as long as it ran,
+    # so writers of every process waited for it in SQLite's sleeping busy handler.
     # On the DBAPI connection: through SQLAlchemy's execution machinery (exec_driver_sql) it
     # cost more CPU than the empty transaction's other steps together.
-    conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+    read = conn.get_execution_options().get(READ_ONLY, False)
+    conn.connection.driver_connection.execute("BEGIN" if read else "BEGIN IMMEDIATE")

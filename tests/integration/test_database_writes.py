@@ -70,6 +70,23 @@ def test_a_writer_waits_while_another_process_holds_the_write_lock(
         assert session.scalar(select(Partition.ae_title)) == "WAITED"
 
 
+def test_a_read_session_neither_waits_for_writers_nor_makes_them_wait(db: Database) -> None:
+    """A C-FIND or a control-plane lookup reads in a session: on SQLite it must not hold the
+    write lock while it runs (ingest in every process would wait for it)."""
+    add_partition(db, "FIRST")
+    done = threading.Event()
+    with db.session() as session:
+        assert session.scalars(select(Partition.ae_title)).all() == ["FIRST"]
+        writer = threading.Thread(target=lambda: (add_partition(db, "SECOND"), done.set()))
+        writer.start()
+        assert done.wait(5), "the writer waited for the read session"
+        # The session reads the snapshot it started with.
+        assert session.scalars(select(Partition.ae_title)).all() == ["FIRST"]
+    writer.join()
+    with db.session() as session:
+        assert sorted(session.scalars(select(Partition.ae_title))) == ["FIRST", "SECOND"]
+
+
 def test_a_commit_is_on_disk_when_the_write_returns(
         db: Database, tmp_path: Path, synced: list[str]) -> None:
     for title in ("FIRST", "SECOND"):

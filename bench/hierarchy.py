@@ -286,14 +286,12 @@ def stop_tree(members: list[Member]) -> None:
             except subprocess.TimeoutExpired:
                 m.process.kill()
                 m.process.wait()
-    by_level: dict[int, list[Member]] = {}
+    by_level: dict[int, list[ControlPlane]] = {}
     for m in members:
-        if m.plane is None:
-            continue
-        by_level.setdefault((m.index + 1).bit_length(), []).append(m)
+        if m.plane is not None:
+            by_level.setdefault((m.index + 1).bit_length(), []).append(m.plane)
     for level in sorted(by_level, reverse=True):
-        threads = [threading.Thread(target=m.plane.stop) for m in by_level[level]
-                   if m.plane is not None]
+        threads = [threading.Thread(target=plane.stop) for plane in by_level[level]]
         for thread in threads:
             thread.start()
         for thread in threads:

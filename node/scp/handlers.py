@@ -29,7 +29,7 @@ from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
 from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
 from node.storage.dirsync import DirectorySyncs
-from node.storage.files import DeferredSync
+from node.storage.files import DeferredSync, ReceivedFile
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,8 @@ class ScpHandlers:
         return rsp
 
     def on_direct_store(self, assoc: Association, request: StoreRequest,
-                        received: Path | OSError) -> tuple[int, str, DeferredSync | None]:
+                        received: ReceivedFile | OSError
+                        ) -> tuple[int, str, DeferredSync | None]:
         """A C-STORE taken off the wire by direct_store.DirectStore (`received`: its file, or
         why it could not be written), which hands the deferred sync to `directory_syncs` once
         it has answered."""
@@ -279,7 +280,7 @@ class ScpHandlers:
         return outcome.status, outcome.comment, outcome.deferred
 
     def _store(self, assoc: Association, sop_class: str, sop_instance: str,
-               received: Path | OSError, defer_sync: bool = False) -> Outcome:
+               received: Path | ReceivedFile | OSError, defer_sync: bool = False) -> Outcome:
         peer = self.peer(assoc)
         if peer is None:
             return Outcome(PROCESSING_FAILURE, "association was not admitted")

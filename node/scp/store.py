@@ -119,20 +119,21 @@ class Ingest:
         self.send_updates = send_updates
         self.on_queued = on_queued
 
-    def store(self, peer: Peer, received: Path, sop_class: str, sop_instance: str,
-              defer_sync: bool = False) -> Outcome:
-        """Handle one C-STORE whose dataset was written to `received` (with file meta).
+    def store(self, peer: Peer, file: Path | files.ReceivedFile, sop_class: str,
+              sop_instance: str, defer_sync: bool = False) -> Outcome:
+        """Handle one C-STORE whose dataset was written to `file` (with file meta).
 
         `defer_sync`: the new file's directory entry is left unsynced and the outcome's
-        `deferred` says what to complete after answering; `received` (and a coerced copy)
-        must stay until then, and `files.complete` removes them."""
+        `deferred` says what to complete after answering; the received file (and a coerced
+        copy) must stay until then, and `files.complete` removes them."""
+        received = file.path if isinstance(file, files.ReceivedFile) else file
         coerced: Path | None = None
         study = ""
         try:
             if peer.device is not None and not peer.device.allow_storage:
                 raise Refused(REFUSED_NOT_AUTHORISED,
                               f"device {peer.device.name} may not store to this node")
-            size = received.stat().st_size
+            size = file.size if isinstance(file, files.ReceivedFile) else received.stat().st_size
             if self.guard is not None:
                 admitted, why = self.guard.admit(peer.partition.folder, size)
                 if not admitted:
@@ -147,8 +148,8 @@ class Ingest:
                 source = coerced
                 size = coerced.stat().st_size
             else:
-                attrs, transfer_syntax = self._index_values(received)
-                files.fsync_file(received)
+                attrs, transfer_syntax = self._index_values(file)
+                files.fsync_file(file)
                 source = received
             study = attrs["StudyInstanceUID"][:64]
             _validate(attrs, sop_class, sop_instance)
@@ -183,16 +184,17 @@ class Ingest:
         return Outcome(OUT_OF_RESOURCES,
                        f"storage write failed: {os.strerror(exc.errno or errno.EIO)}")
 
-    def _index_values(self, received: Path) -> tuple[InstanceAttributes, str]:
+    def _index_values(self, file: Path | files.ReceivedFile) -> tuple[InstanceAttributes, str]:
         """The index attributes and transfer syntax of a received file (not coerced)."""
         try:
-            scanned = scan_header(received, INDEX_ELEMENTS)
+            scanned = scan_header(file, INDEX_ELEMENTS)
         except ValueError as exc:  # StructureError
             raise Refused(CANNOT_PARSE, f"cannot parse: {exc}") from exc
         if scanned is not None:
             transfer_syntax, texts = scanned
             return attributes(texts), transfer_syntax
-        header = self._read(received, lambda: read_header(received, INDEX_TAGS))
+        path = file.path if isinstance(file, files.ReceivedFile) else file
+        header = self._read(path, lambda: read_header(path, INDEX_TAGS))
         return extract(header), str(header.file_meta.TransferSyntaxUID)
 
     @staticmethod

@@ -45,8 +45,22 @@ def start_writeback(fd: int, offset: int = 0, count: int = 0) -> None:
         _start_writeback(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+@dataclass(frozen=True)
+class ReceivedFile:
+    """A received data set's temporary file, still open (`fd`, readable) and `size` bytes
+    long: the store reads and fsyncs it through `fd`, where a path would cost an open, a
+    stat and a close each time."""
+
+    path: Path
+    fd: int
+    size: int
+
+
+def fsync_file(file: Path | ReceivedFile) -> None:
+    if isinstance(file, ReceivedFile):
+        os.fsync(file.fd)
+        return
+    fd = os.open(file, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -84,18 +98,28 @@ def place_new(source: Path, target: Path, sync: bool = True) -> bool:
     `sync=False` leaves the new entry's fsync to the caller (a `DeferredSync`), who keeps
     `source` until then.
     """
-    ensure_dir(target.parent)
     try:
-        os.link(source, target)
+        try:
+            _link_new(source, target)
+        except FileNotFoundError:
+            # Tried first and the folder made only when missing: most stores go to a series
+            # folder that exists, and checking for it cost a stat per store.
+            ensure_dir(target.parent)
+            _link_new(source, target)
     except FileExistsError:
         return False
+    if sync:
+        fsync_dir(target.parent)
+    return True
+
+
+def _link_new(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
             raise
         _copy_new(source, target)
-    if sync:
-        fsync_dir(target.parent)
-    return True
 
 
 @dataclass(frozen=True)

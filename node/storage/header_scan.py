@@ -13,11 +13,13 @@ twice. The tests compare its result with pydicom's on generated headers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from node.storage.files import ReceivedFile
 from node.storage.structure import (
     DEFLATED,
     EXPLICIT_BIG,
@@ -43,13 +45,13 @@ _INTEGER = re.compile(rb" *[+-]?[0-9]+ *\Z")
 Wanted = Mapping[int, tuple[str, bytes]]
 
 
-def scan_header(path: Path, wanted: Wanted) -> tuple[str, dict[str, str]] | None:
+def scan_header(path: Path | ReceivedFile, wanted: Wanted
+                ) -> tuple[str, dict[str, str]] | None:
     """(transfer syntax, keyword -> text of each wanted top-level element present), or None
     when pydicom must read the header. Raises `StructureError` for a file that is not framed
     consistently, as `structure.read_header` does."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        read = file_reader(f.fileno(), size)
+    with _opened(path) as (fd, size):
+        read = file_reader(fd, size)
         meta = read_meta(read)
         if meta.transfer_syntax in ("", DEFLATED, EXPLICIT_BIG):
             return None
@@ -78,6 +80,19 @@ def scan_header(path: Path, wanted: Wanted) -> tuple[str, dict[str, str]] | None
     if texts.get("SpecificCharacterSet", "").strip() not in ASCII_CHARSETS:
         return None
     return meta.transfer_syntax, texts
+
+
+@contextlib.contextmanager
+def _opened(file: Path | ReceivedFile) -> Iterator[tuple[int, int]]:
+    """(descriptor, size) of the file to read."""
+    if isinstance(file, ReceivedFile):
+        yield file.fd, file.size
+        return
+    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd, os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def plain_text(raw: bytes, vr: bytes) -> str | None:

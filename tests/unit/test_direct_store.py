@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
+import os
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -15,6 +19,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 
+from node.scp import direct_store
 from node.scp.direct_answers import find_response
 from node.scp.direct_store import (
     ProtocolError,
@@ -157,3 +162,20 @@ def test_find_response_is_what_pynetdicom_sends(implicit: bool) -> None:
     message.primitive_to_message(rsp)
     expected = b"".join(pynetdicom_pdus(message, 7))
     assert find_response(7, 42, "1.2.840.10008.5.1.4.1.2.2.1", 0xFF00, encoded) == expected
+
+
+def test_a_temporary_file_left_under_the_next_name_is_never_reused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are the process ID and a count: one left by an earlier process of the same ID
+    is skipped, not truncated (it may be what the start-up check restores from)."""
+    monkeypatch.setattr(direct_store, "_file_numbers", itertools.count(7))
+    left = tmp_path / f"tmp{os.getpid()}-7.dcm"
+    left.write_bytes(b"kept")
+    receiver = direct_store.DirectStore(None, lambda *_: (0, "", None), tmp_path,
+                                        None)  # type: ignore[arg-type]
+    file, path = receiver._new_file()
+    with file:
+        file.write(b"new")
+    assert path == tmp_path / f"tmp{os.getpid()}-8.dcm"
+    assert left.read_bytes() == b"kept" and path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -77,6 +77,12 @@ def _private_absurd() -> bytes:
     return hostile.set_length(hostile.instance_file(ds), 0x00291010, 0xFFFFFFF0)
 
 
+def _truncated_in_a_sequence() -> bytes:
+    # One instance: each has new UIDs, whose lengths move the element's offset.
+    data = hostile.with_sequences()
+    return data[:hostile.element_offset(data, 0x00081150) + 4]
+
+
 # Each: a file that pydicom's header read alone would accept (or crash on), and the words the
 # refusal's Error Comment must contain.
 HOSTILE = {
@@ -96,10 +102,7 @@ HOSTILE = {
     "explicit dataset on an implicit context": (
         lambda: hostile.instance_file(transfer_syntax=ImplicitVRLittleEndian),
         "explicit VR dataset"),
-    "truncated sequence before the pixel data": (
-        lambda: hostile.with_sequences()[:hostile.element_offset(hostile.with_sequences(),
-                                                                  0x00081150) + 4],
-        "truncated"),
+    "truncated sequence before the pixel data": (_truncated_in_a_sequence, "truncated"),
     "truncated deflated dataset": (lambda: hostile.deflated_file()[:-20], "truncated"),
     "deflate bomb": (lambda: hostile.deflate_bomb(300 << 20), "deflated dataset inflates"),
 }

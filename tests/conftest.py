@@ -45,10 +45,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
     return bool(predicate())
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and never handed out before in this session: the kernel may
+    give a closed port out again at once, and a tree of nodes takes a dozen before binding any
+    (a node once got another node's control port as its DICOM port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def listening(port: int) -> bool:

@@ -126,7 +126,7 @@ class Ingest:
         `defer_sync`: the new file's directory entry is left unsynced and the outcome's
         `deferred` says what to complete after answering; the received file (and a coerced
         copy) must stay until then, and `files.complete` removes them."""
-        received = file.path if isinstance(file, files.ReceivedFile) else file
+        received = files.path_of(file)
         coerced: Path | None = None
         study = ""
         try:
@@ -193,7 +193,7 @@ class Ingest:
         if scanned is not None:
             transfer_syntax, texts = scanned
             return attributes(texts), transfer_syntax
-        path = file.path if isinstance(file, files.ReceivedFile) else file
+        path = files.path_of(file)
         header = self._read(path, lambda: read_header(path, INDEX_TAGS))
         return extract(header), str(header.file_meta.TransferSyntaxUID)
 

@@ -56,6 +56,10 @@ class ReceivedFile:
     size: int
 
 
+def path_of(file: Path | ReceivedFile) -> Path:
+    return file.path if isinstance(file, ReceivedFile) else file
+
+
 def fsync_file(file: Path | ReceivedFile) -> None:
     if isinstance(file, ReceivedFile):
         os.fsync(file.fd)

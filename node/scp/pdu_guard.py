@@ -59,6 +59,9 @@ PDU_SLACK = 64 * 1024
 MAX_ASSOCIATE_LENGTH = 1 << 20
 # A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT have 4-byte bodies.
 MAX_CONTROL_LENGTH = 1024
+# The most one receive takes off the socket beyond what the DUL asked for (one per
+# association): a small image's command and data PDUs together.
+READ_AHEAD = 64 * 1024
 # A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6) / not
 # specified (0).
 ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
@@ -90,6 +93,9 @@ class GuardedAssociationSocket(AssociationSocket):
 
     _guard_body: int | None  # length of the PDU body the DUL reads next, after a header
     _guard_refused: bool
+    _ahead: bytearray  # READ_AHEAD bytes; [_ahead_at:_ahead_end] were read and not returned
+    _ahead_at: int
+    _ahead_end: int
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._guard_refused:
@@ -118,18 +124,36 @@ class GuardedAssociationSocket(AssociationSocket):
                         "timed out" if isinstance(exc, TimeoutError) else exc)
             return bytearray()
 
+    @property
+    def ready(self) -> bool:
+        if self.socket is not None and self._is_connected and self.read_ahead:
+            return True  # select() cannot see bytes already taken off the socket
+        return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+    @property
+    def read_ahead(self) -> int:
+        """How many bytes were read from the socket and not yet returned by `recv`."""
+        return self._ahead_end - self._ahead_at
+
     def _recv_exactly(self, nr_bytes: int) -> bytearray:
         # pynetdicom's recv reads 4 KiB at a time into a growing bytearray: a 16 KiB PDU was
-        # four recv calls and four copies, a 512 KiB CT image 128. One buffer of the PDU's size
-        # takes whatever the socket holds in each call. As pynetdicom's: what arrived before
-        # the peer closed the connection is returned short.
+        # four recv calls and four copies, a 512 KiB CT image 128. Here a short read takes
+        # whatever the socket holds, up to READ_AHEAD, and keeps what the DUL did not ask for
+        # yet: a peer sends a C-STORE's command PDU and its data PDU back to back, and both
+        # headers and bodies then come from one system call instead of four. A body of
+        # READ_AHEAD or more is read straight into its buffer. As pynetdicom's: what arrived
+        # before the peer closed the connection is returned short.
         sock = self.socket
         assert sock is not None
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
-        got = 0
+        got = self._take_ahead(view)
         while got < nr_bytes:
-            count = sock.recv_into(view[got:])
+            if nr_bytes - got >= READ_AHEAD:
+                count = sock.recv_into(view[got:])
+            else:
+                self._ahead_at, self._ahead_end = 0, sock.recv_into(self._ahead)
+                count = self._take_ahead(view[got:])
             if not count:
                 view.release()
                 del buffer[got:]
@@ -137,6 +161,13 @@ class GuardedAssociationSocket(AssociationSocket):
             got += count
         view.release()
         return buffer
+
+    def _take_ahead(self, into: memoryview) -> int:
+        count = min(len(into), self._ahead_end - self._ahead_at)
+        if count:
+            into[:count] = self._ahead[self._ahead_at:self._ahead_at + count]
+            self._ahead_at += count
+        return count
 
     def _refuse(self, reason: str) -> None:
         self._guard_refused = True
@@ -252,6 +283,8 @@ def guard(sock: AssociationSocket) -> None:
         return
     sock._guard_body = None  # type: ignore[attr-defined]
     sock._guard_refused = False  # type: ignore[attr-defined]
+    sock._ahead = bytearray(READ_AHEAD)  # type: ignore[attr-defined]
+    sock._ahead_at = sock._ahead_end = 0  # type: ignore[attr-defined]
     sock.__class__ = GuardedAssociationSocket
 
 

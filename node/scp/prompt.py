@@ -57,6 +57,7 @@ class PromptDUL(DULServiceProvider):
     _wake_w: socket.socket
     # Takes C-STORE requests off the wire once the association is admitted (direct_store.py).
     store_receiver: DirectStore | None = None
+    _readable = False  # the last _wait_for_work saw the peer's socket readable
 
     def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
                  | P_DATA) -> None:
@@ -75,14 +76,28 @@ class PromptDUL(DULServiceProvider):
         sock = self.socket.socket if self.socket is not None else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes already buffered: select() cannot see them
+        if getattr(self.socket, "read_ahead", 0):
+            return  # the next PDU was read with the last one (pdu_guard)
         watched = [self._wake_r] if sock is None or sock.fileno() < 0 else [self._wake_r, sock]
         try:
             ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
         except (OSError, ValueError):
             return  # the socket closed meanwhile: the loop sees it
+        self._readable = sock is not None and sock in ready
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
+
+    def _is_transport_event(self) -> bool:
+        # As pynetdicom's, without its zero-timeout select() when _wait_for_work has just seen
+        # the socket readable: the bytes stay there until this thread reads them.
+        readable, self._readable = self._readable, False
+        sock = self.socket
+        if readable and sock is not None and sock.socket is not None and sock._is_connected \
+                and self.state_machine.current_state != "Sta13":
+            self._read_pdu_data()
+            return True
+        return super()._is_transport_event()
 
     def run(self) -> None:
         # pynetdicom made the thread's target the base class's run_reactor when it created it.

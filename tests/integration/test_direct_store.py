@@ -17,7 +17,7 @@ from pynetdicom.association import Association
 from sqlalchemy import select
 
 from node.db.models import Instance
-from node.scp import direct_store
+from node.scp import direct_store, prompt
 from node.scp.handlers import ScpHandlers
 from node.storage import files
 from tests import hostile
@@ -116,6 +116,25 @@ def test_pdus_that_arrive_in_pieces_are_read_whole(node: RunningNode) -> None:
     assert int(answer.Status) == 0 and answer.AffectedSOPInstanceUID == sop
     (stored,) = stored_files(node.storage)
     assert stored.read_bytes().endswith(data)
+
+
+def test_stores_sent_back_to_back_in_one_write_are_all_answered_at_once(
+        node: RunningNode, direct_stores: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One receive takes several PDUs off the socket; the DUL serves the ones read ahead
+    without waiting for the socket (which holds no more) or for its idle timer."""
+    monkeypatch.setattr(prompt, "IDLE_WAIT", 60.0)  # longer than the peer waits
+    instances = [instance_bytes() for _ in range(3)]
+    with ct_peer(node) as peer:
+        peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer.send(b"".join(hostile.store_request(data, CTImageStorage, sop, 1, message_id=i + 1)
+                           for i, (sop, data) in enumerate(instances)))
+        answers = [answer for _ in instances for answer in hostile.command_sets(peer.read_pdu())]
+    assert [(int(a.Status), a.AffectedSOPInstanceUID) for a in answers] == \
+        [(0, sop) for sop, _ in instances]
+    assert direct_stores == [sop for sop, _ in instances]
+    for sop, data in instances:
+        (stored,) = [p for p in stored_files(node.storage) if p.stem == sop]
+        assert stored.read_bytes().endswith(data)
 
 
 def test_the_next_temporary_file_is_made_while_the_peer_prepares_its_next_store(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import queue
+import select
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ from node.scp.pdu_guard import (
     ABORT_INVALID_PARAMETER,
     MAX_ASSOCIATE_LENGTH,
     PDU_SLACK,
+    READ_AHEAD,
     GuardedAssociationSocket,
     check_pdu,
     guard,
@@ -95,3 +98,52 @@ def test_guarded_socket_turns_a_timeout_into_a_quiet_close(
     assert len(sock.recv(6)) == 6
     assert sock.recv(100) == b""
     assert "timed out" in caplog.text
+
+
+def test_pdus_read_ahead_are_returned_whole_and_keep_the_socket_ready(
+        pair: tuple[AssociationSocket, socket.socket]) -> None:
+    """One receive takes what the peer sent back to back; pynetdicom's DUL, which asks
+    `ready` (a select) before each PDU, must still see the PDUs that were read ahead."""
+    sock, peer = pair
+    assert isinstance(sock, GuardedAssociationSocket) and sock.socket is not None
+    command = struct.pack(">BBL", 0x04, 0, 10) + bytes(range(10))
+    data = struct.pack(">BBL", 0x04, 0, 3000) + b"d" * 3000
+    release = struct.pack(">BBL", 0x05, 0, 4) + b"\0" * 4
+    peer.sendall(command + data + release)
+    assert wait_readable(sock.socket)
+    assert sock.recv(6) == command[:6]
+    assert select.select([sock.socket], [], [], 0.2)[0] == []  # all taken off the socket
+    assert sock.read_ahead == len(command + data + release) - 6
+    assert sock.ready
+    assert sock.recv(10) == command[6:]
+    assert sock.recv(6) == data[:6] and sock.recv(3000) == data[6:]
+    assert sock.recv(6) == release[:6] and sock.recv(4) == release[6:]
+    assert sock.read_ahead == 0 and not sock.ready
+
+
+def test_a_body_longer_than_the_read_ahead_arrives_whole(
+        pair: tuple[AssociationSocket, socket.socket]) -> None:
+    sock, peer = pair
+    local = sock.assoc.acceptor
+    local.maximum_length = 4 * READ_AHEAD
+    body = bytes(range(256)) * (3 * READ_AHEAD // 256) + b"tail"
+    sender = threading.Thread(target=peer.sendall,
+                              args=(struct.pack(">BBL", 0x04, 0, len(body)) + body + b"next",))
+    sender.start()
+    assert sock.recv(6)[0] == 0x04
+    assert sock.recv(len(body)) == body
+    sender.join()
+    assert sock.recv(4) == b"next"
+
+
+def test_what_arrived_before_the_peer_closed_is_returned_short(
+        pair: tuple[AssociationSocket, socket.socket]) -> None:
+    sock, peer = pair
+    peer.sendall(struct.pack(">BBL", 0x04, 0, 100) + b"x" * 40)
+    peer.close()
+    assert len(sock.recv(6)) == 6
+    assert sock.recv(100) == b"x" * 40  # the DUL sees the short read: connection closed
+
+
+def wait_readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 2)[0])

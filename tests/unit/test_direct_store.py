@@ -173,9 +173,9 @@ def test_a_temporary_file_left_under_the_next_name_is_never_reused(
     left.write_bytes(b"kept")
     receiver = direct_store.DirectStore(None, lambda *_: (0, "", None), tmp_path,
                                         None)  # type: ignore[arg-type]
-    file, path = receiver._new_file()
-    with file:
-        file.write(b"new")
+    fd, path = receiver._new_file()
+    direct_store.write_all(fd, [b"new"])
+    os.close(fd)
     assert path == tmp_path / f"tmp{os.getpid()}-8.dcm"
     assert left.read_bytes() == b"kept" and path.read_bytes() == b"new"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -128,7 +128,7 @@ class GuardedAssociationSocket(AssociationSocket):
     def ready(self) -> bool:
         if self.socket is not None and self._is_connected and self.read_ahead:
             return True  # select() cannot see bytes already taken off the socket
-        return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+        return super().ready
 
     @property
     def read_ahead(self) -> int:

@@ -59,9 +59,10 @@ PDU_SLACK = 64 * 1024
 MAX_ASSOCIATE_LENGTH = 1 << 20
 # A-ASSOCIATE-RJ, A-RELEASE-RQ/-RP and A-ABORT have 4-byte bodies.
 MAX_CONTROL_LENGTH = 1024
-# The most one receive takes off the socket beyond what the DUL asked for (one per
-# association): a small image's command and data PDUs together.
-READ_AHEAD = 64 * 1024
+# The most one receive takes off the socket beyond what the DUL asked for (one buffer per
+# association): a small image's command and data PDUs together. A body of this size or more is
+# read straight into its own buffer, so only this much of a large PDU is copied twice.
+READ_AHEAD = 16 * 1024
 # A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6) / not
 # specified (0).
 ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
@@ -93,7 +94,7 @@ class GuardedAssociationSocket(AssociationSocket):
 
     _guard_body: int | None  # length of the PDU body the DUL reads next, after a header
     _guard_refused: bool
-    _ahead: bytearray  # READ_AHEAD bytes; [_ahead_at:_ahead_end] were read and not returned
+    _ahead: memoryview  # READ_AHEAD bytes; [_ahead_at:_ahead_end] were read, not returned
     _ahead_at: int
     _ahead_end: int
 
@@ -283,7 +284,7 @@ def guard(sock: AssociationSocket) -> None:
         return
     sock._guard_body = None  # type: ignore[attr-defined]
     sock._guard_refused = False  # type: ignore[attr-defined]
-    sock._ahead = bytearray(READ_AHEAD)  # type: ignore[attr-defined]
+    sock._ahead = memoryview(bytearray(READ_AHEAD))  # type: ignore[attr-defined]
     sock._ahead_at = sock._ahead_end = 0  # type: ignore[attr-defined]
     sock.__class__ = GuardedAssociationSocket
 

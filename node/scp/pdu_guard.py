@@ -97,6 +97,9 @@ class GuardedAssociationSocket(AssociationSocket):
     _ahead: memoryview  # READ_AHEAD bytes; [_ahead_at:_ahead_end] were read, not returned
     _ahead_at: int
     _ahead_end: int
+    # The DUL's own wait (prompt.PromptDUL) found the socket readable: the bytes stay there
+    # until the DUL reads them, so `ready` need not ask select() again.
+    seen_readable: bool
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._guard_refused:
@@ -127,8 +130,9 @@ class GuardedAssociationSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        if self.socket is not None and self._is_connected and self.read_ahead:
-            return True  # select() cannot see bytes already taken off the socket
+        seen, self.seen_readable = self.seen_readable, False
+        if self.socket is not None and self._is_connected and (seen or self.read_ahead):
+            return True  # (select() cannot see bytes already taken off the socket)
         return super().ready
 
     @property
@@ -286,6 +290,7 @@ def guard(sock: AssociationSocket) -> None:
     sock._guard_refused = False  # type: ignore[attr-defined]
     sock._ahead = memoryview(bytearray(READ_AHEAD))  # type: ignore[attr-defined]
     sock._ahead_at = sock._ahead_end = 0  # type: ignore[attr-defined]
+    sock.seen_readable = False  # type: ignore[attr-defined]
     sock.__class__ = GuardedAssociationSocket
 
 

@@ -57,7 +57,6 @@ class PromptDUL(DULServiceProvider):
     _wake_w: socket.socket
     # Takes C-STORE requests off the wire once the association is admitted (direct_store.py).
     store_receiver: DirectStore | None = None
-    _readable = False  # the last _wait_for_work saw the peer's socket readable
 
     def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
                  | P_DATA) -> None:
@@ -83,21 +82,13 @@ class PromptDUL(DULServiceProvider):
             ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
         except (OSError, ValueError):
             return  # the socket closed meanwhile: the loop sees it
-        self._readable = sock is not None and sock in ready
+        if sock is not None and sock in ready and self.socket is not None:
+            # pynetdicom's _is_transport_event asks the socket's `ready` next, a select() of
+            # its own; pdu_guard's socket answers from this instead.
+            self.socket.seen_readable = True  # type: ignore[attr-defined]
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
-
-    def _is_transport_event(self) -> bool:
-        # As pynetdicom's, without its zero-timeout select() when _wait_for_work has just seen
-        # the socket readable: the bytes stay there until this thread reads them.
-        readable, self._readable = self._readable, False
-        sock = self.socket
-        if readable and sock is not None and sock.socket is not None and sock._is_connected \
-                and self.state_machine.current_state != "Sta13":
-            self._read_pdu_data()
-            return True
-        return super()._is_transport_event()
 
     def run(self) -> None:
         # pynetdicom made the thread's target the base class's run_reactor when it created it.

@@ -119,16 +119,25 @@ _DEMOGRAPHICS = (("PatientName", "patient_name"), ("PatientID", "patient_id"),
 _FIND_INSTANCE = Prepared(select(_instances.c.id, _instances.c.path)
                           .where(_instances.c.partition_id == bindparam("partition_id"),
                                  _instances.c.sop_instance_uid == bindparam("sop_uid")))
+# An instance of an existing study, the usual case, is looked up in one statement: the study
+# row, its series' key and whether the SOP Instance UID is indexed already. Each statement
+# is a round of the DBAPI's execution and of the GIL, inside the node's one write lock.
 # FOR UPDATE (PostgreSQL; SQLite has one writer anyway): concurrent associations adding to the
 # same study must not lose each other's counter and modality updates.
-_FIND_STUDY = Prepared(select(_studies.c.id, _studies.c.modalities,
-                              *(_studies.c[column] for _, column in _DEMOGRAPHICS))
-                       .where(_studies.c.partition_id == bindparam("partition_id"),
-                              _studies.c.study_instance_uid == bindparam("study_uid"))
-                       .with_for_update())
-_FIND_SERIES = Prepared(select(_series.c.id)
-                        .where(_series.c.study_pk == bindparam("study_pk"),
-                               _series.c.series_instance_uid == bindparam("series_uid")))
+_FIND_STUDY = Prepared(
+    select(_studies.c.id, _studies.c.modalities,
+           *(_studies.c[column] for _, column in _DEMOGRAPHICS),
+           select(_series.c.id)
+           .where(_series.c.study_pk == _studies.c.id,
+                  _series.c.series_instance_uid == bindparam("series_uid"))
+           .scalar_subquery(),
+           select(_instances.c.id)
+           .where(_instances.c.partition_id == bindparam("partition_id"),
+                  _instances.c.sop_instance_uid == bindparam("sop_uid"))
+           .scalar_subquery())
+    .where(_studies.c.partition_id == bindparam("partition_id"),
+           _studies.c.study_instance_uid == bindparam("study_uid"))
+    .with_for_update(of=_studies))
 _FIND_PATIENT = Prepared(select(_patients.c.id)
                          .where(_patients.c.partition_id == bindparam("partition_id"),
                                 _patients.c.patient_id == bindparam("patient_id"),
@@ -158,7 +167,7 @@ def find_instance(session: Session | Connection, partition_id: int, sop_uid: str
     return StoredInstance(row[0], row[1]) if row is not None else None
 
 
-def add_instance(
+def index_instance(
     session: Session | Connection,
     partition_id: int,
     attrs: InstanceAttributes,
@@ -168,27 +177,34 @@ def add_instance(
     transfer_syntax: str,
     calling_ae: str,
     now: datetime | None = None,
-) -> StoredStudy:
-    """Insert the instance (and its patient/study/series when new); returns its study.
+) -> StoredStudy | StoredInstance:
+    """Insert the instance (and its patient/study/series when new) and return its study; or,
+    when the partition holds its SOP Instance UID already, change nothing and return that.
 
     The study's demographics are those the study had before this instance, so the caller can
     compare them with the instance's own (study matching).
     """
     conn = _connection(session)
-    now = now or utcnow()
+    sop_uid = attrs["SOPInstanceUID"]
     study = _FIND_STUDY.run(conn, {"partition_id": partition_id,
-                                   "study_uid": attrs["StudyInstanceUID"]}).fetchone()
+                                   "study_uid": attrs["StudyInstanceUID"],
+                                   "series_uid": attrs["SeriesInstanceUID"],
+                                   "sop_uid": sop_uid}).fetchone()
+    if study is None or study[-1] is not None:
+        # Indexed already (possibly under another study): the row, with its path.
+        existing = find_instance(conn, partition_id, sop_uid)
+        if existing is not None:
+            return existing
+    now = now or utcnow()
     if study is None:
         study_pk = _insert_study(conn, partition_id, attrs, now)
         stored = {keyword: attrs[keyword] for keyword, _ in _DEMOGRAPHICS}
         modalities = ""
+        series_pk = None
     else:
-        study_pk, modalities = study[0], study[1]
-        stored = {keyword: value for (keyword, _), value in zip(_DEMOGRAPHICS, study[2:],
+        study_pk, modalities, series_pk = study[0], study[1], study[-2]
+        stored = {keyword: value for (keyword, _), value in zip(_DEMOGRAPHICS, study[2:-2],
                                                                  strict=True)}
-    series = _FIND_SERIES.run(conn, {"study_pk": study_pk,
-                                     "series_uid": attrs["SeriesInstanceUID"]}).fetchone()
-    series_pk = series[0] if series is not None else None
     new_series = series_pk is None
     if new_series:
         series_pk = _insert(conn, _series, {
@@ -204,7 +220,7 @@ def add_instance(
                             "modalities": modalities, "now": now})
     instance_pk = _insert(conn, _instances, {
         "partition_id": partition_id, "series_pk": series_pk,
-        "sop_instance_uid": attrs["SOPInstanceUID"], "sop_class_uid": attrs["SOPClassUID"],
+        "sop_instance_uid": sop_uid, "sop_class_uid": attrs["SOPClassUID"],
         "instance_number": attrs["InstanceNumber"], "transfer_syntax_uid": transfer_syntax,
         "path": relpath, "size": size, "calling_ae_title": calling_ae, "received_at": now})
     return StoredStudy(study_pk, stored, study is None, instance_pk)

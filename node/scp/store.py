@@ -30,10 +30,9 @@ from node.db.indexer import (
     InstanceAttributes,
     StoredInstance,
     StoredStudy,
-    add_instance,
     attributes,
     extract,
-    find_instance,
+    index_instance,
 )
 from node.db.models import DuplicatePolicy, ForwardJob, IntegrityItem, IntegrityKind, JobState
 from node.forwarding.routing import Received, Route, destinations
@@ -249,12 +248,11 @@ class Ingest:
         for _ in range(_INDEX_ATTEMPTS):
             try:
                 with self.db.write() as conn:
-                    existing = find_instance(conn, partition.id, attrs["SOPInstanceUID"])
-                    if existing is not None:
-                        return existing
-                    study = add_instance(conn, partition.id, attrs, relpath=relpath,
-                                         size=size, transfer_syntax=transfer_syntax,
-                                         calling_ae=peer.calling_ae)
+                    study = index_instance(conn, partition.id, attrs, relpath=relpath,
+                                           size=size, transfer_syntax=transfer_syntax,
+                                           calling_ae=peer.calling_ae)
+                    if isinstance(study, StoredInstance):
+                        return study
                     if not placed:
                         # Not indexed (this transaction holds the new row): what is there is an
                         # earlier crash's orphan, or the link of a store that lost the race.

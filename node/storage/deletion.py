@@ -29,7 +29,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from node.db.database import Database
-from node.db.indexer import INDEX_TAGS, add_instance, extract, find_instance
+from node.db.indexer import INDEX_TAGS, StoredInstance, extract, index_instance
 from node.db.models import DeletedStudy, Instance, Partition, Patient, Series, Study
 from node.storage import files
 from node.storage.paths import instance_relpath, is_valid_uid
@@ -145,15 +145,14 @@ def restore(db: Database, root: Path, deleted_id: int) -> tuple[str, int, int]:
             if not all(is_valid_uid(attrs[k]) for k in
                        ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
                 raise DeletionError(f"{held} does not hold valid UIDs")
-            if find_instance(session, partition.id, attrs["SOPInstanceUID"]) is not None:
-                skipped += 1
-                continue
             relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
                                        attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
-            add_instance(session, partition.id, attrs, relpath=relpath,
-                         size=held.stat().st_size,
-                         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
-                         calling_ae="")
+            if isinstance(index_instance(
+                    session, partition.id, attrs, relpath=relpath, size=held.stat().st_size,
+                    transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+                    calling_ae=""), StoredInstance):
+                skipped += 1
+                continue
             # A link, so the held copy stays until the commit: a crash before it leaves the
             # deleted study as it was (the linked file is an unindexed orphan that the next
             # store of that instance replaces).

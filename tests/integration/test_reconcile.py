@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from node import config
 from node.db.database import Database
-from node.db.indexer import add_instance, extract
+from node.db.indexer import extract, index_instance
 from node.db.models import Instance, Partition
 from node.service import Node, ensure_bootstrap_partition, open_database
 from node.storage import files
@@ -43,8 +43,8 @@ def _temporary(incoming: Path, ds: Dataset, name: str) -> Path:
 
 def _index(db: Database, partition_id: int, ds: Dataset, relpath: str, size: int = 1) -> None:
     with db.transaction() as session:
-        add_instance(session, partition_id, extract(ds), relpath=relpath, size=size,
-                     transfer_syntax=str(ds.file_meta.TransferSyntaxUID), calling_ae="CT1")
+        index_instance(session, partition_id, extract(ds), relpath=relpath, size=size,
+                       transfer_syntax=str(ds.file_meta.TransferSyntaxUID), calling_ae="CT1")
 
 
 def _settings(tmp_path: Path, db_url: str) -> config.Settings:

@@ -85,6 +85,25 @@ def test_duplicate_reject_answers_failure(node: RunningNode, tmp_path: Path) -> 
     assert incoming_emptied(node.storage)
 
 
+def test_an_instance_sent_again_under_another_study_is_a_duplicate_and_changes_no_study(
+        node: RunningNode) -> None:
+    result = node.cli("partition", "edit", "PACSNODE", "--duplicate-policy", "reject")
+    assert result.exit_code == 0, result.output
+    first, other = make_instance(), make_instance()
+    assert statuses(store(node.port, [first, other])) == [0, 0]
+    # The same SOP Instance UID, once under the other (indexed) study, once under a new one.
+    again = [make_instance(study_uid=study, series_uid=uid(), sop_uid=first.SOPInstanceUID)
+             for study in (other.StudyInstanceUID, uid())]
+    answers = store(node.port, again)
+    assert [int(rsp.Status) for rsp in answers] == [0x0111, 0x0111]
+    assert all("duplicate" in rsp.ErrorComment for rsp in answers)
+    assert (count(node, Study), count(node, Series), count(node, Instance)) == (2, 2, 2)
+    with node.db.session() as s:
+        assert sorted(s.scalars(select(Study.num_instances))) == [1, 1]
+        assert sorted(s.scalars(select(Series.num_instances))) == [1, 1]
+    assert incoming_emptied(node.storage)
+
+
 def test_duplicate_compare_records_differences(node: RunningNode, tmp_path: Path) -> None:
     stored, dup = _duplicate_setup(node, "compare", tmp_path)
     before = stored.read_bytes()

@@ -74,6 +74,9 @@ class DicomSettings:
     # process runs its Python code on one core at a time, so on a machine with more cores,
     # associations spread over several receive faster together. 0: one per CPU core.
     association_processes: int = 1
+    # With one association process per CPU: a process serving two or more associations at
+    # once keeps their receiving threads on a CPU of its own (scp/affinity.py).
+    cpu_affinity: bool = True
 
     def processes(self) -> int:
         """How many processes serve associations (association_processes, 0 resolved)."""

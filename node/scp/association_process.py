@@ -67,7 +67,8 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
     server = DicomServer(settings, db, ingest,
                          QueryRetrieve(db, settings, storage, activity),
                          StorageCommitment(settings, db, storage, activity), activity,
-                         admissions=admissions, dispatcher=served)
+                         admissions=admissions, dispatcher=served,
+                         process_number=number)
     tune_process()
     channel.send("ready")
     grace = settings.node.shutdown_grace_seconds

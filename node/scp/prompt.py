@@ -15,7 +15,8 @@ as it is decoded. Both still wake every `IDLE_WAIT` to check their timers.
 pynetdicom has no hook for either loop, so these subclasses replace `run_reactor` and
 `_run_reactor` with the same steps in the same order, only the sleep changed; `prompt` (an
 EVT_CONN_OPEN handler, run before either thread starts on an accepted connection) swaps the
-classes. Written against pynetdicom 3.0; the association tests exercise every exit of both
+classes, and gives the DUL thread its server's `affinity.ReceiverPinning`. Written against
+pynetdicom 3.0; the association tests exercise every exit of both
 loops (release, abort, peer gone, network timeout).
 """
 
@@ -29,6 +30,7 @@ import socket
 import ssl
 import struct
 import threading
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -37,6 +39,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT as A_ABORT_PRIMITIVE
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
 
+from node.scp.affinity import ReceiverPinning
 from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class PromptDUL(DULServiceProvider):
     _wake_w: socket.socket
     # Takes C-STORE requests off the wire once the association is admitted (direct_store.py).
     store_receiver: DirectStore | None = None
+    _pinning: ReceiverPinning
 
     def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
                  | P_DATA) -> None:
@@ -92,7 +96,8 @@ class PromptDUL(DULServiceProvider):
 
     def run(self) -> None:
         # pynetdicom made the thread's target the base class's run_reactor when it created it.
-        self.run_reactor()
+        with self._pinning.running():
+            self.run_reactor()
 
     def run_reactor(self) -> None:
         try:
@@ -262,7 +267,7 @@ def wake_reactor(dul: DULServiceProvider) -> None:
         wake.set()
 
 
-def prompt(event: evt.Event) -> None:
+def prompt(event: evt.Event, pinning: ReceiverPinning) -> None:
     """EVT_CONN_OPEN handler for accepted connections: before the association's threads start,
     make them wait for work instead of polling."""
     assoc = event.assoc
@@ -274,8 +279,11 @@ def prompt(event: evt.Event) -> None:
     dul._wake_r.setblocking(False)  # type: ignore[attr-defined]
     dul._wake_w.setblocking(False)  # type: ignore[attr-defined]
     dul.__class__ = PromptDUL
+    dul._pinning = pinning  # type: ignore[attr-defined]
     assoc._prompt_wake = threading.Event()  # type: ignore[attr-defined]
     assoc.__class__ = PromptAssociation
 
 
-HANDLERS = [(evt.EVT_CONN_OPEN, prompt)]
+def handlers(pinning: ReceiverPinning) -> list[Any]:
+    """The event handlers of a server whose DUL threads `pinning` places."""
+    return [(evt.EVT_CONN_OPEN, prompt, [pinning])]

@@ -30,6 +30,7 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
 from node.scp import pdu_guard, prompt
+from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.scp.commitment import StorageCommitment
 from node.scp.handlers import ScpHandlers
 from node.scp.listener import (
@@ -122,10 +123,11 @@ class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
                  qr: QueryRetrieve, commitment: StorageCommitment,
                  activity: ActivityLog | None, *, admissions: Admissions,
-                 dispatcher: Dispatcher | None = None) -> None:
+                 dispatcher: Dispatcher | None = None, process_number: int = 0) -> None:
         """`admissions`: where associations are counted against the node's limits (one
         registry for all the node's processes); `dispatcher`: spreads accepted connections
-        over the node's association processes (None: all served here)."""
+        over the node's association processes (None: all served here); `process_number`:
+        which of them this is (0: the main process)."""
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
@@ -135,6 +137,9 @@ class DicomServer:
         self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor,
                                     activity, admissions)
         self.dispatcher = dispatcher
+        self.pinning = ReceiverPinning(process_cpu(
+            process_number, settings.dicom.processes(), PROCESS_CPUS,
+            settings.dicom.cpu_affinity))
         self.listeners: dict[Listen, ScreeningAssociationServer] = {}
         self._adopters: dict[Listen, AdoptingAssociationServer] = {}
         self._adopters_lock = threading.Lock()
@@ -181,7 +186,7 @@ class DicomServer:
         server = self.ae.make_server(
             (self.settings.node.listen_host, listen.port),
             evt_handlers=[*self.handlers.for_port(listen.port, listen.tls), *pdu_guard.HANDLERS,
-                          *prompt.HANDLERS],
+                          *prompt.handlers(self.pinning)],
             server_class=server_class,
             ssl_context=self.ssl_context if listen.tls else None,
         )

@@ -1,12 +1,14 @@
 """Several processes serving one node's associations (`dicom.association_processes`): the
 connections are spread over them, the node's limits hold over all of them, forwarding hears
-of what any of them stored, one that dies is started again, and they stop with the node."""
+of what any of them stored, one that dies is started again, they stop with the node, and with
+one per CPU each keeps its receiving threads on its own CPU while it serves two or more."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from node.db.models import Instance
+from node.scp.affinity import PROCESS_CPUS
+from node.scp.prompt import PromptDUL
 from tests.conftest import RunningNode, dcmtk_env, stored_files, wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import make_instance, write_study
@@ -145,3 +149,48 @@ def test_a_process_that_dies_is_started_again_and_stops_with_the_node(
     node.node.stop()
     assert not alive(new_pid)
     assert not alive(first_pid)
+
+
+def restricted_threads(pid: int) -> list[set[int]]:
+    """The CPUs of each thread of process `pid` that may not run on all the node's CPUs."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cpus = os.sched_getaffinity(int(tid))
+        except ProcessLookupError:
+            continue  # ended meanwhile
+        if cpus != PROCESS_CPUS:
+            found.append(cpus)
+    return found
+
+
+def receivers_here() -> list[set[int]]:
+    """The CPUs of this (the main) process's DUL threads of accepted associations."""
+    return [os.sched_getaffinity(t.native_id) for t in threading.enumerate()
+            if isinstance(t, PromptDUL) and t.is_alive() and t.native_id is not None]
+
+
+@SQLITE_ONLY
+@pytest.mark.skipif(len(PROCESS_CPUS) < 2, reason="one process per CPU is one process here")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_with_one_process_per_cpu_each_keeps_its_receivers_on_its_own_cpu(
+        make_node: object, enabled: bool) -> None:
+    cpus = sorted(PROCESS_CPUS)
+    node: RunningNode = make_node(  # type: ignore[operator]
+        f"[dicom]\nassociation_processes = 0\ncpu_affinity = {str(enabled).lower()}\n")
+    processes = node.node.processes
+    assert processes is not None and len(processes.pids()) == len(cpus) - 1
+    # The main process serves the first, each other process the next, and so on: two each.
+    held = [associate(node.port, contexts=[Verification]) for _ in range(2 * len(cpus))]
+    try:
+        assert all(a.is_established for a in held)
+        assert wait_for(lambda: sorted(map(sorted, receivers_here())) == (
+            [[cpus[0]]] * 2 if enabled else [cpus, cpus]))
+        for number, pid in processes.pids().items():
+            assert wait_for(lambda pid=pid, number=number: restricted_threads(pid) == (
+                [{cpus[number]}] * 2 if enabled else []))
+        # Down to one association, the main process leaves its receiver to the scheduler.
+        held.pop(0).release()
+        assert wait_for(lambda: receivers_here() == [set(PROCESS_CPUS)])
+    finally:
+        release_all(held)

@@ -8,10 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
@@ -78,9 +80,7 @@ class Connection:
     def _covers(self, jobs: list[Job]) -> bool:
         if not self.is_open:
             return False
-        assert self.assoc is not None
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                    for cx in self.assoc.accepted_contexts}
+        accepted = self._accepted()
         for job in jobs:
             syntaxes = [job.transfer_syntax, *UNCOMPRESSED]
             if not any((job.sop_class, ts) in accepted for ts in syntaxes):
@@ -154,30 +154,44 @@ class Connection:
     def _send_one(self, job: Job) -> str:
         """'done', 'retry:<why>', 'fail:<why>' or 'broken:<why>'."""
         assert self.assoc is not None
-        try:
-            # Untouched elements are written back byte for byte; pixel data stays undecoded.
-            ds: Dataset = dcmread(job.path, defer_size="1 MB")
-        except FileNotFoundError:
-            return f"fail:stored file {job.path} is missing"
-        except (OSError, ValueError) as exc:
-            return f"fail:cannot read {job.path}: {exc}"
-        if self.target.remove_private_tags:
-            ds.remove_private_tags()
-        if not self._has_context(job):
+        if not self.target.remove_private_tags and self._accepts_as_stored(job):
+            # pynetdicom sends the data set straight from the file, in PDU-sized reads after
+            # its file meta (server.configure_pynetdicom), with nothing decoded or encoded: a
+            # CT image's dataset written by pydicom and copied into PDUs cost the forwarder
+            # most of its CPU.
+            sent: Dataset | Path = job.path
+        else:
             try:
-                ds.decompress()
-            except Exception as exc:
-                return (f"fail:{self.target.name} accepts no context for {job.sop_class} in "
-                        f"{job.transfer_syntax} or uncompressed, and it cannot be "
-                        f"decompressed here: {exc}")
+                # Untouched elements are written back byte for byte; pixel data stays
+                # undecoded.
+                ds: Dataset = dcmread(job.path, defer_size="1 MB")
+            except FileNotFoundError:
+                return f"fail:stored file {job.path} is missing"
+            except (OSError, ValueError) as exc:
+                return f"fail:cannot read {job.path}: {exc}"
+            if self.target.remove_private_tags:
+                ds.remove_private_tags()
+            if not self._has_context(job):
+                try:
+                    ds.decompress()
+                except Exception as exc:
+                    return (f"fail:{self.target.name} accepts no context for {job.sop_class} "
+                            f"in {job.transfer_syntax} or uncompressed, and it cannot be "
+                            f"decompressed here: {exc}")
+            sent = ds
         if not self.assoc.is_established:
             # The destination aborted or went away after answering the job before: the job
             # itself is fine, the association is not.
             return "broken:the association ended (aborted or connection lost)"
         try:
-            rsp = self.assoc.send_c_store(ds)
+            rsp = self.assoc.send_c_store(sent)
         except RuntimeError as exc:  # pynetdicom: the association ended as we began
             return f"broken:{exc}"
+        except FileNotFoundError:
+            return f"fail:stored file {job.path} is missing"
+        except (OSError, InvalidDicomError, AttributeError) as exc:
+            # AttributeError: pynetdicom names the file meta elements the file lacks.
+            return f"fail:cannot read {job.path}: {exc}"
         except ValueError as exc:  # no context for it, or it cannot be encoded
             return f"fail:{exc}"
         if "Status" not in rsp:
@@ -187,13 +201,20 @@ class Connection:
             return "done"
         return f"retry:destination answered 0x{status:04X} {rsp.get('ErrorComment', '')}".strip()
 
-    def _has_context(self, job: Job) -> bool:
+    def _accepted(self) -> set[tuple[str, str]]:
+        """(SOP class, transfer syntax) of each context the destination accepted."""
         assert self.assoc is not None
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                    for cx in self.assoc.accepted_contexts}
-        if (job.sop_class, job.transfer_syntax) in accepted:
+        return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in self.assoc.accepted_contexts}
+
+    def _accepts_as_stored(self, job: Job) -> bool:
+        return (job.sop_class, job.transfer_syntax) in self._accepted()
+
+    def _has_context(self, job: Job) -> bool:
+        if self._accepts_as_stored(job):
             return True
         # pynetdicom converts between the uncompressed syntaxes itself.
+        accepted = self._accepted()
         return job.transfer_syntax in UNCOMPRESSED and any(
             (job.sop_class, ts) in accepted for ts in UNCOMPRESSED)
 

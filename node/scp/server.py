@@ -62,6 +62,8 @@ def configure_pynetdicom() -> None:
     # Datasets are streamed to a temporary file as they arrive; we fsync and link it into place
     # instead of decoding and re-encoding it.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # And a stored file given to send_c_store by its path (forwarding) is sent from its bytes.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     # The standard handlers log every PDU under a lock shared by the whole AE.
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from node.forwarding.queue import Job
 from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
+from node.scp.prompt import prompt_requestor
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
 from node.scu.tuning import CONNECTION_HANDLERS
 
@@ -102,7 +103,7 @@ class Connection:
         extra = [build_context(StorageCommitmentPushModel)] if t.storage_commitment else []
         contexts = [build_context(Verification), *extra,
                     *sub_operation_contexts(self.pairs, list(t.extra_syntaxes))][:128]
-        handlers: list[Any] = list(CONNECTION_HANDLERS)
+        handlers: list[Any] = [*CONNECTION_HANDLERS, (evt.EVT_CONN_OPEN, prompt_requestor)]
         if self.on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self.on_report))
         roles = ([build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]

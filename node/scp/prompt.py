@@ -30,6 +30,7 @@ import socket
 import ssl
 import struct
 import threading
+import weakref
 from typing import Any
 
 from pynetdicom import evt
@@ -51,16 +52,14 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 0.1
 
 
-class PromptDUL(DULServiceProvider):
-    """A DUL thread that blocks until the socket is readable or a primitive is queued."""
+class _WaitsForWork(DULServiceProvider):
+    """What both prompt DULs share: a wake-up socket pair that queued primitives and a kill
+    write to, and a wait in select() on it and on the peer's socket."""
 
     # A socket pair, not a pipe: a closed socket object refuses writes, where a closed pipe's
     # file descriptor number could meanwhile belong to another file.
     _wake_r: socket.socket
     _wake_w: socket.socket
-    # Takes C-STORE requests off the wire once the association is admitted (direct_store.py).
-    store_receiver: DirectStore | None = None
-    _pinning: ReceiverPinning
 
     def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
                  | P_DATA) -> None:
@@ -93,6 +92,20 @@ class PromptDUL(DULServiceProvider):
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
+
+
+def _add_wake_pair(dul: DULServiceProvider) -> None:
+    dul._wake_r, dul._wake_w = socket.socketpair()  # type: ignore[attr-defined]
+    dul._wake_r.setblocking(False)  # type: ignore[attr-defined]
+    dul._wake_w.setblocking(False)  # type: ignore[attr-defined]
+
+
+class PromptDUL(_WaitsForWork):
+    """A DUL thread that blocks until the socket is readable or a primitive is queued."""
+
+    # Takes C-STORE requests off the wire once the association is admitted (direct_store.py).
+    store_receiver: DirectStore | None = None
+    _pinning: ReceiverPinning
 
     def run(self) -> None:
         # pynetdicom made the thread's target the base class's run_reactor when it created it.
@@ -275,9 +288,7 @@ def prompt(event: evt.Event, pinning: ReceiverPinning) -> None:
             or assoc.dul.is_alive():
         return  # already running (a requestor's DUL starts before it connects)
     dul = assoc.dul
-    dul._wake_r, dul._wake_w = socket.socketpair()  # type: ignore[attr-defined]
-    dul._wake_r.setblocking(False)  # type: ignore[attr-defined]
-    dul._wake_w.setblocking(False)  # type: ignore[attr-defined]
+    _add_wake_pair(dul)
     dul.__class__ = PromptDUL
     dul._pinning = pinning  # type: ignore[attr-defined]
     assoc._prompt_wake = threading.Event()  # type: ignore[attr-defined]
@@ -287,3 +298,39 @@ def prompt(event: evt.Event, pinning: ReceiverPinning) -> None:
 def handlers(pinning: ReceiverPinning) -> list[Any]:
     """The event handlers of a server whose DUL threads `pinning` places."""
     return [(evt.EVT_CONN_OPEN, prompt, [pinning])]
+
+
+class PromptRequestorDUL(_WaitsForWork):
+    """The DUL of an association the node requests (forwarding), waiting for work as PromptDUL
+    does.
+
+    Its thread was started before it connected and runs pynetdicom's own loop, which sleeps
+    `_run_loop_delay` (1 ms) after every turn with nothing to do: up to a millisecond before a
+    queued request goes out and another before its response is read. With the delay at 0, the
+    loop's look at the socket (`_is_transport_event`, asked on every turn that sent nothing)
+    waits in select() instead, while nothing is queued for it to do.
+    """
+
+    def _is_transport_event(self) -> bool:
+        if self.event_queue.empty() and self.to_provider_queue.empty() \
+                and not self._kill_thread:
+            self._wait_for_work()
+        return super()._is_transport_event()
+
+
+def prompt_requestor(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for associations the node requests: pynetdicom triggers it in the
+    DUL thread as the connection opens, so the class changes under no other thread's feet."""
+    dul = event.assoc.dul
+    if type(dul) is not DULServiceProvider:
+        return
+    _add_wake_pair(dul)
+    # The loop is pynetdicom's, with no end to hook: the pair is closed with the DUL object.
+    weakref.finalize(dul, _close_all, dul._wake_r, dul._wake_w)  # type: ignore[attr-defined]
+    dul._run_loop_delay = 0
+    dul.__class__ = PromptRequestorDUL
+
+
+def _close_all(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        sock.close()

@@ -1,6 +1,6 @@
 """One forwarding association: when the destination ends it, the job waiting to be sent is
 tried again later (its data is fine); no response is lost to pynetdicom's reactor, and none
-is taken for the answer to a later request."""
+is taken for the answer to a later request; idle, its DUL thread waits instead of polling."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from node.forwarding.queue import Job
 from node.forwarding.sender import Connection, Target
+from node.scp import prompt
+from node.scp.prompt import PromptRequestorDUL
 from tests.conftest import wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import write_study
@@ -137,6 +139,43 @@ def test_a_stray_response_between_requests_is_not_the_next_ones_answer(tmp_path:
         result = connection.send([second])
         assert result.done == [] and [why for _, why in result.retry] == [
             "destination answered 0xA700"], result
+    finally:
+        connection.close()
+        dest.stop()
+
+
+def test_an_idle_forwarding_association_waits_for_work_instead_of_polling(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    turns = {"waits": 0, "looks": 0}
+    wait, look = PromptRequestorDUL._wait_for_work, PromptRequestorDUL._is_transport_event
+
+    def counted_wait(self: PromptRequestorDUL) -> None:
+        turns["waits"] += 1
+        wait(self)
+
+    def counted_look(self: PromptRequestorDUL) -> bool:
+        turns["looks"] += 1
+        return look(self)
+
+    monkeypatch.setattr(PromptRequestorDUL, "_wait_for_work", counted_wait)
+    monkeypatch.setattr(PromptRequestorDUL, "_is_transport_event", counted_look)
+    dest = CountingSCP().start()
+    connection = Connection(target(dest.port))
+    try:
+        first, second = (job(n, path) for n, path in enumerate(write_study(tmp_path, 2), 1))
+        assert connection.send([first]).done == [1]
+        assert connection.assoc is not None
+        assert type(connection.assoc.dul) is PromptRequestorDUL
+        before = dict(turns)
+        time.sleep(0.5)
+        # pynetdicom's loop, with its delay at 0 and no wait, would turn thousands of times;
+        # this one looks at the socket once per wait, a wait per IDLE_WAIT while idle.
+        looks = turns["looks"] - before["looks"]
+        assert looks <= 0.5 / prompt.IDLE_WAIT * 1.5
+        assert turns["waits"] - before["waits"] >= looks - 1
+        # The next batch goes out on the same association.
+        assert connection.send([second]).done == [2]
+        assert sorted(dest.received) == sorted([first.sop_instance, second.sop_instance])
     finally:
         connection.close()
         dest.stop()

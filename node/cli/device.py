@@ -72,7 +72,8 @@ ForwardRule = Annotated[list[str] | None, typer.Option(
 ClearForwardRules = Annotated[bool, typer.Option("--clear-forward-rules",
                                                  help="Forward everything again.")]
 MaxTasks = Annotated[int | None, typer.Option(
-    "--max-tasks", help="Most associations the node opens to the device at once.")]
+    "--max-tasks", help="Most associations the node opens to the device at once (new "
+    "devices: 2).")]
 MaxInbound = Annotated[int | None, typer.Option(
     "--max-inbound", help="Most associations the device may hold open to this node at once "
     "(0: the node's dicom.max_associations_per_device).")]

@@ -145,7 +145,9 @@ class Device(Base):
     # it, or what forward_rules select); VIEWER devices only what their rules select.
     forward: Mapped[bool] = mapped_column(Boolean, default=True)
     forward_rules: Mapped[str] = mapped_column(Text, default="")
-    max_outbound_tasks: Mapped[int] = mapped_column(Integer, default=1)
+    # Sender tasks (associations) at once: one could not keep up with a fast modality's CT
+    # burst into the node (bench/forward.py), two do.
+    max_outbound_tasks: Mapped[int] = mapped_column(Integer, default=2)
     # Associations the device may hold open to this node at once (seed 004); 0: the node's
     # [dicom] max_associations_per_device.
     max_inbound_associations: Mapped[int] = mapped_column(Integer, default=0,

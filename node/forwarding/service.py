@@ -26,6 +26,16 @@ from node.tls import endpoint
 log = logging.getLogger(__name__)
 
 
+def may_start_task(busy: int, limit: int | None, waiting: int, batch_size: int) -> bool:
+    """Whether a device with `busy` sender tasks running gets another: below its limit (None:
+    not known yet), and beyond the first only for a backlog, a batch or more of due jobs that
+    no task holds. A trickle of stores keeps one association; a burst that outruns it opens
+    the next."""
+    if limit is not None and busy >= limit:
+        return False
+    return busy == 0 or waiting >= batch_size
+
+
 class Forwarder:
     """Claims due jobs per destination and sends them, never exceeding a device's
     max_outbound_tasks or its category's max_connections (open associations, in this node)."""
@@ -42,6 +52,7 @@ class Forwarder:
         self._connections: dict[int, list[Connection]] = {}  # device id -> open or idle
         self._busy: set[int] = set()  # id() of connections a task is using
         self._category_of: dict[int, int | None] = {}  # device id -> its category now
+        self._max_tasks: dict[int, int] = {}  # device id -> its sender task limit, as last read
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -88,16 +99,26 @@ class Forwarder:
             self._wake.clear()
 
     def _dispatch(self) -> None:
+        with self._lock:
+            if len(self._busy) >= self.f.workers:
+                return  # a task that ends wakes this loop again
         due = queue.due_devices(self.db, self.f.lease_seconds)
-        if not due:
+        # Every store queues jobs and wakes this loop; a device that gets no new task now
+        # (see may_start_task) gets its next one when a running one ends (which wakes the
+        # loop), so its settings are not read again for each store meanwhile. (A limit raised
+        # meanwhile is seen then.)
+        ready = [device_id for device_id in due
+                 if may_start_task(self._busy_tasks(device_id), self._max_tasks.get(device_id),
+                                   due[device_id], self.f.batch_size)]
+        if not ready:
             return
-        targets = self._targets(list(due))
-        for device_id in due:
+        targets = self._targets(ready)
+        for device_id in ready:
             target_limits = targets.get(device_id)
             if target_limits is None:
                 continue  # disabled or deleted: its jobs wait
             target, max_tasks, category = target_limits
-            connection = self._acquire(target, max_tasks, category)
+            connection = self._acquire(target, max_tasks, category, due[device_id])
             if connection is None:
                 continue
             self._pool.submit(self._run, connection)
@@ -137,10 +158,16 @@ class Forwarder:
                 out[device.id] = (target, max(1, device.max_outbound_tasks), category)
         return out
 
-    def _acquire(self, target: Target, max_tasks: int, category: tuple[int, int] | None
-                 ) -> Connection | None:
-        """An idle connection of the device, or a new one if its limits allow; else None."""
+    def _busy_tasks(self, device_id: int) -> int:
         with self._lock:
+            return sum(1 for c in self._connections.get(device_id, []) if id(c) in self._busy)
+
+    def _acquire(self, target: Target, max_tasks: int, category: tuple[int, int] | None,
+                 waiting: int) -> Connection | None:
+        """An idle connection of the device, or a new one if its limits allow and `waiting`
+        (its due jobs no task holds) calls for it; else None."""
+        with self._lock:
+            self._max_tasks[target.device_id] = max_tasks
             if len(self._busy) >= self.f.workers:
                 return None
             self._category_of[target.device_id] = category[0] if category else None
@@ -162,7 +189,7 @@ class Forwarder:
                     connection.target = target  # settings may have changed
                     self._busy.add(id(connection))
                     return connection
-            if len(mine) >= max_tasks:
+            if not may_start_task(len(mine), max_tasks, waiting, self.f.batch_size):
                 return None
             if category is not None and in_category >= category[1]:
                 # Full: an idle connection of another member makes room (idle heartbeat

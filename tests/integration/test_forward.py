@@ -81,6 +81,20 @@ def test_heartbeat_association_is_reused_across_studies(make_node: object) -> No
         dest.stop()
 
 
+def test_a_backlog_opens_a_second_association_by_default_and_never_a_third(
+        make_node: object) -> None:
+    node = make_node(FAST + "batch_size = 2\n")  # type: ignore[operator]
+    dest = CountingSCP(delay=0.05).start()  # slower than the stores arrive
+    try:
+        backup(node, dest)  # no --max-tasks: the default
+        assert statuses(store(node.port, [make_instance() for _ in range(16)])) == [0] * 16
+        assert wait_for(lambda: all_done(node, 16), timeout=60)
+        assert dest.max_open == 2
+        assert sorted(dest.received) == sorted(set(dest.received)) and len(dest.received) == 16
+    finally:
+        dest.stop()
+
+
 def test_without_heartbeat_each_batch_has_its_own_association(make_node: object) -> None:
     node = make_node(FAST)  # type: ignore[operator]
     dest = CountingSCP().start()

@@ -175,6 +175,7 @@ def test_an_idle_forwarding_association_waits_for_work_instead_of_polling(
         assert turns["waits"] - before["waits"] >= looks - 1
         # The next batch goes out on the same association.
         assert connection.send([second]).done == [2]
+        assert connection.associations_opened == 1
         assert sorted(dest.received) == sorted([first.sop_instance, second.sop_instance])
     finally:
         connection.close()

@@ -23,8 +23,10 @@ from collections.abc import Collection, Iterator
 
 log = logging.getLogger(__name__)
 
-# The CPUs the process may use, as it started (before any of its threads was pinned).
-PROCESS_CPUS = frozenset(os.sched_getaffinity(0))
+# The CPUs the process may use, as it started (before any of its threads was pinned); none
+# where the system has no CPU affinity calls (not Linux): nothing is pinned there.
+PROCESS_CPUS = (frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else frozenset[int]())
 
 
 def process_cpu(number: int, processes: int, cpus: Collection[int], enabled: bool
@@ -39,8 +41,9 @@ def process_cpu(number: int, processes: int, cpus: Collection[int], enabled: boo
 def unpin_current_thread() -> None:
     """Let the calling thread run on any of the process's CPUs: for a thread that a pinned
     one may have started (a thread inherits its creator's CPUs)."""
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, PROCESS_CPUS)
+    if PROCESS_CPUS:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, PROCESS_CPUS)
 
 
 class ReceiverPinning:

@@ -35,7 +35,7 @@ from node import config  # noqa: E402
 from node.db.database import Database  # noqa: E402
 from node.db.models import ForwardJob, Instance, JobState  # noqa: E402
 from node.service import Node  # noqa: E402
-from tests.conftest import free_port, run_cli  # noqa: E402
+from tests.conftest import free_port, run_cli, wait_listening  # noqa: E402
 from tests.dicomgen import write_study  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
@@ -62,10 +62,11 @@ def running(work: Path, name: str, heartbeat: bool, in_process: bool
         finally:
             node.stop()
         return
-    server = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(path)],
-                              cwd=ROOT)
+    with (work / f"{name}.log").open("wb") as log:  # its warnings (the readiness probe's, too)
+        server = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config",
+                                   str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for_node(name.upper(), port)  # it made its database by then
+        wait_listening(port, server)  # it listens once its database is made
         db = Database(settings.database_url)
         try:
             yield db, port, path
@@ -74,17 +75,6 @@ def running(work: Path, name: str, heartbeat: bool, in_process: bool
     finally:
         server.terminate()
         server.wait(30)
-
-
-def wait_for_node(ae_title: str, port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        echo = subprocess.run(["/usr/bin/echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
-                              capture_output=True)
-        if echo.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"no node answered on port {port}")
 
 
 def run(files: list[Path], heartbeat: bool, trickle: float, in_process: bool

@@ -212,10 +212,10 @@ class Connection:
         return (job.sop_class, job.transfer_syntax) in self._accepted()
 
     def _has_context(self, job: Job) -> bool:
-        if self._accepts_as_stored(job):
+        accepted = self._accepted()
+        if (job.sop_class, job.transfer_syntax) in accepted:
             return True
         # pynetdicom converts between the uncompressed syntaxes itself.
-        accepted = self._accepted()
         return job.transfer_syntax in UNCOMPRESSED and any(
             (job.sop_class, ts) in accepted for ts in UNCOMPRESSED)
 

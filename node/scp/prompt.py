@@ -118,8 +118,7 @@ class PromptDUL(_WaitsForWork):
         finally:
             if self.store_receiver is not None:
                 self.store_receiver.abandon()
-            self._wake_r.close()
-            self._wake_w.close()
+            _close_all(self._wake_r, self._wake_w)
 
     def _read_pdu_data(self) -> None:
         # pynetdicom's DULServiceProvider._read_pdu_data (same reads, same events), except that

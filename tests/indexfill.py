@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from sqlalchemy import insert, select
 
 from node.db.database import Database
-from node.db.indexer import NAME_COLUMNS, name_components, with_modality
-from node.db.models import Instance, Patient, Series, Study
+from node.db.indexer import person_name_rows, with_keys, with_modality
+from node.db.models import Instance, Patient, PersonName, Series, Study
 
 FAMILIES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON", "DAVIES",
             "ROBINSON", "WRIGHT", "THOMPSON", "EVANS", "WALKER", "WHITE", "ROBERTS", "GREEN"]
@@ -31,16 +31,17 @@ def fill(db: Database, partition_id: int, studies: int, *, series_per_study: int
         first_patient = (session.scalar(select(Patient.id).order_by(Patient.id.desc())) or 0) + 1
         first_study = (session.scalar(select(Study.id).order_by(Study.id.desc())) or 0) + 1
         first_series = (session.scalar(select(Series.id).order_by(Series.id.desc())) or 0) + 1
-    patients, study_rows, series_rows, instance_rows = [], [], [], []
+    patients, study_rows, series_rows, instance_rows, names = [], [], [], [], []
 
     def flush(force: bool = False) -> None:
         if not force and len(instance_rows) < batch * 5:
             return
         with db.transaction() as session:
             for model, rows in ((Patient, patients), (Study, study_rows), (Series, series_rows),
-                                (Instance, instance_rows)):
+                                (PersonName, names), (Instance, instance_rows)):
                 if rows:
-                    session.execute(insert(model), rows)
+                    session.execute(insert(model),
+                                    [with_keys(model.__table__, row) for row in rows])
                     rows.clear()
 
     series_pk = first_series
@@ -48,12 +49,11 @@ def fill(db: Database, partition_id: int, studies: int, *, series_per_study: int
         patient_pk = first_patient + i // 2
         if i % 2 == 0:
             name = f"{rng.choice(FAMILIES)}{i // 2}^{rng.choice(GIVEN)}"
+            birth_date, sex = f"19{rng.randint(30, 99)}0101", "MF"[i % 4 // 2]
             patients.append({
                 "id": patient_pk, "partition_id": partition_id,
                 "patient_id": f"P{patient_pk:07d}", "issuer_of_patient_id": "",
-                "patient_name": name, "patient_birth_date": f"19{rng.randint(30, 99)}0101",
-                "patient_sex": "MF"[i % 4 // 2],
-                **dict(zip(NAME_COLUMNS, name_components(name), strict=True)),
+                "patient_name": name, "patient_birth_date": birth_date, "patient_sex": sex,
             })
         study_pk = first_study + i
         modality = rng.choice(MODALITIES)
@@ -63,12 +63,15 @@ def fill(db: Database, partition_id: int, studies: int, *, series_per_study: int
             "id": study_pk, "partition_id": partition_id, "patient_pk": patient_pk,
             "study_instance_uid": study_uid, "study_date": date, "study_time": "101500",
             "accession_number": f"A{study_pk:08d}", "study_id": "1", "study_description": "",
-            "referring_physician_name": "", "patient_name": "", "patient_id": "",
-            "issuer_of_patient_id": "", "patient_birth_date": "", "patient_sex": "",
+            "referring_physician_name": "", "patient_name": name,
+            "patient_id": f"P{patient_pk:07d}", "issuer_of_patient_id": "",
+            "patient_birth_date": birth_date, "patient_sex": sex,
             "num_series": series_per_study,
             "num_instances": series_per_study * instances_per_series,
             "modalities": with_modality("", modality), "received_at": now, "updated_at": now,
         })
+        names.extend({"study_pk": study_pk, "partition_id": partition_id, **row}
+                     for row in person_name_rows("PatientName", name))
         for s in range(series_per_study):
             series_rows.append({
                 "id": series_pk, "study_pk": study_pk, "series_instance_uid": f"{study_uid}.{s}",

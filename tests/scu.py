@@ -54,7 +54,35 @@ def statuses(responses: list[Dataset]) -> list[int]:
 def identifier(level: str, keys: dict[str, object]) -> Dataset:
     """A query/retrieve identifier at `level` with the given keys."""
     ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # a value in any script goes as it is
     ds.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def send_files(port: int, paths: Iterable[Path], called: str = "PACSNODE",
+               calling: str = "TESTSCU") -> dict[Path, Dataset]:
+    """Send files as their own bytes, each in a context of its own SOP class and transfer
+    syntax (as a modality holding them would); returns each file's response."""
+    paths = list(paths)
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    pairs = sorted({(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+                    for meta in (dcmread_meta(p) for p in paths)})
+    assert len(pairs) <= 128, "more SOP class and syntax pairs than one association holds"
+    for sop_class, syntax in pairs:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=CONNECTION_HANDLERS)
+    assert assoc.is_established, f"association {calling}->{called} not established"
+    try:
+        return {path: assoc.send_c_store(path) for path in paths}
+    finally:
+        assoc.release()
+
+
+def dcmread_meta(path: Path) -> Dataset:
+    """A Part-10 file's meta information."""
+    from pydicom.filereader import read_file_meta_info
+
+    return read_file_meta_info(path)

@@ -9,7 +9,7 @@ import typer
 from sqlalchemy import select
 
 from node.cli.common import ConfigOption, JsonOption, database, fail, fields, print_json, table
-from node.db.models import IntegrityItem, Partition
+from node.db.models import IntegrityItem, IntegrityKind, Partition
 
 app = typer.Typer(help="Integrity queue: duplicates that differ, demographics that do not match.",
                   no_args_is_help=True)
@@ -26,7 +26,7 @@ def _as_dict(item: IntegrityItem, partition: str) -> dict[str, Any]:
 def list_(
     partition: Annotated[str | None, typer.Option(help="Only this partition (AE title).")] = None,
     kind: Annotated[str | None, typer.Option(
-        help="duplicate-differs | demographics-mismatch")] = None,
+        help=" | ".join(IntegrityKind))] = None,
     limit: Annotated[int, typer.Option(help="Newest N items.")] = 100,
     as_json: JsonOption = False,
     config: ConfigOption = None,

@@ -12,9 +12,19 @@ from pydicom.tag import Tag
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from node.db.models import Instance, Patient, Series, Study, utcnow
+from node.db.models import (
+    KEY_SUFFIX,
+    PN_WIDTH,
+    TEXT_WIDTH,
+    Instance,
+    Patient,
+    PersonName,
+    Series,
+    Study,
+    utcnow,
+)
 from node.db.prepared import Prepared
-from node.dicomtext import element_text
+from node.dicomtext import element_text, fold, name_groups
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
                     "PatientSex")
@@ -33,19 +43,19 @@ INDEX_ELEMENTS = {int(tag): (kw, dictionary_VR(tag).encode())
 
 _UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                            "SOPClassUID"})
-# Column widths (see models): a longer value is cut rather than failing the store.
-_WIDTH = {"PatientBirthDate": 8, "StudyDate": 8, "SeriesDate": 8, "AccessionNumber": 16,
-          "StudyID": 16, "SeriesNumber": 12, "InstanceNumber": 12, "PatientSex": 16,
-          "Modality": 16, "BodyPartExamined": 16, "StudyTime": 16, "SeriesTime": 16,
-          "PatientName": 324, "ReferringPhysicianName": 324}
+# Person names: their columns are wider, and they are matched component group by component
+# group (the person_names rows).
+NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
 
 
 def index_text(keyword: str, text: str | None) -> str:
-    """An element's text as indexed: '' when absent, cut to its column's width (UIDs never)."""
+    """An element's text as indexed: '' when absent, otherwise as received (surrounding spaces
+    aside); only a value longer than any conformant one is cut, to its column's width, UIDs
+    never: an over-long UID must fail validation, not be shortened."""
     text = (text or "").strip()
     if keyword in _UID_KEYWORDS:
-        return text  # never cut: an over-long UID must fail validation, not be shortened
-    return text[: _WIDTH.get(keyword, 64)]
+        return text
+    return text[: PN_WIDTH if keyword in NAME_KEYWORDS else TEXT_WIDTH]
 
 
 def text_of(ds: Dataset, keyword: str) -> str:
@@ -75,13 +85,28 @@ def attributes(texts: Mapping[str, str]) -> InstanceAttributes:
                                if kw != "SpecificCharacterSet"})
 
 
-NAME_COLUMNS = ("name_family", "name_given", "name_middle", "name_prefix", "name_suffix")
+NAME_COMPONENT_COLUMNS = ("family", "given", "middle", "prefix", "suffix")
 
 
-def name_components(name: str) -> tuple[str, str, str, str, str]:
-    """The five components of a person name's alphabetic group, '' where absent."""
-    parts = (name.split("=")[0].split("^") + [""] * 5)[:5]
-    return (parts[0][:64], parts[1][:64], parts[2][:64], parts[3][:64], parts[4][:64])
+def person_name_rows(keyword: str, name: str) -> list[dict[str, object]]:
+    """The person_names rows of a name (without their study, partition and key columns: see
+    `with_keys`): one per component group that holds anything."""
+    rows: list[dict[str, object]] = []
+    for group_index, components in enumerate(name_groups(name)):
+        if not any(components):
+            continue
+        row: dict[str, object] = {"keyword": keyword, "group_index": group_index}
+        for column, component in zip(NAME_COMPONENT_COLUMNS, components, strict=True):
+            row[column] = component
+        rows.append(row)
+    return rows
+
+
+def with_keys(table: Table, values: dict[str, object]) -> dict[str, object]:
+    """`values` of a row of `table` with its key columns (KEY_SUFFIX) computed from theirs."""
+    for column in _KEYED[table.name]:
+        values[column + KEY_SUFFIX] = fold(str(values.get(column) or ""))
+    return values
 
 
 def with_modality(modalities: str, modality: str) -> str:
@@ -98,6 +123,9 @@ class StoredStudy:
     demographics: dict[str, str]
     is_new: bool
     instance_pk: int
+    # A new study of a patient indexed before (same Patient ID and issuer): the demographics
+    # the patient has, to compare with the study's; None otherwise.
+    patient_demographics: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,8 +137,13 @@ class StoredInstance:
 # Ingest runs these for every instance: Core statements compiled once and run on the
 # connection's DBAPI cursor (prepared.py). The ORM's unit of work cost about 4 ms per instance
 # here, SQLAlchemy's Core execution another 0.3 ms.
-_patients, _studies, _series, _instances = (Patient.__table__, Study.__table__,
-                                            Series.__table__, Instance.__table__)
+_patients, _studies, _series, _instances, _names = (
+    Patient.__table__, Study.__table__, Series.__table__, Instance.__table__,
+    PersonName.__table__)
+# Table name -> the columns that have a key column.
+_KEYED = {table.name: tuple(c.name[: -len(KEY_SUFFIX)] for c in table.c
+                            if c.name.endswith(KEY_SUFFIX))
+          for table in (_patients, _studies, _series, _instances, _names)}
 # The demographics study matching compares against, in StoredStudy.demographics' keys.
 _DEMOGRAPHICS = (("PatientName", "patient_name"), ("PatientID", "patient_id"),
                  ("IssuerOfPatientID", "issuer_of_patient_id"),
@@ -138,7 +171,12 @@ _FIND_STUDY = Prepared(
     .where(_studies.c.partition_id == bindparam("partition_id"),
            _studies.c.study_instance_uid == bindparam("study_uid"))
     .with_for_update(of=_studies))
-_FIND_PATIENT = Prepared(select(_patients.c.id)
+# The demographics a patient row holds, in StoredStudy.patient_demographics' keys.
+_PATIENT_DEMOGRAPHICS = (("PatientName", "patient_name"),
+                         ("PatientBirthDate", "patient_birth_date"),
+                         ("PatientSex", "patient_sex"))
+_FIND_PATIENT = Prepared(select(_patients.c.id,
+                                *(_patients.c[column] for _, column in _PATIENT_DEMOGRAPHICS))
                          .where(_patients.c.partition_id == bindparam("partition_id"),
                                 _patients.c.patient_id == bindparam("patient_id"),
                                 _patients.c.issuer_of_patient_id == bindparam("issuer")))
@@ -196,8 +234,9 @@ def index_instance(
         if existing is not None:
             return existing
     now = now or utcnow()
+    patient: dict[str, str] | None = None
     if study is None:
-        study_pk = _insert_study(conn, partition_id, attrs, now)
+        study_pk, patient = _insert_study(conn, partition_id, attrs, now)
         stored = {keyword: attrs[keyword] for keyword, _ in _DEMOGRAPHICS}
         modalities = ""
         series_pk = None
@@ -223,11 +262,12 @@ def index_instance(
         "sop_instance_uid": sop_uid, "sop_class_uid": attrs["SOPClassUID"],
         "instance_number": attrs["InstanceNumber"], "transfer_syntax_uid": transfer_syntax,
         "path": relpath, "size": size, "calling_ae_title": calling_ae, "received_at": now})
-    return StoredStudy(study_pk, stored, study is None, instance_pk)
+    return StoredStudy(study_pk, stored, study is None, instance_pk, patient)
 
 
 def _insert(conn: Connection, table: Table, values: dict[str, object]) -> int:
-    """Insert one row; returns its primary key."""
+    """Insert one row (with its key columns); returns its primary key."""
+    values = with_keys(table, values)
     key = (table.name, tuple(values))
     statement = _INSERTS.get(key)
     if statement is None:
@@ -238,21 +278,26 @@ def _insert(conn: Connection, table: Table, values: dict[str, object]) -> int:
 
 
 def _insert_study(conn: Connection, partition_id: int, attrs: InstanceAttributes,
-                  now: datetime) -> int:
-    patient = _FIND_PATIENT.run(conn, {
-        "partition_id": partition_id, "patient_id": attrs["PatientID"],
-        "issuer": attrs["IssuerOfPatientID"]}).fetchone()
+                  now: datetime) -> tuple[int, dict[str, str] | None]:
+    """The new study's key, and the demographics of its patient when the patient was indexed
+    before (None: a new patient)."""
+    patient = None
+    if attrs["PatientID"]:
+        # Without a Patient ID there is nothing to know the patient by: never merged.
+        patient = _FIND_PATIENT.run(conn, {
+            "partition_id": partition_id, "patient_id": attrs["PatientID"],
+            "issuer": attrs["IssuerOfPatientID"]}).fetchone()
     if patient is not None:
         patient_pk = patient[0]
+        known = {keyword: value for (keyword, _), value in zip(_PATIENT_DEMOGRAPHICS,
+                                                                patient[1:], strict=True)}
     else:
         patient_pk = _insert(conn, _patients, {
             "partition_id": partition_id, "patient_id": attrs["PatientID"],
             "issuer_of_patient_id": attrs["IssuerOfPatientID"],
-            "patient_name": attrs["PatientName"],
-            "patient_birth_date": attrs["PatientBirthDate"],
-            "patient_sex": attrs["PatientSex"],
-            **dict(zip(NAME_COLUMNS, name_components(attrs["PatientName"]), strict=True))})
-    return _insert(conn, _studies, {
+            **{column: attrs[keyword] for keyword, column in _PATIENT_DEMOGRAPHICS}})
+        known = None
+    study_pk = _insert(conn, _studies, {
         "partition_id": partition_id, "patient_pk": patient_pk,
         "study_instance_uid": attrs["StudyInstanceUID"], "study_date": attrs["StudyDate"],
         "study_time": attrs["StudyTime"], "accession_number": attrs["AccessionNumber"],
@@ -263,3 +308,7 @@ def _insert_study(conn: Connection, partition_id: int, attrs: InstanceAttributes
         "patient_birth_date": attrs["PatientBirthDate"], "patient_sex": attrs["PatientSex"],
         "received_at": now, "updated_at": now, "accessed_at": now,
         "num_series": 0, "num_instances": 0, "modalities": ""})
+    for keyword in NAME_KEYWORDS:
+        for row in person_name_rows(keyword, attrs[keyword]):
+            _insert(conn, _names, {"study_pk": study_pk, "partition_id": partition_id, **row})
+    return study_pk, known

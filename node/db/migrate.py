@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic.config import Config
@@ -32,10 +33,40 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    run(engine, lambda cfg: command.upgrade(cfg, revision))
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    run(engine, lambda cfg: command.downgrade(cfg, revision))
+
+
+def run(engine: Engine, step: Callable[[Config], None]) -> None:
+    """Run an alembic command in one transaction on a connection of `engine`.
+
+    On SQLite, migrations recreate tables (alembic's batch mode): with foreign keys enforced,
+    dropping the old table would delete, by cascade, every row that refers to it. So, as
+    SQLite's documentation says for such changes, enforcement is off for the migration (it can
+    only be switched outside a transaction), the references are checked before the commit,
+    and enforcement is restored as it was.
+    """
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        driver = connection.connection.driver_connection if sqlite else None
+        enforced = bool(driver.execute("PRAGMA foreign_keys").fetchone()[0]) if driver else False
+        if enforced:
+            driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                cfg.attributes["connection"] = connection
+                step(cfg)
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"the migration left broken references: {broken}")
+        finally:
+            if enforced:
+                driver.execute("PRAGMA foreign_keys=ON")
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -21,7 +21,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -65,6 +64,9 @@ class DeviceType(enum.StrEnum):
 class IntegrityKind(enum.StrEnum):
     DUPLICATE_DIFFERS = "duplicate-differs"
     DEMOGRAPHICS_MISMATCH = "demographics-mismatch"
+    # A new study of a known patient (same Patient ID and issuer) whose demographics differ
+    # from the patient's.
+    PATIENT_MISMATCH = "patient-mismatch"
 
 
 class Partition(Base):
@@ -173,40 +175,48 @@ class Device(Base):
     category: Mapped[Category | None] = relationship()
 
 
+# Index text that is not a UID or a person name is kept whole up to this many characters (no
+# conformant value comes near it); a person name up to PN_WIDTH.
+TEXT_WIDTH = 256
+PN_WIDTH = 324
+# A column `<name>_key` holds the value of column `<name>` as case-insensitive matching compares
+# it (dicomtext.fold): the index computes it when it inserts the row.
+KEY_SUFFIX = "_key"
+
+
+def _pattern_ops(column: str) -> dict[str, str]:
+    """PostgreSQL: an index on a key column serves LIKE 'ABC%' as well as equality."""
+    return {column: "text_pattern_ops"}
+
+
 class Patient(Base):
+    """A patient: a Patient ID and its issuer, within a partition. A study without a Patient
+    ID has a patient of its own: such studies are never merged with each other."""
+
     __tablename__ = "patients"
     __table_args__ = (
-        UniqueConstraint("partition_id", "patient_id", "issuer_of_patient_id"),
+        Index("ix_patients_identity", "partition_id", "patient_id", "issuer_of_patient_id",
+              unique=True, sqlite_where=text("patient_id <> ''"),
+              postgresql_where=text("patient_id <> ''")),
         Index("ix_patients_patient_id", "patient_id"),
-        # Case-insensitive matching compares upper(value); text_pattern_ops lets PostgreSQL
-        # use the index for LIKE 'ABC%' as well as for equality.
-        Index("ix_patients_upper_patient_id", func.upper(text("patient_id")).label("u"),
-              postgresql_ops={"u": "text_pattern_ops"}),
-        Index("ix_patients_upper_name_family", func.upper(text("name_family")).label("u"),
-              postgresql_ops={"u": "text_pattern_ops"}),
         # Led by the partition, which every query filters on: without statistics SQLite
         # prefers the partition's equality to a range on a single-column index.
-        Index("ix_patients_partition_upper_patient_id", text("partition_id"),
-              func.upper(text("patient_id")).label("u"), postgresql_ops={"u": "text_pattern_ops"}),
-        Index("ix_patients_partition_upper_name_family", text("partition_id"),
-              func.upper(text("name_family")).label("u"),
-              postgresql_ops={"u": "text_pattern_ops"}),
+        Index("ix_patients_partition_id_patient_id_key", "partition_id", "patient_id_key",
+              postgresql_ops=_pattern_ops("patient_id_key")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     partition_id: Mapped[int] = mapped_column(ForeignKey("partitions.id", ondelete="CASCADE"))
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
-    # The name's alphabetic components, so names are matched component by component and a
-    # family-name query uses an index.
-    name_family: Mapped[str] = mapped_column(String(64), default="", index=True)
-    name_given: Mapped[str] = mapped_column(String(64), default="")
-    name_middle: Mapped[str] = mapped_column(String(64), default="")
-    name_prefix: Mapped[str] = mapped_column(String(64), default="")
-    name_suffix: Mapped[str] = mapped_column(String(64), default="")
-    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
-    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_id_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    issuer_of_patient_id_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    # The demographics the patient's first study was received with (each study keeps its own:
+    # Study.patient_name etc.).
+    patient_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_sex: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_sex_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
 
 
 class Study(Base):
@@ -214,11 +224,8 @@ class Study(Base):
     __table_args__ = (
         UniqueConstraint("partition_id", "study_instance_uid"),
         Index("ix_studies_partition_id_study_date", "partition_id", "study_date"),
-        Index("ix_studies_upper_accession_number", func.upper(text("accession_number")).label("u"),
-              postgresql_ops={"u": "text_pattern_ops"}),
-        Index("ix_studies_partition_upper_accession_number", text("partition_id"),
-              func.upper(text("accession_number")).label("u"),
-              postgresql_ops={"u": "text_pattern_ops"}),
+        Index("ix_studies_partition_id_accession_number_key", "partition_id",
+              "accession_number_key", postgresql_ops=_pattern_ops("accession_number_key")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -226,19 +233,23 @@ class Study(Base):
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"),
                                             index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64))
-    study_date: Mapped[str] = mapped_column(String(8), default="")
-    study_time: Mapped[str] = mapped_column(String(16), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
-    study_id: Mapped[str] = mapped_column(String(16), default="")
-    study_description: Mapped[str] = mapped_column(String(64), default="")
-    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
-    # Demographics as the first instance of the study carried them: study matching compares
-    # every later instance against these (seed 000).
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
-    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
-    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    study_time: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    accession_number: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="", index=True)
+    accession_number_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    study_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    study_id_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    study_description: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    study_description_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    # Demographics as the first instance of the study carried them: the study answers queries
+    # with them, and study matching compares every later instance against them (seed 000).
+    patient_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_sex: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_sex_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     # Kept up to date at ingest, so C-FIND answers them without counting.
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
@@ -259,13 +270,49 @@ class Series(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
-    series_number: Mapped[str] = mapped_column(String(12), default="")
-    series_description: Mapped[str] = mapped_column(String(64), default="")
-    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
-    series_date: Mapped[str] = mapped_column(String(8), default="")
-    series_time: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    modality_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    series_number: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    series_description: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    series_description_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    body_part_examined_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    series_date: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    series_time: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class PersonName(Base):
+    """One component group of a study's person name (Patient's Name, Referring Physician's
+    Name): the five components as received and as case-insensitive matching compares them.
+
+    A name has up to three groups (alphabetic, ideographic, phonetic); a query's value is
+    matched against each, so `山田^太郎` finds `Yamada^Tarou=山田^太郎=やまだ^たろう`.
+    """
+
+    __tablename__ = "person_names"
+    __table_args__ = (
+        Index("ix_person_names_family_key", "partition_id", "keyword", "family_key",
+              postgresql_ops=_pattern_ops("family_key")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"),
+                                          index=True)
+    # The study's, so a query reads the names of its partition only.
+    partition_id: Mapped[int] = mapped_column(Integer)
+    keyword: Mapped[str] = mapped_column(String(32))  # PatientName | ReferringPhysicianName
+    group_index: Mapped[int] = mapped_column(Integer)  # 0 alphabetic, 1 ideographic, 2 phonetic
+    family: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    family_key: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    given: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    given_key: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    middle: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    middle_key: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    prefix: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    prefix_key: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    suffix: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    suffix_key: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
 
 
 class Instance(Base):
@@ -453,11 +500,11 @@ class DeletedStudy(Base):
     partition_id: Mapped[int] = mapped_column(
         ForeignKey("partitions.id", ondelete="CASCADE"), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
-    study_date: Mapped[str] = mapped_column(String(8), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="")
-    study_description: Mapped[str] = mapped_column(String(64), default="")
+    patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    patient_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
+    study_date: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    accession_number: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
+    study_description: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     modalities: Mapped[str] = mapped_column(String(256), default="")
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     size: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
-from node.dicomtext import element_text
+from node.dicomtext import element_text, name_groups
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -103,9 +103,14 @@ def like_pattern(value: str) -> str:
     return "".join(out)
 
 
-def person_name_components(value: str) -> list[str]:
-    """A person-name query's alphabetic components; missing trailing ones are universal."""
-    parts = value.split("=")[0].split("^")
-    while parts and parts[-1] in ("", "*"):
-        parts.pop()
-    return parts
+def person_name_query(value: str) -> list[tuple[int | None, list[str]]]:
+    """What a person-name query asks of the component groups of a stored name: (group index,
+    its five components) for each group of the value that constrains anything. A value of one
+    group (no '=') is matched against every group of a stored name (index None), so
+    `山田^太郎` finds `Yamada^Tarou=山田^太郎`; a value of several groups asks each of its
+    groups of the stored name's group in the same place. Empty and `*` components match
+    anything, missing trailing ones too."""
+    groups = name_groups(value)
+    return [(None if len(groups) == 1 else index, components)
+            for index, components in enumerate(groups)
+            if any(c not in ("", "*") for c in components)]

@@ -12,18 +12,21 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import Boolean, ColumnElement, Select, and_, func, or_, select, true
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql.functions import FunctionElement
 
-from node.db.indexer import NAME_COLUMNS
-from node.db.models import Instance, Patient, Series, Study
+from node.db.indexer import NAME_COMPONENT_COLUMNS
+from node.db.models import KEY_SUFFIX, Instance, Patient, PersonName, Series, Study
+from node.dicomtext import fold
 from node.query.conditions import (
     LEVELS,
     Condition,
     Match,
     Query,
     like_pattern,
-    person_name_components,
+    person_name_query,
 )
 from node.storage.structure import LONG_VRS
 
@@ -44,16 +47,25 @@ class MatchSettings:
 class Attribute:
     level: str
     column: InstrumentedAttribute[Any] | None  # None: computed
-    text: bool = False  # free text: case sensitivity applies
+    # Free text: matched on its key column (dicomtext.fold) when matching ignores case.
+    text: bool = False
     value: Callable[[dict[str, Any]], Any] | None = None  # how it is returned, if not column
+    # At the study level and below, the study's own copy: a study answers, and is matched,
+    # with the patient attributes it was received with.
+    study_column: InstrumentedAttribute[Any] | None = None
+    # A person name: matched component group by component group (person_names).
+    name: bool = False
 
 
 ATTRIBUTES: dict[str, Attribute] = {
-    "PatientName": Attribute("PATIENT", Patient.patient_name, text=True),
+    "PatientName": Attribute("PATIENT", Patient.patient_name, study_column=Study.patient_name,
+                             name=True),
     "PatientID": Attribute("PATIENT", Patient.patient_id, text=True),
     "IssuerOfPatientID": Attribute("PATIENT", Patient.issuer_of_patient_id, text=True),
-    "PatientBirthDate": Attribute("PATIENT", Patient.patient_birth_date),
-    "PatientSex": Attribute("PATIENT", Patient.patient_sex, text=True),
+    "PatientBirthDate": Attribute("PATIENT", Patient.patient_birth_date,
+                                  study_column=Study.patient_birth_date),
+    "PatientSex": Attribute("PATIENT", Patient.patient_sex, text=True,
+                            study_column=Study.patient_sex),
     "NumberOfPatientRelatedStudies": Attribute("PATIENT", None,
                                                value=lambda r: r["patient_studies"]),
     "NumberOfPatientRelatedSeries": Attribute("PATIENT", None,
@@ -66,7 +78,7 @@ ATTRIBUTES: dict[str, Attribute] = {
     "AccessionNumber": Attribute("STUDY", Study.accession_number, text=True),
     "StudyID": Attribute("STUDY", Study.study_id, text=True),
     "StudyDescription": Attribute("STUDY", Study.study_description, text=True),
-    "ReferringPhysicianName": Attribute("STUDY", Study.referring_physician_name, text=True),
+    "ReferringPhysicianName": Attribute("STUDY", Study.referring_physician_name, name=True),
     "ModalitiesInStudy": Attribute("STUDY", Study.modalities, value=lambda r: [
         m for m in r["Study"].modalities.split("\\") if m]),
     "NumberOfStudyRelatedSeries": Attribute("STUDY", Study.num_series),
@@ -86,32 +98,67 @@ ATTRIBUTES: dict[str, Attribute] = {
 _ENTITIES = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
 
 
-def _text_clause(column: Any, condition: Condition, settings: MatchSettings
-                 ) -> ColumnElement[bool]:
-    value = condition.values[0]
-    if not settings.case_sensitive:
-        column, value = func.upper(column), value.upper()
-    if condition.match is not Match.WILDCARD:
-        return column == value
+def column_at(attribute: Attribute, level: str) -> InstrumentedAttribute[Any]:
+    """The column an attribute is matched on and returned from in a query at `level`."""
+    if attribute.study_column is not None and RANK[level] >= RANK["STUDY"]:
+        return attribute.study_column
+    assert attribute.column is not None
+    return attribute.column
+
+
+def key_column(column: InstrumentedAttribute[Any]) -> InstrumentedAttribute[Any]:
+    """The column holding `column`'s values folded for case-insensitive matching."""
+    key: InstrumentedAttribute[Any] = getattr(column.class_, column.key + KEY_SUFFIX)
+    return key
+
+
+def _compare(column: Any, value: str, wildcard: bool, as_range: bool) -> ColumnElement[bool]:
+    """`column` equals `value`, or matches it as a DICOM wildcard pattern; a pattern that is
+    a prefix and `*` as a range when `as_range` (an index serves it on SQLite)."""
+    if not wildcard:
+        return column == value  # type: ignore[no-any-return]
     prefix = value[:-1]
-    if (settings.prefix_as_range and value.endswith("*") and prefix
-            and "*" not in prefix and "?" not in prefix):
-        return and_(column >= prefix, column < prefix[:-1] + chr(ord(prefix[-1]) + 1))
-    return column.like(like_pattern(value), escape="\\")
+    if as_range and value.endswith("*") and prefix and "*" not in prefix and "?" not in prefix:
+        return and_(column >= prefix, column < prefix[:-1] + _next_character(prefix[-1]))
+    return column.like(like_pattern(value), escape="\\")  # type: ignore[no-any-return]
 
 
-def _person_name(condition: Condition, settings: MatchSettings) -> ColumnElement[bool]:
-    """Component by component: SMITH matches SMITH^JOHN, SMITH^J* matches SMITH^JANE."""
-    clauses = []
-    components = person_name_components(condition.values[0])
-    for column_name, component in zip(NAME_COLUMNS, components, strict=False):
-        if component in ("", "*"):
-            continue
-        match = Match.WILDCARD if ("*" in component or "?" in component) else Match.SINGLE
-        clauses.append(_text_clause(getattr(Patient, column_name),
-                                    Condition("PatientName", match, (component,)),
-                                    settings))
-    return and_(*clauses) if clauses else Patient.id.is_not(None)
+def _next_character(ch: str) -> str:
+    following = ord(ch) + 1
+    return chr(0xE000 if 0xD800 <= following < 0xE000 else min(following, 0x10FFFF))
+
+
+def _text_clause(column: Any, value: str, settings: MatchSettings) -> ColumnElement[bool]:
+    """A text value, matched on the column's key (indexed); case-sensitively also on the
+    value as stored, which only narrows what the key found."""
+    wildcard = "*" in value or "?" in value
+    clause = _compare(key_column(column), fold(value), wildcard, settings.prefix_as_range)
+    if not settings.case_sensitive:
+        return clause
+    return and_(clause, _compare(column, value, wildcard, as_range=False))
+
+
+def _person_name(keyword: str, value: str, settings: MatchSettings, partition_id: int,
+                 level: str) -> ColumnElement[bool]:
+    """Component by component (SMITH matches SMITH^JOHN, SMITH^J* matches SMITH^JANE), in
+    every component group of the names a study was received with (conditions.
+    person_name_query); at the patient level, a patient any of whose studies matches."""
+    studies = []
+    for group, components in person_name_query(value):
+        names = select(PersonName.study_pk).where(PersonName.partition_id == partition_id,
+                                                  PersonName.keyword == keyword)
+        if group is not None:
+            names = names.where(PersonName.group_index == group)
+        for column_name, component in zip(NAME_COMPONENT_COLUMNS, components, strict=True):
+            if component not in ("", "*"):
+                names = names.where(_text_clause(getattr(PersonName, column_name), component,
+                                                 settings))
+        studies.append(Study.id.in_(names))
+    if not studies:
+        return true()
+    if level == "PATIENT":
+        return Patient.id.in_(select(Study.patient_pk).where(*studies))
+    return and_(*studies)
 
 
 def _modalities(condition: Condition) -> ColumnElement[bool]:
@@ -120,22 +167,42 @@ def _modalities(condition: Condition) -> ColumnElement[bool]:
                  for m in wanted))
 
 
-def clause(keyword: str, condition: Condition, settings: MatchSettings
-           ) -> ColumnElement[bool] | None:
-    """The WHERE clause of one condition; None for keys the index cannot match."""
+class _IsDate(FunctionElement[bool]):
+    """The column holds a date of the DA form YYYYMMDD (an old-style 1997.04.24 does not)."""
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(_IsDate, "sqlite")
+def _is_date_sqlite(element: _IsDate, compiler: Any, **kw: Any) -> str:
+    return f"({compiler.process(element.clauses, **kw)} GLOB '{'[0-9]' * 8}')"
+
+
+@compiles(_IsDate)
+def _is_date_default(element: _IsDate, compiler: Any, **kw: Any) -> str:
+    return f"({compiler.process(element.clauses, **kw)} ~ '^[0-9]{{8}}$')"
+
+
+def clause(keyword: str, condition: Condition, settings: MatchSettings, partition_id: int,
+           level: str) -> ColumnElement[bool] | None:
+    """The WHERE clause of one condition of a query at `level`; None for keys the index
+    cannot match."""
     attribute = ATTRIBUTES.get(keyword)
     if attribute is None or attribute.column is None:
         return None
-    column = attribute.column
-    if keyword == "PatientName":
-        result = _person_name(condition, settings)
+    column = column_at(attribute, level)
+    if attribute.name:
+        result = _person_name(keyword, condition.values[0], settings, partition_id, level)
     elif keyword == "ModalitiesInStudy":
         result = _modalities(condition)
     elif condition.match is Match.LIST:
         result = column.in_(condition.values)
     elif condition.match is Match.RANGE:
         low, high = condition.values
-        bounds = [column != ""]  # an absent date is in no range (empty matching aside)
+        # Only what is a date is in a date range: an absent one is in none (empty matching
+        # aside), nor a value kept as received that is not of the form YYYYMMDD.
+        bounds = [_IsDate(column) if _VRS.get(keyword) == "DA" else column != ""]
         if low:
             bounds.append(column >= low)
         if high:
@@ -143,16 +210,24 @@ def clause(keyword: str, condition: Condition, settings: MatchSettings
             bounds.append(column <= high + ("\uffff" if keyword.endswith("Time") else ""))
         result = and_(*bounds)
     elif attribute.text:
-        result = _text_clause(column, condition, settings)
+        result = _text_clause(column, condition.values[0], settings)
     else:
         result = column == condition.values[0]
     if settings.empty_matching and keyword not in _UID_KEYS:
-        empty_column = Patient.patient_name if keyword == "PatientName" else column
-        result = or_(result, empty_column == "")
+        result = or_(result, column == "")
     return result
 
 
 _UID_KEYS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"})
+_VRS = {keyword: dictionary_VR(keyword) for keyword in ATTRIBUTES}
+
+
+def _matched_on(keyword: str, level: str) -> type[Any]:
+    """The entity whose rows a condition on `keyword` constrains in a query at `level`."""
+    attribute = ATTRIBUTES[keyword]
+    if attribute.name:
+        return Study if RANK[level] >= RANK["STUDY"] else Patient
+    return column_at(attribute, level).class_  # type: ignore[no-any-return]
 
 
 def statement(query: Query, partition_id: int, settings: MatchSettings,
@@ -164,29 +239,37 @@ def statement(query: Query, partition_id: int, settings: MatchSettings,
     """
     level = level or query.level
     entities = [_ENTITIES[lv] for lv in reversed(LEVELS[: RANK[level] + 1])]
+    conditions = [c for c in query.conditions if c.keyword in ATTRIBUTES
+                  and ATTRIBUTES[c.keyword].column is not None
+                  and RANK[ATTRIBUTES[c.keyword].level] <= RANK[query.level]]
     # The partition is filtered on the table whose keys the query constrains, so the planner
-    # starts from their indexes: (partition, study UID/date) for study keys, patient ID/name
-    # for patient keys, instead of walking the whole partition from the other side.
-    below_patient = [c for c in query.conditions if c.keyword in ATTRIBUTES
-                     and ATTRIBUTES[c.keyword].level != "PATIENT"]
+    # starts from their indexes: (partition, study UID/date) for study keys, patient ID for
+    # patient keys, instead of walking the whole partition from the other side.
+    below_patient = any(_matched_on(c.keyword, query.level) is not Patient for c in conditions)
     owner = Study if level != "PATIENT" and below_patient else Patient
-    stmt = select(*entities).where(owner.partition_id == partition_id)
+    stmt = select(*entities)
+    if not any(ATTRIBUTES[c.keyword].name for c in conditions):
+        # (A name's condition holds the partition: its subquery reads the names of the
+        # partition's studies. Filtering here too makes SQLite walk the partition's studies
+        # and look each up in the subquery's result instead of reading them by key.)
+        stmt = stmt.where(owner.partition_id == partition_id)
     if RANK[level] >= RANK["STUDY"]:
         stmt = stmt.join_from(Patient, Study, Study.patient_pk == Patient.id)
     if RANK[level] >= RANK["SERIES"]:
         stmt = stmt.join_from(Study, Series, Series.study_pk == Study.id)
     if RANK[level] >= RANK["IMAGE"]:
         stmt = stmt.join_from(Series, Instance, Instance.series_pk == Series.id)
-    for condition in query.conditions:
-        attribute = ATTRIBUTES.get(condition.keyword)
-        if attribute is None or RANK[attribute.level] > RANK[query.level]:
-            continue
-        where = clause(condition.keyword, condition, settings)
+    for condition in conditions:
+        where = clause(condition.keyword, condition, settings, partition_id, query.level)
         if where is not None:
             stmt = stmt.where(where)
-    if level == "PATIENT":
+    if level == "PATIENT" or _PATIENT_COUNTS.intersection(query.return_keys):
         stmt = stmt.add_columns(*_patient_counts())
     return stmt.order_by(entities[0].id)
+
+
+_PATIENT_COUNTS = frozenset({"NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                             "NumberOfPatientRelatedInstances"})
 
 
 def _patient_counts() -> list[Any]:
@@ -213,8 +296,8 @@ def answer_values(query: Query, row: Any, retrieve_ae: str) -> list[tuple[str, A
             if attribute.value is not None:
                 value = attribute.value(values)
             else:
-                entity = values[_ENTITIES[attribute.level].__name__]
-                value = getattr(entity, attribute.column.key)  # type: ignore[union-attr]
+                column = column_at(attribute, query.level)
+                value = getattr(values[column.class_.__name__], column.key)
         pairs.append((keyword, None if value == "" else value))
     if query.level in ("STUDY", "SERIES", "IMAGE") and "InstanceAvailability" in query.return_keys:
         pairs.append(("InstanceAvailability", "ONLINE"))

@@ -37,3 +37,10 @@ def demographic_differences(
         if a != b:
             out.append(Difference(keyword, a, b))
     return out
+
+
+def patient_differences(patient: Mapping[str, str], received: Mapping[str, str],
+                        keywords: Iterable[str]) -> list[Difference]:
+    """A new study's differences from its patient (known by Patient ID and issuer) on the
+    checked keywords the patient holds: name, birth date, sex."""
+    return demographic_differences(patient, received, [k for k in keywords if k in patient])

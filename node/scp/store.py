@@ -38,7 +38,7 @@ from node.db.models import DuplicatePolicy, ForwardJob, IntegrityItem, Integrity
 from node.forwarding.routing import Received, Route, destinations
 from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.coercion import Rule, apply_rules
-from node.scp.matching import Difference, demographic_differences
+from node.scp.matching import Difference, demographic_differences, patient_differences
 from node.storage import compare, files
 from node.storage.header_scan import scan_header
 from node.storage.paths import instance_relpath, is_valid_uid
@@ -258,20 +258,20 @@ class Ingest:
                         # earlier crash's orphan, or the link of a store that lost the race.
                         files.replace_keeping_source(source, self.root / relpath)
                     queued = self._enqueue(conn, peer, attrs, study)
-                    mismatch = [] if study.is_new else demographic_differences(
-                        study.demographics, attrs.demographics, partition.match_fields)
+                    kind, mismatch = _mismatch(study, attrs, partition.match_fields)
                     if mismatch:
                         conn.execute(insert(IntegrityItem), _integrity(
-                            partition, attrs, peer, IntegrityKind.DEMOGRAPHICS_MISMATCH,
-                            mismatch))
+                            partition, attrs, peer, kind, mismatch))
             except IntegrityError:
                 # Another association created the same patient/study/series first.
                 continue
             if queued and self.on_queued is not None:
                 self.on_queued()
             if mismatch:
-                log.warning("C-STORE %s from %s: demographics differ from the stored study: %s",
-                            attrs["SOPInstanceUID"], peer, ", ".join(d.keyword for d in mismatch))
+                log.warning("C-STORE %s from %s: demographics differ from the stored %s: %s",
+                            attrs["SOPInstanceUID"], peer,
+                            "study" if kind is IntegrityKind.DEMOGRAPHICS_MISMATCH
+                            else "patient", ", ".join(d.keyword for d in mismatch))
             return Outcome(SUCCESS, integrity=mismatch)
         raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
 
@@ -311,6 +311,20 @@ class Ingest:
             return Outcome(SUCCESS, integrity=diffs)
         log.info("duplicate %s from %s ignored (stored copy kept)", sop, peer)
         return Outcome(SUCCESS)
+
+
+def _mismatch(study: StoredStudy, attrs: InstanceAttributes, keywords: tuple[str, ...]
+              ) -> tuple[IntegrityKind, list[Difference]]:
+    """How an indexed instance's demographics differ from what the index held: from its
+    study's (an instance of a known study), or from its patient's (the first instance of a
+    new study of a known patient)."""
+    if not study.is_new:
+        return IntegrityKind.DEMOGRAPHICS_MISMATCH, demographic_differences(
+            study.demographics, attrs.demographics, keywords)
+    if study.patient_demographics is not None:
+        return IntegrityKind.PATIENT_MISMATCH, patient_differences(
+            study.patient_demographics, attrs.demographics, keywords)
+    return IntegrityKind.DEMOGRAPHICS_MISMATCH, []
 
 
 def _validate(attrs: InstanceAttributes, sop_class: str, sop_instance: str) -> None:

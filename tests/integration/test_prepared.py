@@ -30,10 +30,10 @@ def db(db_url: str) -> Iterator[Database]:
 
 
 def patient(pid: str) -> dict[str, object]:
-    return {"partition_id": 1, "patient_id": pid, "issuer_of_patient_id": "",
-            "patient_name": f"DOE^{pid}", "name_family": "DOE", "name_given": pid,
-            "name_middle": "", "name_prefix": "", "name_suffix": "",
-            "patient_birth_date": "", "patient_sex": "F"}
+    return {"partition_id": 1, "patient_id": pid, "patient_id_key": pid.upper(),
+            "issuer_of_patient_id": "", "issuer_of_patient_id_key": "",
+            "patient_name": f"DOE^{pid}", "patient_birth_date": "", "patient_sex": "F",
+            "patient_sex_key": "F"}
 
 
 INSERT = Prepared(insert(_patients).values({c: bindparam(c) for c in patient("x")}),

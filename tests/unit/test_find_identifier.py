@@ -14,14 +14,16 @@ from pynetdicom.dsutils import encode
 from node.query.conditions import parse_identifier
 from node.query.index import answer_values, encoded_identifier, identifier
 
+PATIENT = SimpleNamespace(patient_name="MÜLLER^JÖRG=ミュラー", patient_id="P0000001",
+                          issuer_of_patient_id="", patient_birth_date="19700101",
+                          patient_sex="F")
 STUDY = SimpleNamespace(
     study_instance_uid="1.2.826.0.1.3680043.10.1457.12345",  # odd length: padded with NUL
     study_date="20240115", study_time="101500", accession_number="ACC1",
     study_id="", study_description="Thorax ünd Abdomen", referring_physician_name="DR^WHO",
-    modalities="\\CT\\MR\\", num_series=2, num_instances=17)
-PATIENT = SimpleNamespace(patient_name="MÜLLER^JÖRG=ミュラー", patient_id="P0000001",
-                          issuer_of_patient_id="", patient_birth_date="19700101",
-                          patient_sex="F")
+    modalities="\\CT\\MR\\", num_series=2, num_instances=17,
+    # The demographics the study was received with (what a study answers with).
+    **vars(PATIENT))
 SERIES = SimpleNamespace(series_instance_uid="1.2.3.4", modality="CT", series_number="1.0",
                          series_description="AXIAL", body_part_examined="CHEST",
                          series_date="", series_time="", num_instances=17)

@@ -12,7 +12,7 @@ from node.query.conditions import (
     condition_for,
     like_pattern,
     parse_identifier,
-    person_name_components,
+    person_name_query,
 )
 from node.scu.contexts import sub_operation_contexts
 
@@ -65,15 +65,28 @@ def test_like_pattern_escapes_sql_wildcards() -> None:
     assert like_pattern("50%_x\\") == "50\\%\\_x\\\\"
 
 
-@pytest.mark.parametrize(("value", "components"), [
-    ("SMITH", ["SMITH"]),
-    ("SMITH^JOHN", ["SMITH", "JOHN"]),
-    ("SMITH^*", ["SMITH"]),
-    ("SMITH^^Q", ["SMITH", "", "Q"]),
-    ("SMITH^J*=IDEO", ["SMITH", "J*"]),
+_ = ""
+
+
+@pytest.mark.parametrize(("value", "groups"), [
+    ("SMITH", [(None, ["SMITH", _, _, _, _])]),
+    ("SMITH^JOHN", [(None, ["SMITH", "JOHN", _, _, _])]),
+    ("SMITH^*", [(None, ["SMITH", "*", _, _, _])]),
+    ("SMITH^^Q", [(None, ["SMITH", _, "Q", _, _])]),
+    ("*^JOHN", [(None, ["*", "JOHN", _, _, _])]),
+    ("山田^太郎", [(None, ["山田", "太郎", _, _, _])]),
+    # Several groups: each asks the stored name's group in the same place.
+    ("SMITH^J*=IDEO", [(0, ["SMITH", "J*", _, _, _]), (1, ["IDEO", _, _, _, _])]),
+    ("=山田^太郎", [(1, ["山田", "太郎", _, _, _])]),
+    ("Yamada^Tarou=*=やまだ", [(0, ["Yamada", "Tarou", _, _, _]), (2, ["やまだ", _, _, _, _])]),
+    ("*", []),
+    ("^", []),
+    # More components than five stay in the last, as the index keeps them.
+    ("A^B^C^D^E^F", [(None, ["A", "B", "C", "D", "E^F"])]),
 ])
-def test_person_name_components(value: str, components: list[str]) -> None:
-    assert person_name_components(value) == components
+def test_person_name_query_groups(value: str, groups: list[tuple[int | None, list[str]]]
+                                  ) -> None:
+    assert person_name_query(value) == groups
 
 
 def test_sub_operation_contexts_keep_stored_syntax_and_offer_uncompressed() -> None:

@@ -24,16 +24,24 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
     database.dispose()
 
 
-@pytest.mark.parametrize(("keys", "index"), [
-    ({"PatientName": "SMITH12*"}, "ix_patients_partition_upper_name_family"),
-    ({"PatientName": "smith"}, "ix_patients_partition_upper_name_family"),
-    ({"PatientID": "P00012*"}, "ix_patients_partition_upper_patient_id"),
-    ({"AccessionNumber": "ACC12*"}, "ix_studies_partition_upper_accession_number"),
+@pytest.mark.parametrize(("level", "keys", "index"), [
+    ("STUDY", {"PatientName": "SMITH12*"}, "ix_person_names_family_key"),
+    ("STUDY", {"PatientName": "smith"}, "ix_person_names_family_key"),
+    ("STUDY", {"PatientName": "Διονυσιος"}, "ix_person_names_family_key"),
+    ("STUDY", {"PatientName": "Smith*", "StudyDate": "20240101-"},
+     "ix_person_names_family_key"),
+    ("PATIENT", {"PatientName": "Люк*"}, "ix_person_names_family_key"),
+    ("SERIES", {"PatientName": "=山田^太郎"}, "ix_person_names_family_key"),
+    ("STUDY", {"PatientID": "P00012*"}, "ix_patients_partition_id_patient_id_key"),
+    ("STUDY", {"AccessionNumber": "ACC12*"}, "ix_studies_partition_id_accession_number_key"),
+    ("STUDY", {"AccessionNumber": "Äcc12"}, "ix_studies_partition_id_accession_number_key"),
 ])
-def test_a_text_key_reads_its_partition_index(db: Database, keys: dict[str, str],
+def test_a_text_key_reads_its_partition_index(db: Database, level: str, keys: dict[str, str],
                                               index: str) -> None:
+    """Every table is read by a key (SEARCH), never walked (SCAN), and the key's index is
+    used to find the rows."""
     ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
+    ds.QueryRetrieveLevel = level
     ds.StudyInstanceUID = ""
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
@@ -43,5 +51,6 @@ def test_a_text_key_reads_its_partition_index(db: Database, keys: dict[str, str]
         plan = " | ".join(row[-1] for row in conn.exec_driver_sql(
             f"EXPLAIN QUERY PLAN {compiled}",
             tuple(compiled.params[name] for name in compiled.positiontup or ())))
-    first = plan.split(" | ")[0]
-    assert first.startswith("SEARCH") and index in first, plan
+    steps = plan.split(" | ")
+    assert not [step for step in steps if step.startswith("SCAN")], plan
+    assert any(step.startswith("SEARCH") and index in step for step in steps), plan

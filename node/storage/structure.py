@@ -13,7 +13,8 @@ and indexed. These checks close that gap without reading any value:
   headers are followed - encapsulated fragments and undefined-length sequences item by item -
   and the walk must end exactly at the end of the file;
 - a deflated dataset must be one complete deflate stream that does not inflate beyond
-  `MAX_INFLATED` (pydicom inflates it whole in memory).
+  `MAX_INFLATED` (pydicom inflates it whole in memory), followed by nothing but padding
+  (`deflate_tail_ok`).
 
 Everything except `read_header` is pure: it works on a `Reader` (offset, count -> bytes), so the
 tests feed it bytes. Refusals are `StructureError`, a `ValueError`, so `Ingest._read` answers
@@ -314,11 +315,21 @@ def _name(tag: int) -> str:
 
 def check_deflated(read: Reader, start: int, size: int, *, limit: int = MAX_INFLATED,
                    chunk: int = 1 << 20) -> None:
-    """The deflated dataset must be one complete deflate stream, nothing after it, inflating
-    to at most `limit` bytes. Inflates in bounded pieces and keeps nothing."""
+    """The deflated dataset must be one complete deflate stream inflating to at most `limit`
+    bytes, followed by nothing but what `deflate_tail_ok` allows. Inflates in bounded pieces
+    and keeps nothing."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = 0
+    crc = 0
     pos = start
+
+    def take(piece: bytes) -> None:
+        nonlocal inflated, crc
+        inflated += len(piece)
+        if inflated > limit:
+            raise StructureError(f"deflated dataset inflates to more than {limit} bytes")
+        crc = zlib.crc32(piece, crc)
+
     try:
         while pos < size and not inflater.eof:
             data = read(pos, min(chunk, size - pos))
@@ -326,24 +337,47 @@ def check_deflated(read: Reader, start: int, size: int, *, limit: int = MAX_INFL
                 break
             pos += len(data)
             while data and not inflater.eof:
-                inflated += len(inflater.decompress(data, chunk))
-                if inflated > limit:
-                    raise StructureError(f"deflated dataset inflates to more than {limit} "
-                                         "bytes")
+                take(inflater.decompress(data, chunk))
                 data = inflater.unconsumed_tail
         while not inflater.eof:  # output zlib may still hold once the input is consumed
-            produced = len(inflater.decompress(b"", chunk))
-            if not produced:
+            piece = inflater.decompress(b"", chunk)
+            if not piece:
                 break
-            inflated += produced
-            if inflated > limit:
-                raise StructureError(f"deflated dataset inflates to more than {limit} bytes")
+            take(piece)
     except zlib.error as exc:
         raise StructureError(f"deflated dataset is corrupt: {exc}") from exc
     if not inflater.eof:
         raise StructureError("deflated dataset is truncated")
-    if inflater.unused_data or pos < size:
-        raise StructureError("data after the end of the deflated dataset")
+    stream_end = pos - len(inflater.unused_data)
+    tail_length = size - stream_end
+    tail = read(stream_end, tail_length) if tail_length <= _MAX_DEFLATE_TAIL else None
+    if tail is None or not deflate_tail_ok(tail, stream_end - start, crc, inflated):
+        raise StructureError(f"{tail_length} bytes of data after the end of the deflated "
+                             "dataset")
+
+
+# The longest tail `deflate_tail_ok` can allow: the gzip trailer and a pad byte.
+_MAX_DEFLATE_TAIL = 9
+
+
+def deflate_tail_ok(tail: bytes, stream_length: int, crc: int, inflated: int) -> bool:
+    """May `tail` follow a deflate stream of `stream_length` bytes that inflated to `inflated`
+    bytes of CRC-32 `crc`? Only what real writers leave there:
+
+    - one 00 byte when the data before it has odd length: a dataset goes over the network in
+      PDVs of even length, and DCMTK's storescu pads an odd-length stream so (DCMTK's reader
+      ignores that byte, PS3.5 A.5 leaves padding to the encoder);
+    - the 8-byte gzip member trailer (RFC 1952: CRC-32 and length of the inflated data, little
+      endian), from a writer that made a gzip member and dropped only its header, as in
+      pydicom's image_dfl.dcm; it must match the data, so it is not arbitrary bytes; and the
+      pad byte after it on the same condition.
+
+    Anything else (a second stream, garbage, a trailer that does not match) is refused.
+    """
+    gzip_trailer = struct.pack("<LL", crc, inflated & 0xFFFFFFFF)
+    body = gzip_trailer if tail.startswith(gzip_trailer) else b""
+    rest = tail[len(body):]
+    return rest == b"" or (rest == b"\0" and (stream_length + len(body)) % 2 == 1)
 
 
 def file_reader(fd: int, size: int) -> Reader:

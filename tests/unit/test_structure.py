@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -191,7 +193,86 @@ def test_file_meta_that_lies_about_the_transfer_syntax(tmp_path: Path, implicit:
 def test_deflated_dataset_that_is_truncated_or_followed_by_data(tmp_path: Path) -> None:
     data = hostile.deflated_file()
     assert "truncated" in refusal(tmp_path, data[:-20])
-    assert "after the end" in refusal(tmp_path, data + b"\0" * 16)
+    assert "16 bytes of data after the end" in refusal(tmp_path, data + b"\0" * 16)
+    start = structure.read_meta(bytes_reader(data)).dataset_start
+    # Block type 3 in the first block header is reserved (RFC 1951 3.2.3).
+    invalid = data[:start] + bytes([data[start] | 0b110]) + data[start + 1:]
+    assert "corrupt" in refusal(tmp_path, invalid)
+
+
+def deflated_of_parity(odd: bool) -> tuple[bytes, int]:
+    """A deflated file whose stream has odd (or even) length, and the stream's length."""
+    for size in range(8, 64):
+        data = hostile.deflated_file(make_instance(size=size))
+        length = len(data) - structure.read_meta(bytes_reader(data)).dataset_start
+        if length % 2 == odd:
+            return data, length
+    raise AssertionError("no stream of that parity")
+
+
+def gzip_trailer(data: bytes) -> bytes:
+    inflated = zlib.decompress(data[structure.read_meta(bytes_reader(data)).dataset_start:],
+                               -zlib.MAX_WBITS)
+    return struct.pack("<LL", zlib.crc32(inflated), len(inflated))
+
+
+def test_deflated_dataset_padded_to_even_length_is_accepted(tmp_path: Path) -> None:
+    """storescu sends an odd-length deflate stream with one 00 byte after it (PDVs have even
+    length); only that byte, and only after an odd-length stream, is padding."""
+    odd, _ = deflated_of_parity(odd=True)
+    even, _ = deflated_of_parity(odd=False)
+    assert header_of(tmp_path, odd + b"\0").SOPInstanceUID.startswith(ROOT)
+    assert "1 bytes of data after the end" in refusal(tmp_path, even + b"\0")
+    assert "after the end" in refusal(tmp_path, odd + b"\x01")
+    assert "after the end" in refusal(tmp_path, odd + b"\0\0")
+
+
+def test_deflated_dataset_with_the_gzip_trailer_is_accepted(tmp_path: Path) -> None:
+    """pydicom's image_dfl.dcm: the stream is followed by the gzip member trailer (CRC-32 and
+    length of the inflated dataset); it is accepted when it matches, padded as above."""
+    sample = Path(get_testdata_file("image_dfl.dcm"))  # type: ignore[arg-type]
+    assert header_of(tmp_path, sample.read_bytes()).Modality == "OT"
+    for odd in (True, False):
+        data, _ = deflated_of_parity(odd)
+        trailer = gzip_trailer(data)
+        assert header_of(tmp_path, data + trailer).SOPInstanceUID.startswith(ROOT)
+        padded = data + trailer + b"\0"
+        if odd:
+            assert header_of(tmp_path, padded).SOPInstanceUID.startswith(ROOT)
+        else:
+            assert "after the end" in refusal(tmp_path, padded)
+        wrong_crc = bytes([trailer[0] ^ 1]) + trailer[1:]
+        assert "8 bytes of data after the end" in refusal(tmp_path, data + wrong_crc)
+        wrong_length = trailer[:4] + struct.pack("<L", len(data))
+        assert "after the end" in refusal(tmp_path, data + wrong_length)
+        assert "after the end" in refusal(tmp_path, data + trailer + trailer)
+
+
+def test_a_second_deflate_stream_is_not_padding(tmp_path: Path) -> None:
+    data = hostile.deflated_file()
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    second = compressor.compress(b"\0" * 4) + compressor.flush()
+    assert "after the end" in refusal(tmp_path, data + second)
+
+
+@pytest.mark.parametrize(("tail", "stream_length", "ok"), [
+    (b"", 11, True), (b"", 12, True),
+    (b"\0", 11, True), (b"\0", 12, False), (b"\x20", 11, False), (b"\0\0", 12, False),
+    (struct.pack("<LL", 0xDEADBEEF, 70000), 12, True),
+    (struct.pack("<LL", 0xDEADBEEF, 70000) + b"\0", 11, True),
+    (struct.pack("<LL", 0xDEADBEEF, 70000) + b"\0", 12, False),
+    (struct.pack("<LL", 0xDEADBEEE, 70000), 12, False),
+    (struct.pack("<LL", 0xDEADBEEF, 70001), 12, False),
+    (struct.pack("<LL", 0xDEADBEEF, 70000)[:7], 12, False),
+    (b"\0" + struct.pack("<LL", 0xDEADBEEF, 70000), 11, False),
+])
+def test_deflate_tail_rule(tail: bytes, stream_length: int, ok: bool) -> None:
+    assert structure.deflate_tail_ok(tail, stream_length, 0xDEADBEEF, 70000) is ok
+
+
+def test_gzip_trailer_length_is_modulo_four_gigabytes() -> None:
+    trailer = struct.pack("<LL", 7, 5)
+    assert structure.deflate_tail_ok(trailer, 12, 7, (1 << 32) + 5)
 
 
 def test_deflate_bomb(tmp_path: Path) -> None:

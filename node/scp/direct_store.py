@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
 
+from node.scp import sop_classes
 from node.storage import files
 from node.storage.dirsync import DirectorySyncs
 
@@ -275,7 +274,7 @@ class DirectStore:
         context = assoc._accepted_cx.get(context_id)
         if context is None or context.abstract_syntax != request.sop_class \
                 or request.sop_class in assoc.acceptor.accepted_common_extended \
-                or uid_to_service_class(request.sop_class) is not StorageServiceClass:
+                or not sop_classes.is_stored(request.sop_class):
             return None
         return request
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.activity import ActivityLog, Event
@@ -27,6 +29,7 @@ from node.scp.pdu_guard import discard_partial_dataset
 from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
+from node.scp.sop_classes import unknown_storage_classes
 from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
 from node.storage.dirsync import DirectorySyncs
 from node.storage.files import DeferredSync, ReceivedFile
@@ -84,11 +87,14 @@ class ScpHandlers:
     def __init__(self, db: Database, ingest: Ingest, qr: QueryRetrieve,
                  commitment: StorageCommitment,
                  supported: Mapping[str, PresentationContext], by_requestor: bool,
-                 activity: ActivityLog | None, admissions: Admissions) -> None:
+                 activity: ActivityLog | None, admissions: Admissions, *,
+                 accept_unknown: bool = False) -> None:
         """`supported`: the AE's contexts by abstract syntax; `by_requestor`: the requestor's
         order of transfer syntaxes decides (dicom.transfer_syntax_preference = "requestor");
         `activity`: where association, reject and store rows go (None: not recorded);
-        `admissions`: counts inbound associations against the node's limits."""
+        `admissions`: counts inbound associations against the node's limits;
+        `accept_unknown`: a proposed SOP class no library knows is accepted as storage
+        (dicom.accept_unknown_sop_classes)."""
         self.db = db
         self.admissions = admissions
         self.activity = activity if activity is not None and activity.enabled else None
@@ -96,6 +102,11 @@ class ScpHandlers:
         self.qr = qr
         self.commitment = commitment
         self.supported = supported
+        self.accept_unknown = accept_unknown
+        # What a storage context of a SOP class the node does not know is made of: the
+        # syntaxes (in the node's order) and roles of its other storage contexts.
+        self._storage = supported[CTImageStorage]
+        self._storage_syntaxes = [str(ts) for ts in self._storage.transfer_syntax]
         self.requestor_order: dict[str, list[str]] | None = (
             {uid: [str(ts) for ts in cx.transfer_syntax] for uid, cx in supported.items()}
             if by_requestor else None)
@@ -169,13 +180,22 @@ class ScpHandlers:
                 # Only reachable if the table was edited behind the CLI's back.
                 log.error("device %s has invalid coercion rules, none applied: %s",
                           device.name, exc)
+        proposed = primitive.presentation_context_definition_list
+        unknown = unknown_storage_classes(
+            (str(cx.abstract_syntax) for cx in proposed), self.supported) \
+            if self.accept_unknown else []
+        added = dict.fromkeys(unknown, self._storage_syntaxes)
         if self.requestor_order is not None:
             requested = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
-                         for cx in primitive.presentation_context_definition_list]
+                         for cx in proposed]
             assoc.acceptor.supported_contexts = [
-                self._context(abstract, syntaxes)
-                for abstract, syntaxes in requestor_first(requested, self.requestor_order)
+                self._context(abstract, syntaxes) for abstract, syntaxes
+                in requestor_first(requested, ChainMap(self.requestor_order, added))
             ]
+        elif added:
+            assoc.acceptor.supported_contexts = [
+                *assoc.acceptor.supported_contexts,
+                *(self._context(abstract, syntaxes) for abstract, syntaxes in added.items())]
         peer = Peer(partition, device, rules, calling, f"{ip}:{peer_port}", routes,
                     send_updates)
         with self._lock:
@@ -208,8 +228,10 @@ class ScpHandlers:
         if isinstance(assoc.dul, PromptDUL):
             assoc.dul.store_receiver = DirectStore(assoc, self.on_direct_store,
                                                    self.ingest.incoming, self.directory_syncs)
-        log.info("association from %s@%s:%s to %s accepted%s", calling, ip, peer_port, called,
-                 " (TLS)" if tls else "")
+        log.info("association from %s@%s:%s to %s accepted%s%s", calling, ip, peer_port, called,
+                 " (TLS)" if tls else "",
+                 f"; SOP classes no library knows, taken as storage: {', '.join(unknown)}"
+                 if unknown else "")
 
     def _refuse(self, assoc: Association, decision: admission.Admission, port: int,
                 tls: bool, partition: admission.PartitionPolicy | None) -> None:
@@ -238,8 +260,10 @@ class ScpHandlers:
         context = self._contexts.get(key)
         if context is None:
             context = build_context(abstract, syntaxes)
-            context.scu_role = self.supported[abstract].scu_role
-            context.scp_role = self.supported[abstract].scp_role
+            # A SOP class the node does not know is taken as storage (scp/sop_classes.py).
+            roles = self.supported.get(abstract, self._storage)
+            context.scu_role = roles.scu_role
+            context.scp_role = roles.scp_role
             if len(self._contexts) >= _MAX_CACHED_CONTEXTS:
                 self._contexts.clear()  # peers propose few distinct orders; never grow unbounded
             self._contexts[key] = context

@@ -35,11 +35,15 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT as A_ABORT_PRIMITIVE
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
+from node.scp import sop_classes
 from node.scp.affinity import ReceiverPinning
 from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
 
@@ -215,6 +219,27 @@ class PromptAssociation(Association):
     def kill(self) -> None:
         super().kill()
         self._prompt_wake.set()  # the reactor ends now, not when its wait runs out
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        # pynetdicom serves C-STORE only for the storage classes it lists and aborts for the
+        # others; the node accepted their contexts as storage too (scp/sop_classes.py), so
+        # they are served as storage. (The direct receiver takes almost every C-STORE; this
+        # is for the few it leaves to pynetdicom, e.g. from a peer with a tiny maximum PDU.)
+        context = self._accepted_cx.get(context_id)
+        sop_class = str(getattr(msg, "AffectedSOPClassUID", ""))
+        if not (isinstance(msg, C_STORE) and context is not None and not self._sent_release
+                and uid_to_service_class(sop_class) is ServiceClass
+                and sop_classes.is_stored(sop_class)):
+            super()._serve_request(msg, context_id)
+            return
+        self._is_paused = True  # as pynetdicom's: the handler may call send_*()
+        try:
+            StorageServiceClass(self).SCP(msg, context)
+        except Exception:
+            log.exception("C-STORE of %s failed", sop_class)
+            self.abort()
+        finally:
+            self._is_paused = False
 
     def _run_reactor(self) -> None:
         # pynetdicom's Association._run_reactor, waiting on _prompt_wake instead of a fixed

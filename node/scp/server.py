@@ -9,7 +9,7 @@ import threading
 import time
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, AllStoragePresentationContexts, _config
+from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -41,6 +41,7 @@ from node.scp.listener import (
 )
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
+from node.scp.sop_classes import STORAGE_SOP_CLASSES
 from node.scp.store import Ingest
 from node.tls import TlsError, server_context
 
@@ -80,8 +81,8 @@ def configure_pynetdicom() -> None:
 def supported_contexts(syntaxes: tuple[str, ...]) -> tuple[PresentationContext, ...]:
     """The node's presentation contexts, built once per process for a list of syntaxes.
 
-    pynetdicom checks every transfer syntax of a context as it is added: 0.17 s for the 178
-    contexts of ~40 syntaxes, paid by every node and association process start otherwise. The
+    pynetdicom checks every transfer syntax of a context as it is added: 0.06-0.17 s for the
+    216 contexts of ~40 syntaxes, paid by every node and association process start otherwise. The
     contexts are only read once built (listener.SharedContexts shares them the same way).
     """
     ae = AE()
@@ -91,10 +92,9 @@ def supported_contexts(syntaxes: tuple[str, ...]) -> tuple[PresentationContext, 
     # Both roles: requests come in as N-ACTION; reports for our own requests may come in as
     # N-EVENT-REPORT from a destination acting as SCP on its association.
     ae.add_supported_context(StorageCommitmentPushModel, syntaxes, scu_role=True, scp_role=True)
-    for context in AllStoragePresentationContexts:
+    for sop_class in STORAGE_SOP_CLASSES:
         # scp_role: a C-GET requestor proposes to be the storage SCP on its own association.
-        ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=False,
-                                 scp_role=True)
+        ae.add_supported_context(sop_class, syntaxes, scu_role=False, scp_role=True)
     return tuple(ae.supported_contexts)
 
 
@@ -137,7 +137,8 @@ class DicomServer:
                         and not settings.dicom.enforce_default_transfer_syntax)
         supported = {str(cx.abstract_syntax): cx for cx in self.ae.supported_contexts}
         self.handlers = ScpHandlers(db, ingest, qr, commitment, supported, by_requestor,
-                                    activity, admissions)
+                                    activity, admissions,
+                                    accept_unknown=settings.dicom.accept_unknown_sop_classes)
         self.dispatcher = dispatcher
         self.pinning = ReceiverPinning(process_cpu(
             process_number, settings.dicom.processes(), PROCESS_CPUS,

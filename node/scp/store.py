@@ -39,9 +39,10 @@ from node.forwarding.routing import Received, Route, destinations
 from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.coercion import Rule, apply_rules
 from node.scp.matching import Difference, demographic_differences, patient_differences
+from node.scp.sop_classes import has_no_study
 from node.storage import compare, files
 from node.storage.header_scan import scan_header
-from node.storage.paths import instance_relpath, is_valid_uid
+from node.storage.paths import instance_relpath, is_harmless_uid, is_valid_uid
 from node.storage.rewrite import rewrite_header
 from node.storage.space import StorageGuard
 from node.storage.structure import read_header
@@ -58,6 +59,7 @@ SOP_CLASS_MISMATCH = 0xA900
 CANNOT_PARSE = 0xC000
 INVALID_UID = 0xC001
 SOP_INSTANCE_MISMATCH = 0xC002
+_NO_STUDY_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID")
 
 _INDEX_ATTEMPTS = 3
 # Whether a study already went to a device (for devices that are not sent updates).
@@ -151,7 +153,10 @@ class Ingest:
                 files.fsync_file(file)
                 source = received
             study = attrs["StudyInstanceUID"][:64]
-            _validate(attrs, sop_class, sop_instance)
+            odd = _validate(attrs, sop_class, sop_instance)
+            if odd:
+                log.warning("C-STORE %s from %s: stored with a UID that is not conformant: %s",
+                            sop_instance, peer, ", ".join(f"{kw} {attrs[kw]!r}" for kw in odd))
             keep = None if not defer_sync else (source, received) if coerced else (received,)
             outcome = self._persist(peer, source, size, attrs, transfer_syntax, keep)
             if outcome.deferred is not None:
@@ -327,12 +332,24 @@ def _mismatch(study: StoredStudy, attrs: InstanceAttributes, keywords: tuple[str
     return IntegrityKind.DEMOGRAPHICS_MISMATCH, []
 
 
-def _validate(attrs: InstanceAttributes, sop_class: str, sop_instance: str) -> None:
+def _validate(attrs: InstanceAttributes, sop_class: str, sop_instance: str) -> list[str]:
+    """Refuse an instance whose UIDs cannot be stored or do not match the request; returns
+    the keywords of the UIDs that are stored although not conformant (paths.is_harmless_uid:
+    Orthanc stores them too; their path parts are hashes). A non-patient object (Color
+    Palette, Hanging Protocol, ...) has no Study and Series UIDs: it is stored without."""
+    odd = []
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        if not is_valid_uid(attrs[keyword]):
-            value = attrs[keyword]
-            raise Refused(INVALID_UID, f"{keyword} {value!r} is missing or not a valid UID"
-                          if value else f"{keyword} is missing")
+        value = attrs[keyword]
+        if is_valid_uid(value):
+            continue
+        if not value and keyword in _NO_STUDY_KEYWORDS and has_no_study(sop_class):
+            continue  # indexed with empty Study/Series UIDs, as received
+        # The SOP Class UID is the accepted context's, which is always conformant.
+        if keyword != "SOPClassUID" and is_harmless_uid(value):
+            odd.append(keyword)
+            continue
+        raise Refused(INVALID_UID, f"{keyword} {value!r} is missing or not a valid UID"
+                      if value else f"{keyword} is missing")
     if attrs["SOPClassUID"] != sop_class:
         raise Refused(SOP_CLASS_MISMATCH,
                       f"dataset SOP Class {attrs['SOPClassUID']} differs from the request's "
@@ -341,6 +358,7 @@ def _validate(attrs: InstanceAttributes, sop_class: str, sop_instance: str) -> N
         raise Refused(SOP_INSTANCE_MISMATCH,
                       f"dataset SOP Instance {attrs['SOPInstanceUID']} differs from the "
                       f"request's {sop_instance}")
+    return odd
 
 
 def _integrity(partition: PartitionPolicy, attrs: InstanceAttributes, peer: Peer,

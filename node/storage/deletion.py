@@ -32,7 +32,7 @@ from node.db.database import Database
 from node.db.indexer import INDEX_TAGS, StoredInstance, extract, index_instance
 from node.db.models import DeletedStudy, Instance, Partition, Patient, Series, Study
 from node.storage import files
-from node.storage.paths import instance_relpath, is_valid_uid
+from node.storage.paths import instance_relpath, study_relpath
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def delete_study(db: Database, root: Path, study_pk: int, *, keep: bool, reason:
                 deleted_id = record.id
             # Inside the transaction: an association storing into this study waits on its row
             # lock, so it cannot be creating these folders while they are removed.
-            _remove_empty_dirs(root / partition.folder / study.study_instance_uid)
+            _remove_empty_dirs(root / study_relpath(partition.folder, study.study_instance_uid))
             removed = Removed(study.study_instance_uid, partition.ae_title, len(rows),
                               sum(size for _, _, size in rows), deleted_id)
     except BaseException:
@@ -142,11 +142,11 @@ def restore(db: Database, root: Path, deleted_id: int) -> tuple[str, int, int]:
         for held in sorted(holding.glob("*/*.dcm")):
             ds = dcmread(held, stop_before_pixels=True, specific_tags=INDEX_TAGS)
             attrs = extract(ds)
-            if not all(is_valid_uid(attrs[k]) for k in
-                       ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
-                raise DeletionError(f"{held} does not hold valid UIDs")
-            relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
-                                       attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
+            try:
+                relpath = instance_relpath(partition.folder, attrs["StudyInstanceUID"],
+                                           attrs["SeriesInstanceUID"], attrs["SOPInstanceUID"])
+            except ValueError as exc:
+                raise DeletionError(f"{held} does not hold valid UIDs: {exc}") from exc
             if isinstance(index_instance(
                     session, partition.id, attrs, relpath=relpath, size=held.stat().st_size,
                     transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),

@@ -40,7 +40,7 @@ class Reconciled:
     """What the check found; paths are relative to the storage root."""
 
     temporary: int = 0  # temporary files examined
-    unreadable: int = 0  # of those, without the three UIDs (partial transfers, garbage)
+    unreadable: int = 0  # of those, without a SOP Instance UID (partial transfers, garbage)
     removed: list[str] = field(default_factory=list)  # orphan files removed
     restored: list[str] = field(default_factory=list)  # indexed files put back from .incoming
     missing: list[str] = field(default_factory=list)  # indexed, but the file is not there
@@ -100,7 +100,8 @@ def _read_uids(path: Path) -> tuple[str, str, str] | None:
     except Exception:  # whatever a truncated or hostile file raises: it cannot stop the start
         return None
     study, series, sop = uids
-    return (study, series, sop) if all(uids) else None
+    # A non-patient object has no Study and Series UIDs (paths.instance_relpath).
+    return (study, series, sop) if sop else None
 
 
 def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]],

@@ -190,3 +190,24 @@ def test_purge_rechecks_under_the_lock_that_the_study_is_still_stored_elsewhere(
                                     reason="test", still_wanted=monitor._still_purgeable(candidate))
     assert removed is None
     assert len(dcm_files(node, str(first.StudyInstanceUID))) == 2
+
+
+def test_a_study_stored_under_hashed_paths_is_deleted_and_restored(node: RunningNode) -> None:
+    """Non-conformant UIDs (hex hashes, as in pydicom's bad_sequence.dcm) map to the same
+    hashed paths on delete, restore and when emptied folders go."""
+    assert node.cli("partition", "edit", "PACSNODE", "--track-deleted").exit_code == 0
+    study = "05fa52f0e599f17b8186ff18fcdf2b5570a52206a75c4d03afebf5c475dc8758"
+    items = [make_instance(study_uid=study, series_uid="dbf60361338b6cb0", sop_uid=sop)
+             for sop in ("dccc9599087131742838", "dccc9599087131742839")]
+    assert statuses(store(node.port, items)) == [0, 0]
+    before = {p.relative_to(node.storage): p.read_bytes() for p in stored_files(node.storage)}
+    assert len(before) == 2 and all(p.parts[1].startswith("x") for p in before)
+
+    assert node.cli("study", "delete", study, "--yes").exit_code == 0
+    assert sorted(p.name for p in (node.storage / "PACSNODE").iterdir()) == [".deleted"]
+    [record] = json.loads(node.cli("deleted", "list", "--json").output)
+    result = node.cli("deleted", "restore", str(record["id"]))
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(node.storage): p.read_bytes()
+            for p in stored_files(node.storage)} == before
+    assert found_studies(node) == {study}

@@ -15,7 +15,7 @@ from node.db.indexer import extract, index_instance
 from node.db.models import Instance, Partition
 from node.service import Node, ensure_bootstrap_partition, open_database
 from node.storage import files
-from node.storage.paths import instance_relpath
+from node.storage.paths import instance_relpath, path_part
 from node.storage.reconcile import reconcile
 from tests.conftest import (
     RunningNode,
@@ -197,3 +197,38 @@ def test_store_over_an_orphan_replaces_it(node: RunningNode) -> None:
     assert final.stat().st_size == row.size
     assert not list(final.parent.glob(".*"))
     assert incoming_emptied(node.storage)
+
+
+def test_reconcile_finds_the_hashed_paths_of_non_conformant_uids(
+        tmp_path: Path, new_db: Callable[[str], str]) -> None:
+    """Instances stored under hashes of their UIDs (not conformant, or absent for a
+    non-patient object) are named by their temporary files like any other."""
+    settings = _settings(tmp_path, new_db("node"))
+    db = open_database(settings)
+    try:
+        ensure_bootstrap_partition(db, settings)
+        with db.session() as session:
+            partition = session.scalars(select(Partition)).one()
+        root, folder = settings.storage_dir, partition.folder
+        incoming = root / files.INCOMING
+        files.ensure_dir(incoming)
+        orphan = make_instance(study_uid="05fa52f0e599f17b", series_uid="abc.def",
+                               sop_uid="1..2")
+        assert files.place_new(_temporary(incoming, orphan, "tmporphan.dcm"),
+                               root / _relpath(folder, orphan))
+        no_study = make_instance(sop_class="1.2.840.10008.5.1.4.39.1")  # Color Palette
+        del no_study.StudyInstanceUID, no_study.SeriesInstanceUID
+        relpath = instance_relpath(folder, "", "", no_study.SOPInstanceUID)
+        copy = _temporary(incoming, no_study, "tmpnostudy.dcm")
+        _index(db, partition.id, no_study, relpath, copy.stat().st_size)
+
+        result = reconcile(db, root)
+
+        assert result.unreadable == 0
+        assert result.removed == [_relpath(folder, orphan)]
+        assert result.restored == [relpath]
+        assert files.same_file(root / relpath, copy)
+        assert sorted(p.name for p in (root / folder).iterdir()) \
+            == [path_part("")]  # the orphan's hashed study folder went with it
+    finally:
+        db.dispose()

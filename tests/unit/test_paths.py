@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from node.storage.paths import inside, instance_relpath, is_valid_folder_name, is_valid_uid
+from node.storage.paths import (
+    inside,
+    instance_relpath,
+    is_harmless_uid,
+    is_valid_folder_name,
+    is_valid_uid,
+    path_part,
+    study_relpath,
+)
 
 GOOD = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -75,6 +83,63 @@ def test_non_strings_are_not_uids(value: object) -> None:
     assert is_valid_uid(value) is False
 
 
+# --- is_harmless_uid, path_part ----------------------------------------------------------
+
+HEX = "dccc9599087131742838cc1162a630fea87ba9bf61ac09bfda90d4adfa5ddaed"  # bad_sequence.dcm
+
+
+@pytest.mark.parametrize("uid", [GOOD, HEX, "1..2", "1.2.", ".1.2", "1.2.3a", "abc", "1,2,3",
+                                 "-1.2", "~", "*", "1.2.[3]", "x" + "0" * 63, "1." + "2" * 62,
+                                 ".hidden", "...", "1.2-3_4"])
+def test_harmless_uids(uid: str) -> None:
+    assert is_harmless_uid(uid) is True
+
+
+@pytest.mark.parametrize("value", ["", ".", "..", "../1.2", "1.2/../3", "1/2", "/1.2",
+                                   "1.2\\3", "1.2 3", " 1.2", "1.2 ", "1.2.3\n", "1.2.3\x00",
+                                   "1.2\t3", "1.2.\u0663", "caf\u00e9", "1." + "2" * 63,
+                                   None, 1, b"1.2"])
+def test_uids_that_are_not_harmless(value: object) -> None:
+    assert is_harmless_uid(value) is False
+
+
+def test_conformant_uids_are_their_own_path_part() -> None:
+    assert path_part(GOOD) == GOOD
+    assert path_part("1.2.040.5") == "1.2.040.5"
+
+
+@pytest.mark.parametrize("uid", [HEX, "1..2", "*", "..."])
+def test_other_harmless_uids_are_a_hash(uid: str) -> None:
+    part = path_part(uid)
+    assert part == path_part(uid)  # the same value, the same path
+    assert part.startswith("x") and len(part) == 65
+    assert set(part[1:]) <= set("0123456789abcdef")
+    assert not is_valid_uid(part)  # never the part of a conformant UID
+
+
+def test_hashes_of_different_uids_differ() -> None:
+    assert len({path_part(uid) for uid in (HEX, HEX.upper(), "1..2", "1..2.", "")}) == 5
+
+
+@pytest.mark.parametrize("value", ["..", ".", "../x", "1/2", "1.2\\3", "1.2\x003"])
+def test_path_part_refuses_what_is_not_harmless(value: str) -> None:
+    with pytest.raises(ValueError, match="may not be stored"):
+        path_part(value)
+
+
+def test_hashed_relpath_layout() -> None:
+    relpath = instance_relpath("PACSNODE", HEX, "abc", "1.2.3")
+    assert relpath == f"PACSNODE/{path_part(HEX)}/{path_part('abc')}/1.2.3.dcm"
+    assert study_relpath("PACSNODE", HEX) == f"PACSNODE/{path_part(HEX)}"
+
+
+def test_a_non_patient_object_has_no_study_or_series_but_a_sop_instance() -> None:
+    relpath = instance_relpath("PACSNODE", "", "", "1.2.840.10008.1.5.1")
+    assert relpath == f"PACSNODE/{path_part('')}/{path_part('')}/1.2.840.10008.1.5.1.dcm"
+    with pytest.raises(ValueError, match="invalid SOP instance UID"):
+        instance_relpath("PACSNODE", "1.2", "1.2.3", "")
+
+
 # --- is_valid_folder_name ------------------------------------------------------------------
 
 
@@ -123,7 +188,8 @@ def test_instance_relpath_refuses_hostile_folder(folder: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "hostile", ["..", "../..", "1.2/../../x", "/etc/passwd", "1\\2", "", "1.2 "]
+    "hostile", ["..", "../..", "1.2/../../x", "/etc/passwd", "1\\2", "1.2 ", ".", "1\x002",
+                "1." + "2" * 63]
 )
 @pytest.mark.parametrize("position", ["study", "series", "SOP instance"])
 def test_instance_relpath_refuses_hostile_uids(hostile: str, position: str) -> None:

@@ -3,10 +3,10 @@ ways pynetdicom's own loops end them, and do not get a deep copy of the server's
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
+import pytest
 from pynetdicom.sop_class import Verification
 
 from node.scp import prompt
@@ -25,26 +25,38 @@ def accepted(node: RunningNode) -> list[object]:
 
 def test_an_idle_association_wakes_only_to_check_its_timers(node: RunningNode,
                                                              monkeypatch: object) -> None:
-    waits = {"dul": 0}
-    original = PromptDUL._wait_for_work
+    turns = {"dul": 0, "reactor": 0}
+    original = PromptDUL._process_recv_primitive
 
-    def counted(self: PromptDUL) -> None:
-        waits["dul"] += 1
-        original(self)
+    def counted(self: PromptDUL) -> bool:
+        turns["dul"] += 1  # one per turn of the DUL thread's loop, however it waits
+        return original(self)
 
-    monkeypatch.setattr(PromptDUL, "_wait_for_work", counted)  # type: ignore[attr-defined]
+    monkeypatch.setattr(PromptDUL, "_process_recv_primitive", counted)  # type: ignore[attr-defined]
     assoc = associate(node.port, contexts=[Verification])
     assert assoc.is_established
     try:
         assert wait_for(lambda: len(accepted(node)) == 1, 5)
         (theirs,) = accepted(node)
         assert type(theirs) is PromptAssociation and type(theirs.dul) is PromptDUL  # type: ignore[attr-defined]
+        get_msg = theirs.dimse.get_msg  # type: ignore[attr-defined]
+
+        def reactor_turn(*args: object, **kwargs: object) -> object:
+            turns["reactor"] += 1  # one per turn of the reactor's loop
+            return get_msg(*args, **kwargs)
+
+        theirs.dimse.get_msg = reactor_turn  # type: ignore[attr-defined]
         assert assoc.send_c_echo().Status == 0x0000
-        before = waits["dul"]
-        time.sleep(0.5)
-        # pynetdicom's polling loop turns every millisecond (~500 times here); this one wakes
-        # for its timers every IDLE_WAIT (50 times), and on nothing else while idle.
-        assert waits["dul"] - before <= 0.5 / prompt.IDLE_WAIT * 1.5
+        before = dict(turns)
+        idle = 1.0
+        time.sleep(idle)
+        # pynetdicom's polling loops turn every millisecond (~1000 times here); these wake
+        # for their timers every IDLE_WAIT (10 times), and on nothing else while idle. At
+        # least a few times, or the timers (network timeout, ARTIM) are never looked at.
+        expected = idle / prompt.IDLE_WAIT
+        for thread in ("dul", "reactor"):
+            woke = turns[thread] - before[thread]
+            assert expected * 0.4 <= woke <= expected * 1.5, (thread, woke)
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
@@ -60,8 +72,11 @@ def test_stores_then_release_and_abort_end_the_association(node: RunningNode) ->
     assert wait_for(lambda: not accepted(node), 5)
 
 
+@pytest.mark.parametrize("preference", ["requestor", "node"])
 def test_associations_share_the_servers_contexts_instead_of_copying_them(
-        node: RunningNode) -> None:
+        make_node: object, preference: str) -> None:
+    node: RunningNode = make_node(  # type: ignore[operator]
+        f'[dicom]\ntransfer_syntax_preference = "{preference}"\n')
     server = node.node.server
     assert server is not None
     (listener,) = server.listeners.values()
@@ -70,13 +85,20 @@ def test_associations_share_the_servers_contexts_instead_of_copying_them(
     try:
         assert first.is_established and second.is_established
         assert wait_for(lambda: len(accepted(node)) == 2, 5)
-        shared = {id(cx) for cx in listener.contexts}
-        for theirs in accepted(node):
-            # The requestor-first handler gave each its own list of new contexts; neither
-            # association got a deep copy of the server's 178.
-            assert theirs.acceptor.supported_contexts is not listener.contexts  # type: ignore[attr-defined]
-        copied = copy.deepcopy(listener.contexts)  # what pynetdicom does per association
-        assert copied is not listener.contexts and {id(cx) for cx in copied} == shared
+        lists = [theirs.acceptor.supported_contexts for theirs in accepted(node)]  # type: ignore[attr-defined]
+        for contexts in lists:
+            assert contexts is not listener.contexts  # each association has its own list
+        if preference == "node":
+            # pynetdicom's deep copy of the server's list per association gives the same
+            # context objects (listener.SharedContexts), not copies of the 216.
+            for contexts in lists:
+                assert len(contexts) == len(listener.contexts) > 200
+                assert all(a is b for a, b in zip(contexts, listener.contexts, strict=True))
+        else:
+            # The requestor-first handler's contexts: built once and shared (handlers.
+            # ScpHandlers._context), not built again per association.
+            [one], [other] = lists
+            assert one is other and one.abstract_syntax == Verification
     finally:
         first.release()
         second.release()

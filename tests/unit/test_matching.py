@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from node.scp.matching import MATCH_FIELDS, Difference, demographic_differences
+import pytest
+
+from node.db.indexer import InstanceAttributes
+from node.db.models import Partition
+from node.scp.lookup import policy_of
+from node.scp.matching import Difference, demographic_differences
 
 
 def test_identical_values_give_no_difference() -> None:
@@ -85,12 +90,41 @@ def test_keywords_may_be_any_iterable() -> None:
     assert [d.keyword for d in result] == ["PatientID"]
 
 
-def test_match_fields_map_partition_flags_to_keywords() -> None:
-    assert MATCH_FIELDS == {
-        "match_patient_name": "PatientName",
-        "match_patient_id": "PatientID",
-        "match_patient_sex": "PatientSex",
-        "match_patient_birth_date": "PatientBirthDate",
-        "match_accession_number": "AccessionNumber",
-        "match_issuer_of_patient_id": "IssuerOfPatientID",
-    }
+# The partition's study-matching flags (seed 000), as the model declares them.
+FLAGS = sorted(c.name for c in Partition.__table__.columns if c.name.startswith("match_"))
+
+
+def named_keyword(flag: str) -> str:
+    """The DICOM keyword a flag names: match_patient_birth_date -> PatientBirthDate."""
+    words = flag.removeprefix("match_").split("_")
+    return "".join("ID" if w == "id" else w.capitalize() for w in words)
+
+
+def partition(**flags: bool) -> Partition:
+    return Partition(id=1, ae_title="P", port=104, folder="P", enabled=True,
+                     accept_any_device=True, auto_insert_devices=False,
+                     default_remote_port=104, duplicate_policy="send-success",
+                     forwarding_enabled=True, max_associations=0,
+                     **{flag: flags.get(flag, False) for flag in FLAGS})
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_each_partition_flag_compares_the_demographic_it_names(flag: str) -> None:
+    """With only this flag set, a study whose every demographic differs reports exactly the
+    keyword the flag names; the keyword is one the store compares (the demographics of a
+    received instance)."""
+    policy = policy_of(partition(**{flag: True}))
+    keyword = named_keyword(flag)
+    assert policy.match_fields == (keyword,)
+    stored = InstanceAttributes({}).demographics
+    assert keyword in stored
+    received = {kw: "CHANGED" for kw in stored}
+    assert [d.keyword for d in demographic_differences(stored, received,
+                                                       policy.match_fields)] == [keyword]
+
+
+def test_no_flag_no_comparison_every_flag_every_demographic() -> None:
+    assert len(FLAGS) >= 6
+    assert policy_of(partition()).match_fields == ()
+    every = policy_of(partition(**dict.fromkeys(FLAGS, True))).match_fields
+    assert sorted(every) == sorted(named_keyword(flag) for flag in FLAGS)

@@ -8,6 +8,7 @@ import io
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -34,6 +35,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
+from node.storage.structure import bytes_reader, read_meta
 from tests.dicomgen import make_instance
 
 SYNTAX_OF = {  # (implicit VR, little endian) -> transfer syntax
@@ -63,6 +65,12 @@ def part10(body: bytes, transfer_syntax: str, sop_uid: str,
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)
     return buffer.getvalue() + body
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part-10 file's bytes after its file meta (the meta of a stored file is the node's)."""
+    data = path.read_bytes()
+    return data[read_meta(bytes_reader(data)).dataset_start:]
 
 
 def instance_file(ds: Dataset | None = None, *, implicit: bool = False, little: bool = True,

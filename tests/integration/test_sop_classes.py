@@ -17,10 +17,9 @@ from node.db.models import Instance
 from node.storage.paths import instance_relpath
 from tests.conftest import RunningNode, incoming_emptied, stored_files
 from tests.dicomgen import make_instance
-from tests.hostile import part10
+from tests.hostile import dataset_bytes, part10
 from tests.integration.test_bad_input import chunked_send, encoded, raw_file
 from tests.integration.test_find import find
-from tests.interop.test_deflated import dataset_bytes
 from tests.scu import associate, statuses, store
 
 UNKNOWN_CLASS = "1.2.3.4.5"  # no library knows it: a vendor's private storage class

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
+from pydicom.data import get_palette_files, get_testdata_file
 from sqlalchemy import func, select
 
 from node.db.models import Instance
 from node.storage.space import measure
 from tests.conftest import RunningNode, dcmtk_env, stored_files
 from tests.dicomgen import make_instance, write_study
+from tests.integration.test_find import find
 from tests.smallfs import MiB, fill, small_fs  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.interop
@@ -133,3 +134,22 @@ def test_storescu_sees_out_of_resources_while_storage_is_suspended_and_findscu_w
     (disk / "ballast").unlink()
     assert storescu(dcmtk, node, path).returncode == 0
     assert len(stored_files(node.storage)) == 1
+
+
+@pytest.mark.parametrize("name", ["color-pl.dcm", "color-px.dcm", "bad_sequence.dcm",
+                                  "hotiron.dcm"])
+def test_storescu_sends_objects_a_pacs_must_keep(node: RunningNode, dcmtk: Path,
+                                                 name: str) -> None:
+    """Retired Ultrasound, a hex-hash UID object and a Color Palette from storescu, which
+    proposes exactly the files' SOP classes with -R (it refuses to send a SOP class it does
+    not know at all: those are tested with pynetdicom, tests/integration/test_sop_classes)."""
+    original = Path(get_testdata_file(name) or get_palette_files(name)[0])
+    result = storescu(dcmtk, node, original, options=("-R", "-xs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ds = dcmread(original, stop_before_pixels=True)
+    [stored] = stored_files(node.storage)
+    # storescu re-encodes (sequence lengths, group lengths): the same dataset, stored as sent.
+    assert dcmread(stored) == dcmread(original)
+    found, final = find(node, "IMAGE", SOPInstanceUID=ds.SOPInstanceUID, StudyInstanceUID="")
+    assert final == 0 and [f.StudyInstanceUID for f in found] == [ds.get("StudyInstanceUID",
+                                                                         "")]

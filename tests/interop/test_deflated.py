@@ -10,8 +10,8 @@ from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from node.storage.structure import bytes_reader, read_meta
 from tests.conftest import RunningNode, stored_files
+from tests.hostile import dataset_bytes
 from tests.integration.test_find import find
 from tests.interop.test_dcmtk import run, storescu
 from tests.scu import statuses, store
@@ -33,12 +33,6 @@ def pydicom_file(name: str) -> Path:
     found = get_testdata_file(name) or get_charset_files(name)
     assert found, f"pydicom has no file {name}"
     return Path(found[0] if isinstance(found, list) else found)
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """A Part-10 file's bytes after its file meta (the meta of a stored file is the node's)."""
-    data = path.read_bytes()
-    return data[read_meta(bytes_reader(data)).dataset_start:]
 
 
 def stored_by_sop(node: RunningNode) -> dict[str, Path]:

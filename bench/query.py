@@ -118,9 +118,12 @@ def main() -> None:
     if args.database_url:
         reset_database(args.database_url)
     settings_file = work / "bench.toml"
+    work.mkdir(parents=True, exist_ok=True)
+    # A control port of its own: the default one may be another node's on this machine.
     settings_file.write_text(f'[node]\ndata_dir = "{work / "node"}"\n{db_line}'
                              f'listen_host = "127.0.0.1"\nlog_level = "WARNING"\n'
-                             f"[bootstrap_partition]\nport = {port}\n")
+                             f"[bootstrap_partition]\nport = {port}\n"
+                             f'[hierarchy]\ncontrol_listen = "127.0.0.1:{free_port()}"\n')
     node = Node(config.load(settings_file))
     node.start()
     assert node.db is not None

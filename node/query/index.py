@@ -143,22 +143,23 @@ def _person_name(keyword: str, value: str, settings: MatchSettings, partition_id
     """Component by component (SMITH matches SMITH^JOHN, SMITH^J* matches SMITH^JANE), in
     every component group of the names a study was received with (conditions.
     person_name_query); at the patient level, a patient any of whose studies matches."""
-    studies = []
+    matches = []
     for group, components in person_name_query(value):
-        names = select(PersonName.study_pk).where(PersonName.partition_id == partition_id,
-                                                  PersonName.keyword == keyword)
+        names = [PersonName.partition_id == partition_id, PersonName.keyword == keyword]
         if group is not None:
-            names = names.where(PersonName.group_index == group)
-        for column_name, component in zip(NAME_COMPONENT_COLUMNS, components, strict=True):
-            if component not in ("", "*"):
-                names = names.where(_text_clause(getattr(PersonName, column_name), component,
-                                                 settings))
-        studies.append(Study.id.in_(names))
-    if not studies:
-        return true()
-    if level == "PATIENT":
-        return Patient.id.in_(select(Study.patient_pk).where(*studies))
-    return and_(*studies)
+            names.append(PersonName.group_index == group)
+        names.extend(_text_clause(getattr(PersonName, column_name), component, settings)
+                     for column_name, component in zip(NAME_COMPONENT_COLUMNS, components,
+                                                       strict=True)
+                     if component not in ("", "*"))
+        if level == "PATIENT":
+            # A join, not studies.id IN (...): PostgreSQL hashed every study for that.
+            matches.append(Patient.id.in_(
+                select(Study.patient_pk)
+                .join_from(PersonName, Study, Study.id == PersonName.study_pk).where(*names)))
+        else:
+            matches.append(Study.id.in_(select(PersonName.study_pk).where(*names)))
+    return and_(*matches) if matches else true()
 
 
 def _modalities(condition: Condition) -> ColumnElement[bool]:

@@ -27,10 +27,11 @@ from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
 from hierarchy.servicer import ControlServicer, records_to_pb
 from node import replication
-from node.config import Settings
+from node.config import Settings, split_address
 from node.db.database import Database
 from node.db.models import Neighbour
 from node.forwarding import admin
+from node.ports import bind_reason, probe
 
 if TYPE_CHECKING:
     from node.service import Node
@@ -99,6 +100,12 @@ class ControlPlane:
                                          self.applied)
         rpc.add_ControlServicer_to_server(self._servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        host, wanted = split_address(h.control_listen, "hierarchy.control_listen")
+        # Asked first so that the error says why (gRPC only logs its reason, from C).
+        refused = probe(host, wanted)
+        if refused is not None:
+            raise OSError(f"the control plane cannot listen on {h.control_listen}:"
+                          f" {bind_reason(refused)} (set hierarchy.control_listen)")
         try:
             if tls:
                 port = self.server.add_secure_port(h.control_listen,

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from node import partitions
 from node.cli.common import (
@@ -13,6 +15,7 @@ from node.cli.common import (
     JsonOption,
     change,
     database,
+    err,
     fail,
     fields,
     load_settings,
@@ -21,6 +24,8 @@ from node.cli.common import (
     table,
     transaction,
 )
+from node.db.models import Partition
+from node.ports import bind_reason, probe
 from node.scp.matching import MATCH_FIELDS
 
 app = typer.Typer(help="Partitions: AE title + port virtual archives.", no_args_is_help=True)
@@ -117,6 +122,26 @@ def _check_tls(config: Path | None, values: dict[str, Any]) -> None:
              " file first")
 
 
+def _warn_if_busy(config: Path | None, session: Session, p: Any,
+                  before: tuple[int, int] = (0, 0)) -> None:
+    """Warn when a port the partition now has is not free on this host. A port it had
+    before, or that another enabled partition has, is the running node's own listener."""
+    if not p.enabled:
+        return
+    host = load_settings(config).node.listen_host
+    for port, kind in ((p.port, "port"), (p.tls_port, "TLS port")):
+        if not port or port in before:
+            continue
+        shared = session.scalar(select(Partition.id).where(
+            Partition.id != p.id, Partition.enabled.is_(True),
+            or_(Partition.port == port, Partition.tls_port == port)).limit(1))
+        refused = None if shared is not None else probe(host, port)
+        if refused is not None:
+            err.print(f"warning: {kind} {port} cannot be opened on this host now:"
+                      f" {bind_reason(refused)}. A running node logs it and opens the port"
+                      f" for {p.ae_title} as soon as it can.", highlight=False)
+
+
 def _ports(p: Any) -> str:
     ports = [f"port {p.port}"] if p.port else []
     ports += [f"TLS port {p.tls_port}"] if p.tls_port else []
@@ -157,6 +182,7 @@ def add(
     with transaction(config) as session:
         p = partitions.add(session, ae_title=ae_title, **values)
         typer.echo(f"added partition {p.ae_title} on {_ports(p)} (folder {p.folder})")
+        _warn_if_busy(config, session, p)
 
 
 @app.command("list")
@@ -225,8 +251,11 @@ def edit(
         fail("nothing to change: give at least one option (see --help)")
     _check_tls(config, values)
     with transaction(config) as session:
+        current = partitions.get(session, ae_title)
+        before = (current.port, current.tls_port) if current.enabled else (0, 0)
         p = partitions.edit(session, ae_title, **values)
         typer.echo(f"updated partition {p.ae_title}")
+        _warn_if_busy(config, session, p, before)
         if folder is not None:
             typer.echo("note: studies already stored keep their files in the old folder")
 

@@ -104,6 +104,9 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
     block_on_close = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the socket is bound: a bind that fails (port in use) closes the server, and
+        # server_close closes these with it.
+        self._wake_r, self._wake_w = os.pipe()
         super().__init__(*args, **kwargs)
         self.contexts = SharedContexts(self.contexts)
         self.listen = Listen(self.server_address[1], self.ssl_context is not None)
@@ -111,7 +114,6 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         self.RequestHandlerClass = _RememberingRequestHandler
         self._closing = False
         self._served = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """socketserver's accept loop, except that `shutdown` wakes it at once: with

@@ -29,6 +29,7 @@ from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
+from node.ports import bind_reason
 from node.scp import pdu_guard, prompt
 from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.scp.commitment import StorageCommitment
@@ -121,6 +122,14 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def listen_failure(host: str, listen: Listen, partitions: list[str],
+                   exc: OSError | TlsError) -> str:
+    """One line: which port could not be opened, for which partitions, and why."""
+    why = bind_reason(exc) if isinstance(exc, OSError) else str(exc)
+    return (f"cannot listen on DICOM {listen} ({host}) of partition"
+            f"{'s' if len(partitions) > 1 else ''} {', '.join(partitions)}: {why}")
+
+
 class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
                  qr: QueryRetrieve, commitment: StorageCommitment,
@@ -149,38 +158,54 @@ class DicomServer:
         self.ssl_context = server_context(settings)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Ports that could not be opened, with the error logged for each.
+        self._failing: dict[Listen, str] = {}
 
-    def desired(self) -> set[Listen]:
-        """(port, TLS) of every enabled partition's TCP and TLS port."""
+    def desired(self) -> dict[Listen, list[str]]:
+        """(port, TLS) of every enabled partition's TCP and TLS port, with the AE titles of
+        the partitions served there."""
         with self.db.session() as session:
-            rows = session.execute(select(Partition.port, Partition.tls_port)
-                                   .where(Partition.enabled.is_(True))).all()
-        wanted = {Listen(port, False) for port, _ in rows if port}
-        return wanted | {Listen(tls_port, True) for _, tls_port in rows if tls_port}
+            rows = session.execute(select(Partition.ae_title, Partition.port, Partition.tls_port)
+                                   .where(Partition.enabled.is_(True))
+                                   .order_by(Partition.ae_title)).all()
+        wanted: dict[Listen, list[str]] = {}
+        for ae_title, port, tls_port in rows:
+            for listen in ([Listen(port, False)] if port else []) + (
+                    [Listen(tls_port, True)] if tls_port else []):
+                wanted.setdefault(listen, []).append(ae_title)
+        return wanted
 
     def sync_listeners(self, *, strict: bool = False) -> None:
         """Open a listener for each port with an enabled partition, close the others.
 
         `strict` (at start-up) raises when a port cannot be opened; later a failure is logged
-        and retried at the next poll, so one bad partition never takes the node down.
+        (once, and again only when the reason changes) and retried at every poll, so a port
+        another program holds opens as soon as it is free and one bad partition never takes
+        the node down.
         """
         desired = self.desired()
-        for listen in sorted(set(self.listeners) - desired):
+        for listen in sorted(set(self.listeners) - set(desired)):
             log.info("closing DICOM listener on %s (no enabled partition)", listen)
             self.listeners.pop(listen).shutdown()
-        for listen in sorted(desired - set(self.listeners)):
+        for listen in set(self._failing) - set(desired):
+            del self._failing[listen]
+        for listen in sorted(set(desired) - set(self.listeners)):
             try:
                 server = self._listen(listen)
             except (OSError, TlsError) as exc:
-                message = (f"cannot listen on {listen}: "
-                           f"{exc.strerror if isinstance(exc, OSError) else exc}")
+                message = listen_failure(self.settings.node.listen_host, listen,
+                                         desired[listen], exc)
                 if strict:
-                    raise OSError(getattr(exc, "errno", None), message) from exc
-                log.error("%s", message)
+                    raise OSError(message) from exc
+                if self._failing.get(listen) != message:
+                    log.error("%s; trying again every %g s", message,
+                              self.settings.node.partition_poll_seconds)
+                    self._failing[listen] = message
                 continue
             self.listeners[listen] = server
-            log.info("DICOM listener on %s:%d%s", self.settings.node.listen_host, listen.port,
-                     " (TLS)" if listen.tls else "")
+            log.info("DICOM listener on %s:%d%s%s", self.settings.node.listen_host, listen.port,
+                     " (TLS)" if listen.tls else "",
+                     " (it was unavailable)" if self._failing.pop(listen, None) else "")
 
     def _server(self, listen: Listen,
                 server_class: type[ScreeningAssociationServer]) -> ScreeningAssociationServer:
@@ -219,11 +244,21 @@ class DicomServer:
         self._watcher.start()
 
     def _watch(self) -> None:
+        last_failure = ""
         while not self._stop.wait(self.settings.node.partition_poll_seconds):
             try:
                 self.sync_listeners()
+                last_failure = ""
             except SQLAlchemyError as exc:
                 log.error("cannot read partitions: %s", exc)
+            except Exception as exc:
+                # The watcher is what opens every partition added later: it must outlive
+                # whatever one round ran into (logged once while it repeats).
+                if repr(exc) != last_failure:
+                    log.exception("matching the DICOM listeners to the partitions failed;"
+                                  " trying again every %g s",
+                                  self.settings.node.partition_poll_seconds)
+                last_failure = repr(exc)
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight associations finish for `grace` seconds, abort the rest."""

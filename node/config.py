@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import tomllib
@@ -345,9 +346,20 @@ def validate(settings: Settings) -> None:
         raise ConfigError("bootstrap_partition.tls_port needs [tls] cert and key")
     if settings.node.partition_poll_seconds <= 0:
         raise ConfigError("node.partition_poll_seconds must be positive")
+    settings.node.log_level = _log_level(settings.node.log_level)
     _validate_hierarchy(settings)
     _validate_storage(settings)
     _validate_tls(settings)
+
+
+def _log_level(value: str) -> str:
+    """The level's name as the logging module knows it (any case), else a ConfigError."""
+    known = logging.getLevelNamesMapping()
+    if value.strip().upper() in known:
+        return value.strip().upper()
+    levels = sorted({logging.getLevelName(n) for n in known.values() if n}, key=known.get)
+    raise ConfigError(f"node.log_level {value!r} is not a log level: use one of"
+                      f" {', '.join(levels)}")
 
 
 def _validate_tls(settings: Settings) -> None:

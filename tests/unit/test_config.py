@@ -436,3 +436,20 @@ def test_association_processes_zero_is_one_per_core_and_out_of_range_is_named(
     for bad in (-1, 65):
         with pytest.raises(ConfigError, match=r"dicom\.association_processes must be 0"):
             load(_write(tmp_path, f"[dicom]\nassociation_processes = {bad}\n"))
+
+
+# --- log level -------------------------------------------------------------------------------
+
+
+def test_a_log_level_logging_does_not_know_is_refused_with_the_known_ones(
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(_write(tmp_path, '[node]\nlog_level = "VERBOSE"\n'))
+    assert str(refused.value) == ("node.log_level 'VERBOSE' is not a log level: use one of DEBUG,"
+                                  " INFO, WARNING, ERROR, CRITICAL")
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), (" Warning ", "WARNING"),
+                                              ("WARN", "WARN"), ("critical", "CRITICAL")])
+def test_log_levels_are_read_in_any_case(tmp_path: Path, value: str, level: str) -> None:
+    assert load(_write(tmp_path, f'[node]\nlog_level = "{value}"\n')).node.log_level == level

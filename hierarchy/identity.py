@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import socket
-from importlib import metadata
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -12,15 +10,7 @@ from sqlalchemy.orm import Session
 from hierarchy.rpc import control_pb2 as pb
 from node.config import Settings, split_address
 from node.db.models import Neighbour, Partition
-
-
-@functools.cache
-def version() -> str:
-    """Looked up once: the lookup scans the installed distributions."""
-    try:
-        return metadata.version("pacsnode")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+from node.implementation import version
 
 
 def advertise_address(settings: Settings) -> str:

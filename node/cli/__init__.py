@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
@@ -19,8 +20,23 @@ from node.cli import (
     status,
     study,
 )
+from node.implementation import version
 
 HELP = "A hierarchical PACS node: DICOM archive, partitions, devices and their administration."
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"pacsnode {version()}")
+        raise typer.Exit()
+
+
+def _root(
+    _version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the installed version and exit.")] = False,
+) -> None:
+    """The options of `pacsnode` itself (before any command)."""
 
 
 def build_app(serve_command: Callable[..., None] = serve.serve,
@@ -31,6 +47,7 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
     # (older typer versions show them by default).
     app = typer.Typer(name="pacsnode", help=HELP, no_args_is_help=True, add_completion=False,
                       pretty_exceptions_show_locals=False)
+    app.callback()(_root)
     app.command("serve")(serve_command)
     app.add_typer(db.app, name="db")
     app.add_typer(partition.app, name="partition")

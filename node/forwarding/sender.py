@@ -19,6 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from node.forwarding.queue import Job
+from node.implementation import identify
 from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.scp.prompt import prompt_requestor
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
@@ -95,7 +96,7 @@ class Connection:
             if pair not in self.pairs:
                 self.pairs.append(pair)
         t = self.target
-        ae = AE(ae_title=t.calling_ae)
+        ae = identify(AE(ae_title=t.calling_ae))
         ae.acse_timeout = t.acse_timeout
         ae.dimse_timeout = t.dimse_timeout
         ae.network_timeout = t.network_timeout

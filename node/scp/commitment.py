@@ -22,6 +22,7 @@ from node.activity import ActivityLog, Event
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import ForwardJob, Instance, utcnow
+from node.implementation import identify
 from node.scp import lookup
 from node.scp.store import Peer
 from node.scu.tuning import CONNECTION_HANDLERS
@@ -112,7 +113,7 @@ class StorageCommitment:
         report.ReferencedSOPSequence = [_ref(c, s) for c, s in ok]
         if missing:
             report.FailedSOPSequence = [_ref(c, s, NO_SUCH_OBJECT_INSTANCE) for c, s in missing]
-        ae = AE(ae_title=peer.partition.ae_title)
+        ae = identify(AE(ae_title=peer.partition.ae_title))
         ae.add_requested_context(StorageCommitmentPushModel)
         where = target[1]
         assoc = ae.associate(where.address, where.port, ae_title=target[0],

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
+from node.implementation import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from node.scp import sop_classes
 from node.storage import files
 from node.storage.dirsync import DirectorySyncs
@@ -193,16 +192,20 @@ def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
+# Implementation Class UID and Version Name: the same in every file, encoded once.
+_IMPLEMENTATION = (_explicit(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\0"))
+                   + _explicit(0x0013, b"SH", _padded(implementation_version_name(), b" ")))
+
+
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     """Preamble, prefix and file meta group of a received instance, as pynetdicom's chunked
-    receive writes them (Explicit VR Little Endian, pynetdicom's implementation UID)."""
+    receive writes them (Explicit VR Little Endian), naming pacsnode's implementation."""
     group = b"".join([
         _explicit(0x0001, b"OB", b"\x00\x01"),
         _explicit(0x0002, b"UI", _padded(sop_class, b"\0")),
         _explicit(0x0003, b"UI", _padded(sop_instance, b"\0")),
         _explicit(0x0010, b"UI", _padded(transfer_syntax, b"\0")),
-        _explicit(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
-        _explicit(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _IMPLEMENTATION,
     ])
     return (b"\0" * 128 + b"DICM" + _explicit(0x0000, b"UL", struct.pack("<L", len(group)))
             + group)

@@ -9,7 +9,8 @@ import threading
 import time
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, _config
+from pydicom.uid import UID
+from pynetdicom import AE, _config, dimse_messages, dsutils
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -24,11 +25,15 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from node import __version__
 from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
+from node.implementation import (
+    IMPLEMENTATION_CLASS_UID,
+    identify,
+    implementation_version_name,
+)
 from node.ports import bind_reason
 from node.scp import pdu_guard, prompt
 from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
@@ -56,7 +61,6 @@ QR_MODELS = (
     StudyRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
 )
-IMPLEMENTATION_VERSION_NAME = f"PACSNODE_{__version__.replace('.', '_')}"[:16]
 
 
 def configure_pynetdicom() -> None:
@@ -76,6 +80,12 @@ def configure_pynetdicom() -> None:
     # (storage/structure.py, paths.is_valid_uid); coercion rules validate with mode 2 anyway.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    # A C-STORE the direct receiver leaves to pynetdicom is written to its file behind a file
+    # meta header that names pynetdicom (a default argument, not the AE's implementation UID):
+    # the stored file names pacsnode, as the direct receiver's do, at no cost per store.
+    dimse_messages.create_file_meta = functools.partial(
+        dsutils.create_file_meta, implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
+        implementation_version=implementation_version_name())
 
 
 @functools.cache
@@ -113,9 +123,8 @@ def build_ae(settings: Settings) -> AE:
     # admitted; pynetdicom's own count also includes threads still finishing, so it is only a
     # backstop here.
     ae.maximum_associations = 2 * d.maximum_associations
-    ae.implementation_version_name = (
-        IMPLEMENTATION_VERSION_NAME if d.send_implementation_version_name else None
-    )
+    # The C-MOVE sub-operation associations are requested by this AE too.
+    identify(ae, version_name=d.send_implementation_version_name)
     # pynetdicom's own supported-contexts dict, filled from the process's one built list.
     ae._supported_contexts = {cx.abstract_syntax: cx for cx in
                               supported_contexts(tuple(settings.accepted_transfer_syntaxes))}

@@ -11,6 +11,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import Settings
+from node.implementation import identify
 from node.scu.tuning import CONNECTION_HANDLERS
 from node.tls import Endpoint, tls_reason
 
@@ -26,7 +27,7 @@ class EchoResult:
 def echo(settings: Settings, *, endpoint: Endpoint, called_ae: str,
          calling_ae: str) -> EchoResult:
     d = settings.dicom
-    ae = AE(ae_title=calling_ae)
+    ae = identify(AE(ae_title=calling_ae))
     ae.acse_timeout = d.acse_timeout
     ae.dimse_timeout = d.dimse_timeout
     ae.network_timeout = d.network_timeout

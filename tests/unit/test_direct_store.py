@@ -19,6 +19,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 
+from node.implementation import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from node.scp import direct_store
 from node.scp.direct_answers import find_response
 from node.scp.direct_store import (
@@ -85,7 +86,9 @@ def test_file_meta_is_what_pynetdicom_writes(syntax: str, sop_instance: str) -> 
     expected = DicomBytesIO()
     expected.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(expected, create_file_meta(
-        sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance, transfer_syntax=syntax))
+        sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance, transfer_syntax=syntax,
+        implementation_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version=implementation_version_name()))
     assert file_meta(CTImageStorage, sop_instance, syntax) == expected.getvalue()
 
 

@@ -45,8 +45,11 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
     serve (which adds the control plane) and refresh-ip (which adds --hierarchy)."""
     # A traceback never lists local variables: they hold the settings, passwords included
     # (older typer versions show them by default).
+    # Plain help (click's layout), not typer's rich panels: those give every flag a type
+    # column, so `--enabled/--disabled` read `<bool>` as if they took a value (typer's plain
+    # layout leaves flags without one), and cut long option names at 80 columns.
     app = typer.Typer(name="pacsnode", help=HELP, no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_show_locals=False)
+                      pretty_exceptions_show_locals=False, rich_markup_mode=None)
     app.callback()(_root)
     app.command("serve")(serve_command)
     app.add_typer(db.app, name="db")

@@ -39,6 +39,10 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+# The value an on | off | default option takes, as its help shows it.
+SWITCH = "on|off|default"
+
+
 def switch(name: str, value: str) -> bool | None:
     """An on | off | default option; default (None) means: the node's setting."""
     word = value.strip().lower()

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from node import devices
 from node.cli.common import (
+    SWITCH,
     ConfigOption,
     JsonOption,
     change,
@@ -38,7 +39,8 @@ Type = Annotated[str | None, typer.Option(
 Partition_ = Annotated[str | None, typer.Option(
     "--partition", help="AE title of the partition it belongs to ('' = every partition).")]
 Description = Annotated[str | None, typer.Option(help="Free text.")]
-Enabled = Annotated[bool | None, typer.Option("--enabled/--disabled")]
+Enabled = Annotated[bool | None, typer.Option(
+    "--enabled/--disabled", help="Admit its associations and forward to it (default: enabled).")]
 Rule = Annotated[list[str] | None, typer.Option(
     "--rule", help="A coercion rule, e.g. 'prefix AccessionNumber SITEA-' (repeatable, in order;"
     " replaces the device's rules). See the README for the rule language.")]
@@ -80,19 +82,22 @@ MaxInbound = Annotated[int | None, typer.Option(
 CategoryOption = Annotated[str | None, typer.Option(
     "--category", help="Category whose members share a connection limit ('' = none).")]
 Heartbeat = Annotated[str | None, typer.Option(
-    "--heartbeat", help="Keep the association open between transmissions: on|off|default.")]
+    "--heartbeat", metavar=SWITCH, help="Keep the association open between transmissions"
+    " (default: the node's forwarding.heartbeat).")]
 RemovePrivate = Annotated[str | None, typer.Option(
-    "--remove-private-tags", help="Remove private tags when forwarding: on|off|default.")]
+    "--remove-private-tags", metavar=SWITCH, help="Remove private tags when forwarding"
+    " (default: the node's forwarding.remove_private_tags).")]
 SendUpdates = Annotated[str | None, typer.Option(
-    "--send-updates", help="Forward new instances of studies already sent: on|off|default.")]
+    "--send-updates", metavar=SWITCH, help="Forward new instances of studies already sent"
+    " (default: the node's forwarding.send_updates).")]
 
 Commitment = Annotated[bool | None, typer.Option(
     "--storage-commitment/--no-storage-commitment",
     help="Ask the device to commit what it was sent (push model).")]
 
 Scope = Annotated[str | None, typer.Option(
-    "--scope", help="local (this node only, the default) or hierarchy (replicated to every node"
-    " of the tree).")]
+    "--scope", metavar="local|hierarchy", help="local: this node only (the default);"
+    " hierarchy: replicated to every node of the tree.")]
 
 
 def _forwarding(forward: bool | None, forward_rule: list[str] | None, clear: bool,

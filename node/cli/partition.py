@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from node import partitions
 from node.cli.common import (
+    SWITCH,
     ConfigOption,
     JsonOption,
     change,
@@ -41,7 +42,8 @@ Description = Annotated[str | None, typer.Option(help="Free text shown in listin
 Enabled = Annotated[bool | None, typer.Option("--enabled/--disabled",
                                               help="Accept associations (default: enabled).")]
 Duplicates = Annotated[str | None, typer.Option(
-    "--duplicate-policy", help="send-success | reject | compare (default: send-success).")]
+    "--duplicate-policy", metavar="send-success|reject|compare",
+    help="What a duplicate instance gets (default: send-success).")]
 AcceptAny = Annotated[bool | None, typer.Option(
     "--accept-any/--no-accept-any", help="Accept devices not in the device table (default: on).")]
 AutoInsert = Annotated[bool | None, typer.Option(
@@ -56,12 +58,16 @@ TrackDeleted = Annotated[bool | None, typer.Option(
     "--track-deleted/--no-track-deleted",
     help="Keep deleted studies in a deleted folder (default: off).")]
 CaseSensitive = Annotated[str | None, typer.Option(
-    "--case-sensitive", help="Case-sensitive query matching: on | off | default (the node's "
-    "query.case_sensitive).")]
+    "--case-sensitive", metavar=SWITCH,
+    help="Case-sensitive query matching (default: the node's query.case_sensitive).")]
 EmptyMatching = Annotated[str | None, typer.Option(
-    "--empty-matching", help="An empty value matches a non-empty query key: on | off | default.")]
+    "--empty-matching", metavar=SWITCH,
+    help="An empty value matches a non-empty query key (default: the node's"
+    " query.empty_matching).")]
 QueryLimit = Annotated[str | None, typer.Option(
-    "--query-limit", help="Most matches a query or retrieve may have (0: none) | default.")]
+    "--query-limit", metavar="N|default",
+    help="Most matches a query or retrieve may have, 0: no limit (default: the node's"
+    " query.limit).")]
 Forwarding = Annotated[bool | None, typer.Option(
     "--forwarding/--no-forwarding", help="Queue what is stored here for forwarding (default on).")]
 NewAe = Annotated[str | None, typer.Option("--ae-title", help="Rename the AE title.")]

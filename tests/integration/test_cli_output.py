@@ -3,9 +3,12 @@ that reads, full UIDs, node defaults named as such, a queue that says it is empt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+import typer
 from typer.testing import CliRunner
 
 from hierarchy.cli import app
@@ -24,3 +27,34 @@ def test_version_is_the_installed_distributions() -> None:
     result = CliRunner().invoke(app, ["--version"])  # no command, no settings
     assert result.exit_code == 0
     assert result.output == f"pacsnode {metadata.version('pacsnode')}\n"
+
+
+def every_command(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The command path of the group and of each command under it."""
+    yield path
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from every_command(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_help_shows_flags_as_choices_not_as_bool_values() -> None:
+    runner = CliRunner()
+    commands = list(every_command(typer.main.get_command(app)))
+    assert len(commands) > 40
+    for command in commands:
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "<bool>" not in result.output, (command, result.output)
+        assert "--help  " in result.output or "--help " in result.output
+    partition = runner.invoke(app, ["partition", "edit", "--help"]).output
+    device = runner.invoke(app, ["device", "edit", "--help"]).output
+    for shown in ("--enabled / --disabled ", "--accept-any / --no-accept-any ",
+                  "--case-sensitive on|off|default", "--duplicate-policy send-success|reject|"
+                  "compare", "--query-limit N|default"):
+        assert shown in partition, partition
+    for shown in ("--enabled / --disabled ", "--storage / --no-storage ",
+                  "--heartbeat on|off|default", "--send-updates on|off|default",
+                  "--scope local|hierarchy"):
+        assert shown in device, device

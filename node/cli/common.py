@@ -108,7 +108,17 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         t.add_column(column)
     for row in rows:
         t.add_row(*["" if v is None else str(v) for v in row])
-    out.print(t)
+    # Never cut a value short with "…": what a listing shows (a Study Instance UID) is what the
+    # next command takes. A table wider than the terminal is printed at its own width, one
+    # line per row, and the terminal wraps the lines (rich would shrink every column to fit,
+    # cutting even those that cannot wrap).
+    needed = out.measure(t, options=out.options.update_width(1 << 16)).maximum
+    width = out.width
+    out.width = max(width, needed)
+    try:
+        out.print(t)
+    finally:
+        out.width = width
 
 
 def fields(data: dict[str, Any]) -> None:

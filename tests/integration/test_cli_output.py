@@ -8,11 +8,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from hierarchy.cli import app
-from tests.conftest import run_cli, write_config
+from node.cli import common
+from tests.conftest import RunningNode, run_cli, write_config
+from tests.dicomgen import Patient, make_instance
+from tests.scu import statuses, store
 
 
 def test_serve_refuses_a_log_level_logging_does_not_know_in_one_line(tmp_path: Path) -> None:
@@ -58,3 +62,18 @@ def test_every_help_shows_flags_as_choices_not_as_bool_values() -> None:
                   "--heartbeat on|off|default", "--send-updates on|off|default",
                   "--scope local|hierarchy"):
         assert shown in device, device
+
+
+@pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
+def test_study_list_shows_whole_uids_on_a_narrow_terminal(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = "1.2.826.0.1.3680043.8.498." + "1234567890" * 3 + "12345678"  # 64 characters
+    patient = Patient(name="VERYLONGFAMILYNAME^WITH^MANY^COMPONENTS", patient_id="PID-0000001")
+    assert statuses(store(node.port, [make_instance(study_uid=study, patient=patient)])) == [0]
+    monkeypatch.setattr(common.out, "width", 80)  # what an 80-column terminal gives
+    listed = node.cli("study", "list")
+    assert listed.exit_code == 0, listed.output
+    assert study in listed.output and "…" not in listed.output, listed.output
+    assert common.out.width == 80  # the next output is as wide as the terminal again
+    deleted = node.cli("study", "delete", study, "--yes")  # what the listing is for
+    assert deleted.exit_code == 0 and f"deleted study {study}" in deleted.output

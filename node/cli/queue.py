@@ -91,14 +91,19 @@ def stats(
 ) -> None:
     """Jobs per destination and state."""
     with database(config) as (_settings, db):
-        if follow:
-            _follow(db)
-            return
         with db.session() as session:
             rows = admin.stats(session)
+        if follow and not as_json and any(r.waiting for r in rows):
+            _follow(db)
+            return
     if as_json:
         print_json([{"device": r.device, **r.counts} for r in rows])
         return
+    if not rows:
+        typer.echo("the forwarding queue is empty: no job for any destination")
+        return
+    if follow:
+        typer.echo("nothing waits to be forwarded:")
     table("Forwarding queue", ["destination", *admin.STATES],
           [[r.device, *(r.counts.get(s, 0) for s in admin.STATES)] for r in rows])
 

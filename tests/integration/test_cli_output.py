@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from hierarchy.cli import app
 from node.cli import common
-from tests.conftest import RunningNode, run_cli, write_config
+from tests.conftest import RunningNode, run_cli, wait_for, write_config
+from tests.destination import CountingSCP
 from tests.dicomgen import Patient, make_instance
 from tests.scu import statuses, store
 
@@ -77,3 +78,24 @@ def test_study_list_shows_whole_uids_on_a_narrow_terminal(
     assert common.out.width == 80  # the next output is as wide as the terminal again
     deleted = node.cli("study", "delete", study, "--yes")  # what the listing is for
     assert deleted.exit_code == 0 and f"deleted study {study}" in deleted.output
+
+
+@pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
+def test_queue_stats_follow_says_when_nothing_waits(node: RunningNode) -> None:
+    for args in (["queue", "stats", "--follow"], ["queue", "stats"]):
+        empty = node.cli(*args)
+        assert empty.exit_code == 0
+        assert empty.output == "the forwarding queue is empty: no job for any destination\n"
+    dest = CountingSCP().start()
+    try:
+        assert node.cli("device", "add", "BACKUP", "--type", "BACKUP_TARGET", "--host",
+                        "127.0.0.1", "--port", str(dest.port)).exit_code == 0
+        assert statuses(store(node.port, [make_instance()])) == [0]
+        assert wait_for(lambda: len(dest.received) == 1, 10)
+        assert wait_for(lambda: '"done": 1' in node.cli("queue", "stats", "--json").output)
+    finally:
+        dest.stop()
+    done = node.cli("queue", "stats", "--follow")
+    assert done.exit_code == 0
+    assert done.output.startswith("nothing waits to be forwarded:\n"), done.output
+    assert "BACKUP" in done.output

@@ -233,6 +233,30 @@ def _scope(d: Any) -> str:
     return f"local ({d.neighbour_id})" if d.neighbour_id else "local"
 
 
+# What an unset value of `device show` means, in the words partition show uses: 0 or None
+# stand for the node's setting, or for nothing.
+_NODE_DEFAULT = "(node default)"
+_UNSET: dict[str, tuple[object, str]] = {
+    "max_pdu_size": (0, _NODE_DEFAULT), "acse_timeout": (0, _NODE_DEFAULT),
+    "dimse_timeout": (0, _NODE_DEFAULT), "network_timeout": (0, _NODE_DEFAULT),
+    "max_inbound_associations": (0, _NODE_DEFAULT), "heartbeat": (None, _NODE_DEFAULT),
+    "remove_private_tags": (None, _NODE_DEFAULT), "send_updates": (None, _NODE_DEFAULT),
+    "tls_port": (0, "(none)"), "category": (None, "(none)"),
+    "partition": (None, "(every partition)"), "transfer_syntaxes": ("", "(none)"),
+    "forward_rules": ("", "(none: everything)"),
+}
+
+
+def readable(data: dict[str, Any]) -> dict[str, Any]:
+    """A device as `device show` prints it: unset values named, not None or 0.0."""
+    shown = dict(data)
+    for key, (unset, words) in _UNSET.items():
+        value = shown.get(key, words)
+        if value is unset if unset is None else (value is not None and value == unset):
+            shown[key] = words
+    return shown
+
+
 @app.command()
 def show(name: NameArg, as_json: JsonOption = False, config: ConfigOption = None) -> None:
     """Show a device, with its coercion rules."""
@@ -246,7 +270,7 @@ def show(name: NameArg, as_json: JsonOption = False, config: ConfigOption = None
             print_json(data)
             return
         rules = data.pop("coercion_rules")
-        fields(data)
+        fields(readable(data))
         typer.echo("coercion rules:" + ("" if rules.strip() else " (none)"))
         for line in rules.splitlines():
             typer.echo(f"  {line}")

@@ -99,3 +99,26 @@ def test_queue_stats_follow_says_when_nothing_waits(node: RunningNode) -> None:
     assert done.exit_code == 0
     assert done.output.startswith("nothing waits to be forwarded:\n"), done.output
     assert "BACKUP" in done.output
+
+
+@pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
+def test_device_show_names_node_defaults_as_partition_show_does(node: RunningNode) -> None:
+    assert node.cli("device", "add", "VIEWER", "--host", "127.0.0.1").exit_code == 0
+    shown = node.cli("device", "show", "VIEWER")
+    assert shown.exit_code == 0
+    lines = dict(line.split(None, 1) for line in shown.output.splitlines()
+                 if len(line.split(None, 1)) == 2)
+    for key in ("max_pdu_size", "acse_timeout", "dimse_timeout", "network_timeout",
+                "max_inbound_associations", "heartbeat", "remove_private_tags", "send_updates"):
+        assert lines[key] == "(node default)", shown.output
+    assert (lines["tls_port"], lines["category"], lines["partition"]) == (
+        "(none)", "(none)", "(every partition)")
+    assert not {"None", "0", "0.0"} & set(lines.values()), shown.output
+    assert "(node default)" in node.cli("partition", "show", "PACSNODE").output  # the same words
+    assert node.cli("device", "edit", "VIEWER", "--heartbeat", "off", "--acse-timeout", "5",
+                    "--max-pdu", "16384").exit_code == 0
+    lines = dict(line.split(None, 1) for line in node.cli("device", "show", "VIEWER")
+                 .output.splitlines() if len(line.split(None, 1)) == 2)
+    assert (lines["heartbeat"], lines["acse_timeout"], lines["max_pdu_size"]) == (
+        "False", "5.0", "16384")
+    assert lines["dimse_timeout"] == "(node default)"

@@ -33,6 +33,7 @@ from node.scp import lookup, pdu_guard
 from node.scp.direct_answers import FindAnswers
 from node.scp.store import Peer
 from node.scu.contexts import sub_operation_contexts
+from node.scu.failure import AssociationFailure
 from node.scu.tuning import tcp_nodelay
 from node.tls import endpoint
 
@@ -268,8 +269,10 @@ class QueryRetrieve:
         return instances, None
 
     def _retrieved(self, kind: str, peer: Peer, report: Report, delivered: list[Stored],
-                   refused: list[str]) -> None:
-        """After the sends: the studies that went out count as accessed; the request's row."""
+                   refused: list[str], destination: str = "") -> None:
+        """After the sends: the studies that went out count as accessed; the request's row.
+        `destination`: the C-MOVE destination and why it could not be associated with, if
+        it could not."""
         gone = set(refused)
         studies = {item.study_pk for item in delivered
                    if item.sop_instance not in gone and item.study_pk}
@@ -280,7 +283,10 @@ class QueryRetrieve:
             # pynetdicom could not associate with the move destination, or the association
             # ended first: nothing was tried.
             report.failed = report.count
-            report.end("failed", "the move destination could not be reached" if kind == "move"
+            if kind == "move":
+                # pynetdicom's own log lines do not say which destination, nor always why.
+                log.error("C-MOVE from %s: cannot send to destination %s", peer, destination)
+            report.end("failed", f"destination {destination} not reached" if kind == "move"
                        else "the association ended before any sub-operation")
         if studies:
             try:
@@ -366,14 +372,16 @@ class QueryRetrieve:
         assert instances is not None
         refused: list[str] = []
         delivered: list[Stored] = []
-        kwargs["evt_handlers"] = [*kwargs["evt_handlers"],
+        failure = AssociationFailure()
+        kwargs["evt_handlers"] = [*kwargs["evt_handlers"], *failure.handlers(),
                                   (evt.EVT_DIMSE_RECV, collect_refusals, [refused])]
         try:
             yield address, port, kwargs
             yield len(instances)
             yield from self._datasets(event, instances, refused, delivered, report)
         finally:
-            self._retrieved("move", peer, report, delivered, refused)
+            self._retrieved("move", peer, report, delivered, refused,
+                            f"{destination_ae} at {address}:{port}: {failure.reason()}")
 
     def get(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
         report = Report()

@@ -6,15 +6,39 @@
 # Usage: examples/three-sites/run.sh [work-dir]      (default ./three-sites-data)
 #   BASE_PORT=11300  DICOM ports BASE_PORT+0..6, control ports BASE_PORT+100..106
 #   KEEP=1           leave the nodes running at the end (stop them with: kill $(cat work-dir/*.pid))
-# Needs: pacsnode on PATH (pip install .), DCMTK (apt-get install dcmtk).
+#   PACSNODE=path    the pacsnode command (default: pacsnode on PATH, else this checkout's
+#                    .venv/bin/pacsnode, as the README's first command installs it)
+# Needs: pacsnode, DCMTK (apt-get install dcmtk).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+CHECKOUT=$(cd "$HERE/../.." && pwd)
+die() { echo "run.sh: $*" >&2; exit 1; }
+
+# Everything the example needs, found (or refused with the reason) before any node starts.
+if [ -n "${PACSNODE:-}" ]; then
+  PACSNODE=$(command -v "$PACSNODE") || die "PACSNODE=$PACSNODE is not a command"
+elif command -v pacsnode >/dev/null; then
+  PACSNODE=$(command -v pacsnode)
+elif [ -x "$CHECKOUT/.venv/bin/pacsnode" ]; then
+  PACSNODE=$CHECKOUT/.venv/bin/pacsnode
+else
+  die "pacsnode is neither on PATH nor in $CHECKOUT/.venv; install it first:" \
+      "cd $CHECKOUT && python3 -m venv .venv && .venv/bin/pip install ." \
+      "(or set PACSNODE=/path/to/pacsnode)"
+fi
+VERSION=$("$PACSNODE" --version 2>&1) || die "$PACSNODE does not run: $VERSION"
+PYTHON=${PYTHON:-$(dirname "$PACSNODE")/python}
+[ -x "$PYTHON" ] || PYTHON=python3
+"$PYTHON" -c "import pydicom" 2>/dev/null \
+  || die "$PYTHON cannot import pydicom (make_study.py needs it); set PYTHON to the python" \
+         "of pacsnode's environment"
+for tool in echoscu storescu findscu; do
+  [ -x "/usr/bin/$tool" ] || die "DCMTK's /usr/bin/$tool is missing: apt-get install dcmtk"
+done
 WORK=$(mkdir -p "${1:-./three-sites-data}" && cd "${1:-./three-sites-data}" && pwd)
 BASE=${BASE_PORT:-11300}
-PACSNODE=${PACSNODE:-pacsnode}
-PYTHON=${PYTHON:-$(dirname "$(command -v "$PACSNODE")")/python}
-[ -x "$PYTHON" ] || PYTHON=python3
 export TCP_NODELAY=1  # DCMTK waits ~40 ms per small message on loopback without it
+echo "== $VERSION ($PACSNODE)"
 
 # name  parent  site name
 NODES=(
@@ -81,8 +105,32 @@ reachable() {
     | "$PYTHON" -c 'import json,sys; print(sum(e["reachable"] for e in json.load(sys.stdin)))' \
     2>/dev/null || echo 0
 }
-for _ in $(seq 60); do [ "$(reachable)" = 7 ] && break; sleep 1; done
-[ "$(reachable)" = 7 ] || { echo "not every node registered; see $WORK/*.log" >&2; exit 1; }
+all_running() {  # a node that exited (a port in use, bad settings): say which and why, stop
+  local i name
+  for i in "${!PIDS[@]}"; do
+    kill -0 "${PIDS[$i]}" 2>/dev/null && continue
+    read -r name _ <<<"${NODES[$i]}"
+    echo "node $name exited; the end of $WORK/$name.log:" >&2
+    tail -n 5 "$WORK/$name.log" >&2
+    return 1
+  done
+}
+for i in "${!NODES[@]}"; do  # each node answers C-ECHO, or the one that exited is named
+  read -r name _ <<<"${NODES[$i]}"
+  for _ in $(seq 150); do
+    all_running || exit 1
+    # (short timeouts: another program may hold the port and never answer)
+    /usr/bin/echoscu -to 2 -ta 2 -aet EXAMPLE -aec "$(ae "$name")" 127.0.0.1 \
+      "$(dicom_port "$name")" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+done
+for _ in $(seq 60); do
+  all_running || exit 1
+  [ "$(reachable)" = 7 ] && break
+  sleep 1
+done
+[ "$(reachable)" = 7 ] || die "not every node registered within 60 s; see $WORK/*.log"
 echo "   all 7 nodes registered"
 
 instances_at() {  # node study-uid -> number of instances of the study the node holds

@@ -95,6 +95,7 @@ def _validate(session: Session, values: dict[str, Any], current: Device | None) 
     ae = values.get("ae_title", current.ae_title if current else None)
     pid = values.get("partition_id", current.partition_id if current else None)
     _check_scope(values, current, pid)
+    _check_self(session, values, current, pid)
     if ae is not None:
         clash = session.scalar(select(Device).where(Device.ae_title == ae,
                                                     Device.partition_id.is_(pid) if pid is None
@@ -117,6 +118,25 @@ def _check_scope(values: dict[str, Any], current: Device | None, pid: int | None
     if device_type in replication.LOCAL_ONLY_TYPES:
         raise AdminError(f"{device_type} devices describe this node's own neighbours and stay"
                          " local (registration creates them)")
+
+
+def _check_self(session: Session, values: dict[str, Any], current: Device | None,
+                pid: int | None) -> None:
+    """One Self device per node, as in eRAD's device table: the server itself, so it serves
+    every partition and stays local."""
+    device_type = values.get("device_type", current.device_type if current else DeviceType.DICOM)
+    if device_type != DeviceType.SELF:
+        return
+    if pid is not None:
+        raise AdminError("the Self device is this node itself and serves every partition "
+                         "(leave --partition empty; `pacsnode import --partition` picks one)")
+    if values.get("scope", current.scope if current else replication.LOCAL) != replication.LOCAL:
+        raise AdminError("the Self device is this node itself: it stays local")
+    other = session.scalar(select(Device.name).where(Device.device_type == DeviceType.SELF.value,
+                                                     Device.id != (current.id if current
+                                                                   and current.id else -1)))
+    if other is not None:
+        raise AdminError(f"device {other!r} is already this node's Self device (one per node)")
 
 
 def _transfer_syntax(value: str) -> str:

@@ -59,6 +59,7 @@ class DeviceType(enum.StrEnum):
     MEDIA_CREATOR = "MEDIA_CREATOR"
     VIEWER = "VIEWER"
     WEB_SERVICE = "WEB_SERVICE"
+    SELF = "SELF"  # the node itself: its coercion rules apply to `pacsnode import`
 
 
 class IntegrityKind(enum.StrEnum):

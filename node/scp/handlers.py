@@ -21,7 +21,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.activity import ActivityLog, Event
 from node.db.database import Database
 from node.scp import admission, lookup
-from node.scp.coercion import CoercionError, parse_rules
 from node.scp.commitment import StorageCommitment
 from node.scp.contexts import requestor_first
 from node.scp.direct_store import DirectStore, StoreRequest
@@ -156,8 +155,9 @@ class ScpHandlers:
                 partition = lookup.partition_for(session, called, port, tls)
                 device = (lookup.device_for(session, partition.id, calling)
                           if partition is not None else None)
-                routes, send_updates = (lookup.routes_for(session, partition.id)
-                                        if partition is not None else ((), {}))
+                peer = (lookup.peer_for(session, partition, device, calling,
+                                        f"{ip}:{peer_port}")
+                        if partition is not None else None)
         except SQLAlchemyError as exc:
             log.error("association from %s@%s:%s refused: index unavailable: %s",
                       calling, ip, peer_port, exc)
@@ -171,15 +171,7 @@ class ScpHandlers:
             assert decision.reason is not None
             self._refuse(assoc, decision, port, tls, partition)
             return
-        assert partition is not None
-        rules = ()
-        if device is not None and device.coercion_rules.strip():
-            try:
-                rules = tuple(parse_rules(device.coercion_rules))
-            except CoercionError as exc:
-                # Only reachable if the table was edited behind the CLI's back.
-                log.error("device %s has invalid coercion rules, none applied: %s",
-                          device.name, exc)
+        assert partition is not None and peer is not None
         proposed = primitive.presentation_context_definition_list
         unknown = unknown_storage_classes(
             (str(cx.abstract_syntax) for cx in proposed), self.supported) \
@@ -196,8 +188,6 @@ class ScpHandlers:
             assoc.acceptor.supported_contexts = [
                 *assoc.acceptor.supported_contexts,
                 *(self._context(abstract, syntaxes) for abstract, syntaxes in added.items())]
-        peer = Peer(partition, device, rules, calling, f"{ip}:{peer_port}", routes,
-                    send_updates)
         with self._lock:
             # pynetdicom ends some associations without EVT_CONN_CLOSE (an exception in its
             # reactor, e.g. the disk filling mid-transfer): forget those here, and drop the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -12,7 +14,11 @@ from node.forwarding.routing import ROUTED_TYPES, Route
 from node.forwarding.routing import parse_rules as parse_forward_rules
 from node.hostnames import resolve_ip
 from node.scp.admission import DeviceView, PartitionPolicy
+from node.scp.coercion import CoercionError, Rule, parse_rules
 from node.scp.matching import MATCH_FIELDS
+from node.scp.store import Peer
+
+log = logging.getLogger(__name__)
 
 
 def policy_of(p: Partition) -> PartitionPolicy:
@@ -51,10 +57,12 @@ def view_of(d: Device) -> DeviceView:
 
 def device_row(session: Session, partition_id: int, ae_title: str, *,
                enabled_only: bool = False) -> Device | None:
-    """The device with this AE title: the partition's own entry wins over a node-wide one."""
+    """The device with this AE title: the partition's own entry wins over a node-wide one.
+    The Self device is the node itself, never a peer on the network."""
     query = select(Device).where(
         Device.ae_title == ae_title,
         or_(Device.partition_id == partition_id, Device.partition_id.is_(None)),
+        Device.device_type != DeviceType.SELF.value,
     )
     if enabled_only:
         query = query.where(Device.enabled.is_(True))
@@ -106,6 +114,34 @@ def partition_for(session: Session, called_ae: str, port: int, tls: bool = False
 def device_for(session: Session, partition_id: int, calling_ae: str) -> DeviceView | None:
     device = device_row(session, partition_id, calling_ae)
     return view_of(device) if device else None
+
+
+def self_device(session: Session) -> Device | None:
+    """The node's Self device (seed 002: the server itself, whose coercion rules apply to
+    what it takes in locally); devices.py allows one."""
+    return session.scalars(select(Device).where(Device.device_type == DeviceType.SELF.value)
+                           .order_by(Device.id).limit(1)).first()
+
+
+def coercion_rules(device: DeviceView | None) -> tuple[Rule, ...]:
+    """The device's coercion rules, parsed (none when it has none or they are invalid)."""
+    if device is None or not device.coercion_rules.strip():
+        return ()
+    try:
+        return tuple(parse_rules(device.coercion_rules))
+    except CoercionError as exc:
+        # Only reachable if the table was edited behind the CLI's back.
+        log.error("device %s has invalid coercion rules, none applied: %s", device.name, exc)
+        return ()
+
+
+def peer_for(session: Session, partition: PartitionPolicy, device: DeviceView | None,
+             calling_ae: str, address: str) -> Peer:
+    """Who sends to `partition`, with everything a store needs: the device's coercion rules
+    and the partition's forwarding routes (an association's peer, or `pacsnode import`)."""
+    routes, send_updates = routes_for(session, partition.id)
+    return Peer(partition, device, coercion_rules(device), calling_ae, address, routes,
+                send_updates)
 
 
 def auto_insert(db: Database, partition: PartitionPolicy, calling_ae: str, ip: str) -> None:

@@ -84,6 +84,9 @@ def test_partition_add_show_edit_delete(cfg: Path) -> None:
     (["device", "edit", "NOPE", "--disabled"], "no device"),
     (["device", "echo", "NOPE"], "no device"),
     (["integrity", "show", "42"], "no integrity item"),
+    (["device", "add", "S1", "--type", "SELF", "--partition", "PACSNODE"],
+     "serves every partition"),
+    (["device", "add", "S1", "--type", "self", "--scope", "hierarchy"], "it stays local"),
 ])
 def test_bad_requests_are_refused_with_a_reason(cfg: Path, args: list[str], message: str
                                                 ) -> None:
@@ -125,6 +128,19 @@ def test_device_lifecycle(cfg: Path, tmp_path: Path) -> None:
                                                  "--ae-title", "CT1")
     ok(cfg, "device", "delete", "CT-A")
     assert json.loads(ok(cfg, "device", "list", "--json")) == []
+
+
+def test_one_self_device_per_node(cfg: Path) -> None:
+    ok(cfg, "device", "add", "SCANNER", "--type", "SELF", "--rule", 'set InstitutionName "X"')
+    ok(cfg, "device", "add", "CT1")
+    assert "device 'SCANNER' is already this node's Self device (one per node)" in refused(
+        cfg, "device", "edit", "CT1", "--type", "SELF")
+    ok(cfg, "device", "edit", "SCANNER", "--rule", 'set InstitutionName "Y"')  # itself: fine
+    [d] = [d for d in json.loads(ok(cfg, "device", "list", "--json")) if d["name"] == "SCANNER"]
+    assert (d["device_type"], d["partition"], d["coercion_rules"]) == (
+        "SELF", None, 'set InstitutionName "Y"')
+    ok(cfg, "device", "delete", "SCANNER")
+    ok(cfg, "device", "edit", "CT1", "--type", "SELF")
 
 
 def test_device_echo_sends_a_real_c_echo(node: RunningNode) -> None:

@@ -26,8 +26,8 @@ from node.db.models import Activity, utcnow
 
 log = logging.getLogger(__name__)
 
-KINDS = ("association", "reject", "echo", "store", "find", "move", "get", "commitment",
-         "forward", "purge", "delete", "restore")
+KINDS = ("association", "reject", "echo", "store", "import", "find", "move", "get",
+         "commitment", "forward", "purge", "delete", "restore")
 OUTCOMES = ("ok", "warning", "failed")
 
 PRUNE_CHUNK = 5000  # rows per DELETE: a large backlog never holds a long lock

@@ -13,6 +13,7 @@ from node.cli import (
     db,
     deleted,
     device,
+    importing,
     integrity,
     partition,
     queue,
@@ -61,6 +62,7 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
     app.command("activity")(activity.activity)
     app.add_typer(study.app, name="study")
     app.add_typer(deleted.app, name="deleted")
+    app.command("import")(importing.import_)
     app.command("status")(status.status)
     app.command("refresh-ip")(refresh_ip_command)
     return app

@@ -91,6 +91,7 @@ class Outcome:
     comment: str = ""
     integrity: list[Difference] = field(default_factory=list)
     study: str = ""  # the dataset's Study Instance UID, once it was read (activity log)
+    duplicate: bool = False  # answered success for an instance held already (stored copy kept)
     # Stores with defer_sync: what the caller must complete once it has answered.
     deferred: files.DeferredSync | None = None
 
@@ -313,9 +314,9 @@ class Ingest:
                         peer.partition, attrs, peer, IntegrityKind.DUPLICATE_DIFFERS, diffs))
                 log.warning("duplicate %s from %s differs from the stored copy: %s",
                             sop, peer, ", ".join(d.keyword for d in diffs))
-            return Outcome(SUCCESS, integrity=diffs)
+            return Outcome(SUCCESS, integrity=diffs, duplicate=True)
         log.info("duplicate %s from %s ignored (stored copy kept)", sop, peer)
-        return Outcome(SUCCESS)
+        return Outcome(SUCCESS, duplicate=True)
 
 
 def _mismatch(study: StoredStudy, attrs: InstanceAttributes, keywords: tuple[str, ...]

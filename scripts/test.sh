@@ -8,9 +8,10 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 as_postgres() { if [ -z "$SUDO" ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
 
-# DCMTK (independent DICOM peers) and a PostgreSQL server, from Debian's packages.
+# DCMTK (independent DICOM peers), ping and a PostgreSQL server, from Debian's packages.
 need=()
 [ -x /usr/bin/storescu ] || need+=(dcmtk)
+[ -x /bin/ping ] || need+=(iputils-ping)  # `pacsnode device ping` sends ICMP with it
 command -v pg_ctlcluster >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
   || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then

@@ -23,8 +23,9 @@ from node.cli.common import (
     transaction,
 )
 from node.db.models import DeviceType, Partition
-from node.hostnames import resolve_ip
+from node.hostnames import resolve, resolve_ip
 from node.scu.echo import echo as send_echo
+from node.scu.ping import ping as ping_host
 from node.tls import TlsError, endpoint
 
 app = typer.Typer(help="Device table: the DICOM peers this node knows.", no_args_is_help=True)
@@ -35,7 +36,8 @@ Host = Annotated[str | None, typer.Option(help="Host name or IP address.")]
 Port = Annotated[int | None, typer.Option(help="The device's DICOM port (default 104).")]
 TlsPort = Annotated[int | None, typer.Option("--tls-port", help="DICOM TLS port (0: none).")]
 Type = Annotated[str | None, typer.Option(
-    "--type", help=" | ".join(t.value for t in DeviceType) + " (default DICOM).")]
+    "--type", help=" | ".join(t.value for t in DeviceType) + " (default DICOM). SELF: this"
+    " node itself, whose coercion rules apply to `pacsnode import` (one per node).")]
 Partition_ = Annotated[str | None, typer.Option(
     "--partition", help="AE title of the partition it belongs to ('' = every partition).")]
 Description = Annotated[str | None, typer.Option(help="Free text.")]
@@ -374,6 +376,47 @@ def echo(
         typer.echo(f"C-ECHO {calling_ae} -> {called}@{where}: "
                    f"{result.detail} in {result.round_trip_ms:.1f} ms")
     if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ping(
+    name: NameArg,
+    count: Annotated[int, typer.Option("--count", min=1, max=100,
+                                       help="Echo requests to send.")] = 3,
+    timeout: Annotated[float, typer.Option(min=0.1, max=60.0,
+                                           help="Seconds to wait for each answer.")] = 2.0,
+    use_tcp: Annotated[bool, typer.Option(
+        "--tcp", help="Time TCP connections to the device's DICOM port instead of ICMP echo"
+        " (for hosts behind a firewall that drops ICMP).")] = False,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Is the device's host reachable, and how fast: ICMP echo with the system's ping (a TCP
+    connection to the DICOM port where there is none). `device echo` tests DICOM itself."""
+    with database(config) as (_settings, db), db.session() as session:
+        try:
+            d = devices.get(session, name)
+        except devices.AdminError as exc:
+            fail(str(exc))
+        host, port = d.host or d.ip, d.port or d.tls_port
+    if not host:
+        fail(f"device {name} has no host to ping (device edit {name} --host ...)")
+    address, why = resolve(host)
+    if not address:
+        fail(f"device {name}: host {host!r} does not resolve: {why}")
+    result, method = ping_host(address, port, count, timeout, use_tcp=use_tcp)
+    if as_json:
+        print_json({"device": name, "host": host, "address": address, "method": result.method,
+                    "how": method, "reachable": result.reachable, "sent": result.sent,
+                    "received": result.received,
+                    "round_trip_ms": [round(t, 3) for t in result.times_ms],
+                    "detail": result.detail})
+    else:
+        shown = host if host == address else f"{host} ({address})"
+        typer.echo(f"ping {name} at {shown}, {method}: "
+                   f"{'reachable' if result.reachable else 'not reachable'}; {result.summary()}")
+    if not result.reachable:
         raise typer.Exit(1)
 
 

@@ -143,6 +143,12 @@ def test_one_self_device_per_node(cfg: Path) -> None:
     ok(cfg, "device", "edit", "CT1", "--type", "SELF")
 
 
+def test_invalid_host_name_is_a_warning_not_a_traceback(cfg: Path) -> None:
+    result = run_cli(cfg, "device", "add", "BAD", "--host", "a..b")
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert "warning: host a..b does not resolve now" in result.output
+
+
 def test_device_echo_sends_a_real_c_echo(node: RunningNode) -> None:
     assert node.cli("device", "add", "SELF", "--ae-title", "PACSNODE", "--host", "127.0.0.1",
                     "--port", str(node.port)).exit_code == 0

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from sqlalchemy.exc import SQLAlchemyError
 
 from node import activity
-from node.cli.common import ConfigOption, JsonOption, database, err, fail, print_json
+from node.cli.common import (
+    ConfigOption,
+    JsonOption,
+    database,
+    database_error,
+    err,
+    fail,
+    print_json,
+)
 from node.importing.importer import FileResult, Importer, Result, Summary
 from node.importing.sources import collect
 from node.partitions import AdminError
@@ -32,26 +46,31 @@ def import_(paths: Paths, partition: PartitionOption = None, as_json: JsonOption
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         fail(f"no such file or folder: {', '.join(missing)}")
-    with database(config) as (settings, db):
+    with database(config) as (settings, db), _quiet("node.scp.store"):
         configure_pynetdicom()  # pydicom reads and writes as the node does
-        # Each refusal is in the summary; the store's log line would say it twice.
-        logging.getLogger("node.scp.store").setLevel(logging.ERROR)
         try:
             importer = Importer(settings, db, partition)
         except AdminError as exc:
             fail(str(exc))
+        except SQLAlchemyError as exc:
+            fail(database_error(settings, exc))
         found, problems = collect(paths)
         for problem in problems:
             importer.add(FileResult(str(problem.path), Result.REFUSED, None, problem.reason))
         summary = importer.summary
         try:
-            _run(importer, found, show=not as_json and err.is_terminal)
+            summary.interrupted = not _run(importer, found,
+                                           show=not as_json and err.is_terminal)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
             if settings.storage.activity_log:
-                with db.transaction() as session:
-                    activity.write(session, summary.activity(importer.calling_ae))
+                try:
+                    with db.transaction() as session:
+                        activity.write(session, summary.activity(importer.calling_ae))
+                except SQLAlchemyError as exc:
+                    err.print(f"warning: the import is not in the activity log: "
+                              f"{database_error(settings, exc)}", highlight=False)
     if as_json:
         print_json(summary.as_dict())
     else:
@@ -62,16 +81,46 @@ def import_(paths: Paths, partition: PartitionOption = None, as_json: JsonOption
         raise typer.Exit(1)
 
 
-def _run(importer: Importer, found: list[Path], *, show: bool) -> None:
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Each refusal is in the summary: the store's warning would say it twice."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _run(importer: Importer, found: list[Path], *, show: bool) -> bool:
+    """Import `found`; False when Ctrl-C stopped it. The file in hand is finished first, so
+    the summary says exactly what was stored (a second Ctrl-C stops at once)."""
+    stop = threading.Event()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # a background job ignores it, and goes on doing so
+        signal.signal(signal.SIGINT, interrupt)
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stored]} stored"), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=not show, transient=True) as progress:
-        task = progress.add_task("import", total=len(found), stored=0)
-        stored = 0
-        for path in found:
-            if importer.import_file(path).result is Result.STORED:
-                stored += 1
-            progress.update(task, advance=1, stored=stored)
+    try:
+        with Progress(*columns, console=err, disable=not show, transient=True) as progress:
+            task = progress.add_task("import", total=len(found), stored=0)
+            stored = 0
+            for path in found:
+                if stop.is_set():
+                    return False
+                if importer.import_file(path).result is Result.STORED:
+                    stored += 1
+                progress.update(task, advance=1, stored=stored)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return not stop.is_set()
 
 
 def _print(summary: Summary, self_enabled: bool) -> None:

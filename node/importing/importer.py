@@ -193,6 +193,7 @@ class Importer:
                              guard=StorageGuard(storage, settings.storage.critical_watermark))
         self.syntaxes = storage_syntaxes(settings)
         self.summary = Summary(policy.ae_title, self.self_device, len(self.peer.rules))
+        self.copy: Path | None = None  # the temporary copy being stored
 
     def add(self, result: FileResult) -> FileResult:
         self.summary.files.append(result)
@@ -225,14 +226,15 @@ class Importer:
         return self._store(path, sniffed)
 
     def _new_copy(self) -> tuple[int, Path]:
-        """A new temporary file in .incoming, named like no other process's."""
+        """A new temporary file in .incoming, named like no other process's; its name is
+        `self.copy` from before it exists, so an interrupted import removes it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         while True:
-            path = self.incoming / f"import{os.getpid()}-{next(_numbers)}.dcm"
+            self.copy = self.incoming / f"import{os.getpid()}-{next(_numbers)}.dcm"
             try:
-                return os.open(path, flags, 0o600), path
+                return os.open(self.copy, flags, 0o600), self.copy
             except FileExistsError:
-                continue  # left by an earlier process of the same ID
+                self.copy = None  # left by an earlier process of the same ID: not ours
 
     def _store(self, path: Path, sniffed: Sniffed) -> FileResult:
         shown = str(path)
@@ -246,7 +248,6 @@ class Importer:
         except OSError as exc:
             return FileResult(shown, Result.REFUSED, None, f"cannot read: {exc.strerror or exc}",
                               sniffed.sop_instance)
-        copy: Path | None = None
         try:
             try:
                 fd, copy = self._new_copy()
@@ -263,8 +264,9 @@ class Importer:
         finally:
             reader.close()
             # The store has linked the copy into place and made it durable, or refused it.
-            if copy is not None:
-                files.remove_quietly(copy)
+            if self.copy is not None:
+                files.remove_quietly(self.copy)
+                self.copy = None
         if not outcome.ok:
             return FileResult(shown, Result.REFUSED, outcome.status, outcome.comment,
                               sniffed.sop_instance, outcome.study)

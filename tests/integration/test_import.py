@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +21,8 @@ from sqlalchemy import select
 from node import activity
 from node.db.models import Activity, Instance, IntegrityItem
 from node.scp.direct_store import file_meta
-from tests.conftest import RunningNode, incoming_files
-from tests.dicomgen import make_instance, uid
+from tests.conftest import RunningNode, incoming_files, wait_for
+from tests.dicomgen import make_instance, uid, write_study
 from tests.integration.test_find import find
 from tests.scu import statuses, store
 
@@ -303,3 +307,31 @@ def test_transfer_syntax_the_node_does_not_accept(make_node: Any, tmp_path: Path
     assert refused["comment"] == ("transfer syntax 1.2.840.10008.1.2 is not accepted by this "
                                   "node (dicom.transfer_syntaxes)")
     assert run_import(node, str(TEST_FILES / "CT_small.dcm"))["stored"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_the_summary_so_far(node: RunningNode, tmp_path: Path) -> None:
+    write_study(tmp_path / "in", 1500)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hierarchy.cli", "import", str(tmp_path / "in"), "--json",
+         "--config", str(node.config_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        # A shell starts background jobs with SIGINT ignored; a terminal's Ctrl-C is not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert wait_for(lambda: len(indexed(node)) >= 10, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        output, errors = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, errors
+    assert "Traceback" not in errors
+    summary = json.loads(output)
+    assert summary["interrupted"] is True
+    files = indexed(node)
+    assert 10 <= summary["stored"] == len(files) < 1500
+    assert {f["sop_instance_uid"] for f in summary["files"]} == set(files)
+    assert incoming_files(node.storage) == []
+    with node.db.session() as session:
+        [row] = activity.query(session, kinds=["import"])
+    assert row.count == len(files)

@@ -10,18 +10,20 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
 
 from node import activity
 from node.db.models import Activity, Instance, IntegrityItem
 from node.scp.direct_store import file_meta
-from tests.conftest import RunningNode, incoming_files, wait_for
+from tests.conftest import RunningNode, incoming_files
 from tests.dicomgen import make_instance, uid, write_study
 from tests.integration.test_find import find
 from tests.scu import statuses, store
@@ -79,6 +81,8 @@ def test_folder_of_pydicom_test_files(node: RunningNode) -> None:
     assert (truncated["result"], truncated["status"]) == ("refused", 0xC000)
     assert "runs past the end of the file" in truncated["comment"]
     assert by_path["CT_small.dcm"]["result"] == "stored"
+    # Its file meta names another instance than its data set: stored as a C-STORE of it is.
+    assert (by_path["rtplan.dcm"]["result"], by_path["rtplan.dcm"]["status"]) == ("stored", 0)
 
     # Every file counted as stored is indexed, and stored as it is (no Self device: no
     # coercion), or with file meta made for its data set.
@@ -89,6 +93,9 @@ def test_folder_of_pydicom_test_files(node: RunningNode) -> None:
     for f in stored:
         original = Path(f["path"]).read_bytes()
         kept = files[f["sop_instance_uid"]].read_bytes()
+        # A stored file's meta names the instance its data set is, as a received file's does.
+        meta = read_file_meta_info(files[f["sop_instance_uid"]])
+        assert meta.MediaStorageSOPInstanceUID == f["sop_instance_uid"], f["path"]
         if not f["comment"]:
             assert kept == original, f["path"]
         else:  # made anew from the data set (rtplan.dcm, badVR.dcm)
@@ -310,16 +317,26 @@ def test_transfer_syntax_the_node_does_not_accept(make_node: Any, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_the_summary_so_far(node: RunningNode, tmp_path: Path) -> None:
-    write_study(tmp_path / "in", 1500)
+def test_ctrl_c_finishes_the_file_in_hand_then_stops(node: RunningNode, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    big = make_instance(size=6000)  # 72 MB: its store takes a while (copy, fsync, coercion)
+    big.save_as(folder / "0-big.dcm", enforce_file_format=True)
+    write_study(folder / "1-more", 20)
+    assert node.cli("device", "add", "SCANNER", "--type", "SELF", "--rule",
+                    'set InstitutionName "SCANNED HERE"').exit_code == 0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hierarchy.cli", "import", str(tmp_path / "in"), "--json",
+        [sys.executable, "-m", "hierarchy.cli", "import", str(folder), "--json",
          "--config", str(node.config_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
         # A shell starts background jobs with SIGINT ignored; a terminal's Ctrl-C is not.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        assert wait_for(lambda: len(indexed(node)) >= 10, timeout=60)
+        # Ctrl-C while the big file is being stored: as soon as its copy appears.
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith("import") for p in incoming_files(node.storage)):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.001)
         proc.send_signal(signal.SIGINT)
         output, errors = proc.communicate(timeout=60)
     finally:
@@ -328,10 +345,13 @@ def test_ctrl_c_stops_with_the_summary_so_far(node: RunningNode, tmp_path: Path)
     assert "Traceback" not in errors
     summary = json.loads(output)
     assert summary["interrupted"] is True
+    # It was finished (stored, coerced, counted), and nothing after it was started.
     files = indexed(node)
-    assert 10 <= summary["stored"] == len(files) < 1500
-    assert {f["sop_instance_uid"] for f in summary["files"]} == set(files)
+    assert list(files) == [big.SOPInstanceUID]
+    assert summary["stored"] == 1 and summary["total"] == 1
+    assert dcmread(files[big.SOPInstanceUID], stop_before_pixels=True).InstitutionName == \
+        "SCANNED HERE"
     assert incoming_files(node.storage) == []
     with node.db.session() as session:
         [row] = activity.query(session, kinds=["import"])
-    assert row.count == len(files)
+    assert row.count == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ class Sniffed:
 
 def sniff(path: Path) -> Sniffed:
     """What the file at `path` is (OSError when it cannot be read at all)."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        # A FIFO or a device would block or never end.
+        return Sniffed(Kind.NOT_DICOM, reason="not a regular file")
     with open(path, "rb") as f:
         head = f.read(_HEAD)
     # pydicom warns about what it tolerates; what matters is said by the import's result.

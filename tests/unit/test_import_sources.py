@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -109,6 +110,11 @@ def test_a_large_file_that_is_not_dicom_is_told_from_its_first_bytes(tmp_path: P
     started = time.perf_counter()
     assert sniff(tmp_path / "image.iso").kind is Kind.NOT_DICOM
     assert time.perf_counter() - started < 0.5
+
+
+def test_a_fifo_is_not_read(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # opening it to read would wait for a writer forever
+    assert sniff(tmp_path / "pipe") == Sniffed(Kind.NOT_DICOM, reason="not a regular file")
 
 
 def test_empty_file_is_not_dicom(tmp_path: Path) -> None:

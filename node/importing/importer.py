@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from node import partitions
 from node.activity import Event
@@ -124,7 +125,7 @@ def _status(status: int | None) -> str:
     return "(no status)" if status is None else f"0x{status:04X}"
 
 
-def choose_partition(session: Any, ae_title: str | None) -> Partition:
+def choose_partition(session: Session, ae_title: str | None) -> Partition:
     """The partition to import into: the one named, else the node's only enabled one."""
     if ae_title:
         partition = partitions.get(session, ae_title)

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -146,10 +144,11 @@ def choose_partition(session: Session, ae_title: str | None) -> Partition:
 
 def storage_syntaxes(settings: Settings) -> dict[str, frozenset[str]]:
     """Storage SOP class -> the transfer syntaxes a C-STORE of it is accepted in: the
-    presentation contexts the node's listeners offer."""
+    presentation contexts the node's listeners offer (server.supported_contexts makes the
+    storage ones, and only those, with the SCP role alone, for C-GET requestors)."""
     return {str(cx.abstract_syntax): frozenset(map(str, cx.transfer_syntax))
             for cx in supported_contexts(tuple(settings.accepted_transfer_syntaxes))
-            if uid_to_service_class(str(cx.abstract_syntax)) is StorageServiceClass}
+            if cx.scp_role is True and cx.scu_role is False}
 
 
 def negotiation_refusal(syntaxes: dict[str, frozenset[str]], sniffed: Sniffed

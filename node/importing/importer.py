@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,7 @@ from node.partitions import AdminError
 from node.scp import lookup
 from node.scp.direct_store import file_meta
 from node.scp.server import supported_contexts
+from node.scp.sop_classes import unknown_storage_classes
 from node.scp.store import CANNOT_PARSE, INVALID_UID, Ingest, Peer
 from node.storage import files
 from node.storage.space import StorageGuard
@@ -151,15 +153,20 @@ def storage_syntaxes(settings: Settings) -> dict[str, frozenset[str]]:
             if cx.scp_role is True and cx.scu_role is False}
 
 
-def negotiation_refusal(syntaxes: dict[str, frozenset[str]], sniffed: Sniffed
-                        ) -> tuple[int | None, str] | None:
+def negotiation_refusal(syntaxes: dict[str, frozenset[str]], sniffed: Sniffed,
+                        accept_unknown: bool) -> tuple[int | None, str] | None:
     """Why no C-STORE of this file could be sent to the node (a sender needs its SOP Class
-    and Instance UIDs, and a presentation context for them), or None."""
+    and Instance UIDs, and a presentation context for them), or None. `accept_unknown`:
+    dicom.accept_unknown_sop_classes, under which an association gets a storage context for
+    a SOP class no library knows, in the syntaxes of the node's storage contexts."""
     for keyword, value in (("SOPClassUID", sniffed.sop_class),
                            ("SOPInstanceUID", sniffed.sop_instance)):
         if not value:
             return INVALID_UID, f"{keyword} is missing"
     accepted = syntaxes.get(sniffed.sop_class)
+    if accepted is None and accept_unknown \
+            and unknown_storage_classes([sniffed.sop_class], syntaxes):
+        accepted = syntaxes[CTImageStorage]
     if accepted is None:
         return (SOP_CLASS_NOT_SUPPORTED,
                 f"SOP class {sniffed.sop_class} is not a storage class this node accepts")
@@ -192,6 +199,7 @@ class Importer:
         self.ingest = Ingest(db, storage, settings.forwarding.send_updates,
                              guard=StorageGuard(storage, settings.storage.critical_watermark))
         self.syntaxes = storage_syntaxes(settings)
+        self.accept_unknown = settings.dicom.accept_unknown_sop_classes
         self.summary = Summary(policy.ae_title, self.self_device, len(self.peer.rules))
         self.copy: Path | None = None  # the temporary copy being stored
 
@@ -219,7 +227,7 @@ class Importer:
         if sniffed.kind is Kind.BROKEN:
             return FileResult(shown, Result.REFUSED, CANNOT_PARSE,
                               f"cannot parse: {sniffed.reason}")
-        refusal = negotiation_refusal(self.syntaxes, sniffed)
+        refusal = negotiation_refusal(self.syntaxes, sniffed, self.accept_unknown)
         if refusal is not None:
             return FileResult(shown, Result.REFUSED, refusal[0], refusal[1],
                               sniffed.sop_instance)

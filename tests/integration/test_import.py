@@ -316,6 +316,17 @@ def test_transfer_syntax_the_node_does_not_accept(make_node: Any, tmp_path: Path
     assert run_import(node, str(TEST_FILES / "CT_small.dcm"))["stored"] == 1
 
 
+@pytest.mark.parametrize("accept", [True, False])
+def test_a_sop_class_no_library_knows_is_imported_as_a_c_store_would_be(
+        make_node: Any, tmp_path: Path, accept: bool) -> None:
+    """dicom.accept_unknown_sop_classes holds for imports as for associations."""
+    node = make_node(f"[dicom]\naccept_unknown_sop_classes = {str(accept).lower()}\n")
+    ds = make_instance(sop_class="1.2.826.0.1.3680043.10.1457.777.1")
+    ds.save_as(tmp_path / "private.dcm", enforce_file_format=True)
+    summary = run_import(node, str(tmp_path / "private.dcm"), code=0 if accept else 1)
+    assert (summary["stored"], len(indexed(node))) == ((1, 1) if accept else (0, 0))
+
+
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_file_in_hand_then_stops(node: RunningNode, tmp_path: Path) -> None:
     folder = tmp_path / "in"

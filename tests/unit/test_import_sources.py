@@ -217,14 +217,23 @@ def test_folders_are_walked_in_name_order(tmp_path: Path) -> None:
 def test_negotiation_refusals() -> None:
     syntaxes = {CT: frozenset({str(ExplicitVRLittleEndian)})}
     ok = Sniffed(Kind.PART10, CT, "1.2.3", str(ExplicitVRLittleEndian))
-    assert negotiation_refusal(syntaxes, ok) is None
-    status, why = negotiation_refusal(syntaxes, Sniffed(Kind.PART10, "1.2.3.4", "1.2.3",
-                                                        str(ExplicitVRLittleEndian))) or (0, "")
+    assert negotiation_refusal(syntaxes, ok, accept_unknown=False) is None
+    unknown = Sniffed(Kind.PART10, "1.2.3.4", "1.2.3", str(ExplicitVRLittleEndian))
+    status, why = negotiation_refusal(syntaxes, unknown, accept_unknown=False) or (0, "")
     assert status == SOP_CLASS_NOT_SUPPORTED and "1.2.3.4" in why
+    # dicom.accept_unknown_sop_classes: a class no library knows gets the storage syntaxes...
+    assert negotiation_refusal(syntaxes, unknown, accept_unknown=True) is None
+    # ... but a known class of another service is never storage.
+    worklist = Sniffed(Kind.PART10, "1.2.840.10008.5.1.4.31", "1.2.3",
+                       str(ExplicitVRLittleEndian))
+    status, _ = negotiation_refusal(syntaxes, worklist, accept_unknown=True) or (0, "")
+    assert status == SOP_CLASS_NOT_SUPPORTED
     status, why = negotiation_refusal(syntaxes, Sniffed(Kind.PART10, CT, "1.2.3",
-                                                        str(ImplicitVRLittleEndian))) or (0, "")
+                                                        str(ImplicitVRLittleEndian)),
+                                      accept_unknown=True) or (0, "")
     assert status is None and "transfer syntax 1.2.840.10008.1.2 is not accepted" in why
     status, why = negotiation_refusal(syntaxes, Sniffed(Kind.PART10, CT, "",
-                                                        str(ExplicitVRLittleEndian))) or (0, "")
+                                                        str(ExplicitVRLittleEndian)),
+                                      accept_unknown=True) or (0, "")
     assert (status, why) == (INVALID_UID, "SOPInstanceUID is missing")
 

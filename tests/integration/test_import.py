@@ -265,7 +265,7 @@ def test_human_summary(node: RunningNode, tmp_path: Path) -> None:
     make_instance().save_as(tmp_path / "a.dcm", enforce_file_format=True)
     (tmp_path / "b.txt").write_text("hello")
     bad = make_instance()
-    bad.StudyInstanceUID = "1.2.abc"
+    bad.StudyInstanceUID = "1.2/3"  # it could name another path
     bad.save_as(tmp_path / "c.dcm", enforce_file_format=True)
     result = node.cli("import", str(tmp_path))
     assert result.exit_code == 1
@@ -274,7 +274,7 @@ def test_human_summary(node: RunningNode, tmp_path: Path) -> None:
     assert [line.split() for line in lines[1:6]] == [
         ["stored", "1"], ["duplicates", "skipped", "0"], ["refused", "1"], ["not", "DICOM", "1"],
         ["skipped", "0"]]
-    assert lines[6] == (f"refused {tmp_path / 'c.dcm'}: 0xC001 StudyInstanceUID '1.2.abc' is "
+    assert lines[6] == (f"refused {tmp_path / 'c.dcm'}: 0xC001 StudyInstanceUID '1.2/3' is "
                         "missing or not a valid UID")
 
 

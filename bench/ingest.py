@@ -14,8 +14,9 @@ benchmark a minute after the first has removed its files.
 
 Receivers (`--receivers`, default: every one installed; one that is not is skipped with a note):
   pacsnode  `python -m node.cli serve`, fresh data directory and index; every instance is
-            fsynced and indexed before it is acknowledged. `--pacsnode-processes` sets its
-            dicom.association_processes (default 0: one per CPU core); `--python` what runs
+            fsynced and indexed before it is acknowledged, with the default settings.
+            `--pacsnode-processes` sets its dicom.association_processes (default: left to the
+            node, one per CPU core); `--python` what runs
             it (default: this checkout as `pip install .` installs it, see deployed.py).
   dcmtk     DCMTK `storescp --fork -od DIR` (a process per association, files only, no fsync).
   orthanc   Orthanc with its SQLite index in a fresh storage folder (no fsync by default).
@@ -96,7 +97,7 @@ class Cell:
 
 
 def make_receiver(name: str, work: Path, database_url: str | None,
-                  pacsnode_processes: int, python: str) -> Receiver:
+                  pacsnode_processes: int | None, python: str) -> Receiver:
     receiver = RECEIVERS[name]
     if issubclass(receiver, PacsNode):
         return receiver(work, database_url, pacsnode_processes, python)
@@ -145,8 +146,9 @@ def main() -> None:
                         help="keep the received files (deleting them makes files created in "
                              "the next minutes slower on ext4 without a journal: use it when "
                              "another benchmark follows)")
-    parser.add_argument("--pacsnode-processes", type=int, default=0,
-                        help="pacsnode's dicom.association_processes (default 0: one per core)")
+    parser.add_argument("--pacsnode-processes", type=int, default=None,
+                        help="pacsnode's dicom.association_processes (default: not set, the "
+                             "node's default, 0: one per core)")
     parser.add_argument("--python", default="deployed",
                         help="pacsnode's interpreter: deployed (default: this checkout installed "
                              "with `pip install .`, no test extras, in a venv under --data), "
@@ -193,7 +195,8 @@ def main() -> None:
     print(f"C-STORE ingest, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
           f"{network}, work dir {work}, pacsnode index {index}, {args.runs} run(s) per cell")
     print("receivers: " + "; ".join(RECEIVERS[n].version() or n for n in names)
-          + (f" (pacsnode dicom.association_processes = {args.pacsnode_processes}, "
+          + (" (pacsnode dicom.association_processes = "
+             f"{'default' if args.pacsnode_processes is None else args.pacsnode_processes}, "
              f"run by {python})" if "pacsnode" in names else ""))
     print("sender: DCMTK storescu, TCP_NODELAY=1, files split round-robin over the associations")
     print("data: " + "; ".join(f"{cell.dataset} {cell.images} images, {cell.megabytes:.1f} MB"

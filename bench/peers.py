@@ -268,16 +268,17 @@ class PacsNode(Receiver):
     name = "pacsnode"
     ae_title = "PACSNODE"
 
-    def __init__(self, work: Path, database_url: str | None = None, processes: int = 1,
-                 python: str = sys.executable) -> None:
+    def __init__(self, work: Path, database_url: str | None = None,
+                 processes: int | None = None, python: str = sys.executable) -> None:
         super().__init__(work)
         self.database_url = database_url
-        self.processes = processes  # dicom.association_processes; 0: one per core
+        # dicom.association_processes; None: the node's default (0, one per core).
+        self.processes = processes
         self.python = python  # deployed.interpreter
 
     def sampler(self, interval: float = 0.05) -> RssSampler:
-        # Several association processes: their memory is summed, like storescp --fork's.
-        return RssSampler(self.pid, interval, children=self.processes != 1)
+        # Its association processes' memory is summed with its own, like storescp --fork's.
+        return RssSampler(self.pid, interval, children=True)
 
     @classmethod
     def version(cls) -> str:
@@ -306,7 +307,8 @@ class PacsNode(Receiver):
         self.config.write_text(
             f'[node]\ndata_dir = "{self.work / "data"}"\n{db_line}listen_host = "127.0.0.1"\n'
             f'log_level = "WARNING"\n[bootstrap_partition]\nport = {self.port}\n'
-            f'[dicom]\nassociation_processes = {self.processes}\n')
+            + (f'[dicom]\nassociation_processes = {self.processes}\n'
+               if self.processes is not None else ""))
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         return ([self.python, "-m", "node.cli", "serve", "--config", str(self.config)],

@@ -73,8 +73,10 @@ class DicomSettings:
     max_associations_per_device: int = 16
     # Processes that serve inbound associations, the node's main one included: one Python
     # process runs its Python code on one core at a time, so on a machine with more cores,
-    # associations spread over several receive faster together. 0: one per CPU core.
-    association_processes: int = 1
+    # associations spread over several receive faster together. 0: one per CPU core (the
+    # default: with one process, 64x64 images over four associations came in at 0.73x
+    # Orthanc's rate, with one per core ahead of it; bench/ingest.py).
+    association_processes: int = 0
     # With one association process per CPU: a process serving two or more associations at
     # once keeps their receiving threads on a CPU of its own (scp/affinity.py).
     cpu_affinity: bool = True

@@ -287,6 +287,11 @@ def make_node(tmp_path: Path, new_db: Callable[..., str]) -> Iterator[object]:
                             node_toml(tmp_path / name, new_db(name, not empty_db), port, extra,
                                       bootstrap=ae_title is None, storage_dir=storage_dir))
         settings = config.load(path)
+        if "association_processes" not in extra:
+            # A node in the test's process serves its associations there (the default, one
+            # process per core, starts more: tests that are about them ask for them, and
+            # `pacsnode serve` in the interop tests runs as installed).
+            settings.dicom.association_processes = 1
         node = Node(settings, [ControlPlane(settings)] if hierarchy is not None else [])
         node.start()
         started.append(node)

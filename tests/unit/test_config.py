@@ -50,6 +50,8 @@ def test_load_none_gives_the_documented_defaults(
     assert settings.bootstrap_partition.folder == "PACSNODE"
     assert settings.dicom.max_pdu_size == 1_048_576
     assert settings.dicom.enforce_default_transfer_syntax is False
+    # The fast configuration is the default: one association process per CPU core.
+    assert settings.dicom.processes() == len(os.sched_getaffinity(0))
 
 
 def test_load_without_argument_is_load_none(

@@ -2,8 +2,9 @@
 
 `image_set` writes studies of 50 CT images (tests/dicomgen.py, Explicit VR Little Endian) into a
 folder named after the size and count, so runs with other sizes never overwrite each other's
-data. `large_instance` writes one multi-frame 16-bit instance of a chosen size, streaming the
-pixel data to disk a frame at a time.
+data; `one_study` writes one study of them (what a retrieve fetches). `large_instance` writes
+one multi-frame 16-bit instance of a chosen size, streaming the pixel data to disk a frame at a
+time.
 """
 
 from __future__ import annotations
@@ -32,14 +33,25 @@ _COMPLETE = ".complete"  # written last: a folder without it is regenerated
 
 
 def image_set(root: Path, count: int, size: int) -> list[Path]:
-    """`count` images of `size` x `size` 16-bit pixels in `root`/<size>x<size>-<count>/."""
-    folder = root / f"{size}x{size}-{count}"
+    """`count` images of `size` x `size` 16-bit pixels in `root`/<size>x<size>-<count>/, in
+    studies of 50 images, like a modality's bursts."""
+    return _kept(root / f"{size}x{size}-{count}", count, size, 50)
+
+
+def one_study(root: Path, count: int, size: int) -> list[Path]:
+    """`count` images of `size` x `size` 16-bit pixels, all of one study and series, in
+    `root`/study-<size>x<size>-<count>/."""
+    return _kept(root / f"study-{size}x{size}-{count}", count, size, count)
+
+
+def _kept(folder: Path, count: int, size: int, per_study: int) -> list[Path]:
+    """The images of `folder`, written first if it is not complete."""
     if not (folder / _COMPLETE).exists():
-        staging = root / f".{folder.name}.{os.getpid()}"
+        staging = folder.with_name(f".{folder.name}.{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         made = 0
-        while made < count:  # several studies of 50 images, like a modality's bursts
-            part = min(50, count - made)
+        while made < count:
+            part = min(per_study, count - made)
             for path in write_study(staging / f"s{made}", part, size=size):
                 path.rename(staging / path.name)
             shutil.rmtree(staging / f"s{made}")

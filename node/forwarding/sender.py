@@ -8,12 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
@@ -23,9 +20,14 @@ from node.implementation import identify
 from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.scp.prompt import prompt_requestor
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
+from node.scu.send import StoreSender
 from node.scu.tuning import CONNECTION_HANDLERS
 
 log = logging.getLogger(__name__)
+
+
+def _remove_private_tags(ds: Dataset) -> None:
+    ds.remove_private_tags()
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Connection:
         self.last_used = time.monotonic()  # last transmission: what the idle limit counts from
         self.last_echo = 0.0
         self.associations_opened = 0
+        self.message_id = 1  # of the next C-STORE on the association
         self.lock = threading.Lock()
 
     @property
@@ -120,6 +123,7 @@ class Connection:
             # Idle past network_timeout: release (not abort) the association.
             assoc.network_timeout_response = "A-RELEASE"
         self.assoc = assoc
+        self.message_id = 1
         self.associations_opened += 1
         log.info("forwarding association to %s opened (%d contexts)", t.name,
                  len(assoc.accepted_contexts))
@@ -135,90 +139,37 @@ class Connection:
                     result.retry = [(job, error) for job in jobs]
                     return result
             assert self.assoc is not None
-            for index, job in enumerate(jobs):
-                outcome = self._send_one(job)
-                if outcome == "done":
-                    result.done.append(job.id)
-                elif outcome.startswith("fail:"):
-                    result.failed.append((job, outcome[5:]))
-                elif outcome.startswith("broken:"):
-                    result.retry.append((job, outcome[7:]))
-                    result.untried = jobs[index + 1:]
-                    self.close()
-                    break
-                else:
-                    result.retry.append((job, outcome[6:]))
+            # Stored files go as stored where the destination accepted their syntax (and no
+            # private tags are removed): scu/send.py, the same way as a retrieve's.
+            transform = _remove_private_tags if self.target.remove_private_tags else None
+            sent = 0
+            with StoreSender(self.assoc, peer=self.target.name, message_id=self.message_id,
+                             transform=transform) as sender:
+                for job, outcome in sender.send_each(jobs):
+                    sent += 1
+                    if outcome.stored:
+                        result.done.append(job.id)
+                    elif outcome.broken:
+                        result.retry.append((job, outcome.error))
+                        result.untried = jobs[sent:]
+                    elif outcome.status is None:  # nothing to gain from trying again
+                        result.failed.append((job, outcome.error))
+                    else:
+                        result.retry.append((job, f"destination answered "
+                                             f"0x{outcome.status:04X} {outcome.error}".strip()))
+                self.message_id = sender.message_id
+            if result.untried or (jobs and sent < len(jobs)):
+                self.close()
             self.last_used = time.monotonic()
             if not self.target.heartbeat:
                 self.close()
         return result
-
-    def _send_one(self, job: Job) -> str:
-        """'done', 'retry:<why>', 'fail:<why>' or 'broken:<why>'."""
-        assert self.assoc is not None
-        if not self.target.remove_private_tags and self._accepts_as_stored(job):
-            # pynetdicom sends the data set straight from the file, in PDU-sized reads after
-            # its file meta (server.configure_pynetdicom), with nothing decoded or encoded: a
-            # CT image's dataset written by pydicom and copied into PDUs cost the forwarder
-            # most of its CPU.
-            sent: Dataset | Path = job.path
-        else:
-            try:
-                # Untouched elements are written back byte for byte; pixel data stays
-                # undecoded.
-                ds: Dataset = dcmread(job.path, defer_size="1 MB")
-            except FileNotFoundError:
-                return f"fail:stored file {job.path} is missing"
-            except (OSError, ValueError) as exc:
-                return f"fail:cannot read {job.path}: {exc}"
-            if self.target.remove_private_tags:
-                ds.remove_private_tags()
-            if not self._has_context(job):
-                try:
-                    ds.decompress()
-                except Exception as exc:
-                    return (f"fail:{self.target.name} accepts no context for {job.sop_class} "
-                            f"in {job.transfer_syntax} or uncompressed, and it cannot be "
-                            f"decompressed here: {exc}")
-            sent = ds
-        if not self.assoc.is_established:
-            # The destination aborted or went away after answering the job before: the job
-            # itself is fine, the association is not.
-            return "broken:the association ended (aborted or connection lost)"
-        try:
-            rsp = self.assoc.send_c_store(sent)
-        except RuntimeError as exc:  # pynetdicom: the association ended as we began
-            return f"broken:{exc}"
-        except FileNotFoundError:
-            return f"fail:stored file {job.path} is missing"
-        except (OSError, InvalidDicomError, AttributeError) as exc:
-            # AttributeError: pynetdicom names the file meta elements the file lacks.
-            return f"fail:cannot read {job.path}: {exc}"
-        except ValueError as exc:  # no context for it, or it cannot be encoded
-            return f"fail:{exc}"
-        if "Status" not in rsp:
-            return "broken:no C-STORE response (timeout, abort or connection lost)"
-        status = int(rsp.Status)
-        if status == 0 or 0xB000 <= status <= 0xBFFF:
-            return "done"
-        return f"retry:destination answered 0x{status:04X} {rsp.get('ErrorComment', '')}".strip()
 
     def _accepted(self) -> set[tuple[str, str]]:
         """(SOP class, transfer syntax) of each context the destination accepted."""
         assert self.assoc is not None
         return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in self.assoc.accepted_contexts}
-
-    def _accepts_as_stored(self, job: Job) -> bool:
-        return (job.sop_class, job.transfer_syntax) in self._accepted()
-
-    def _has_context(self, job: Job) -> bool:
-        accepted = self._accepted()
-        if (job.sop_class, job.transfer_syntax) in accepted:
-            return True
-        # pynetdicom converts between the uncompressed syntaxes itself.
-        return job.transfer_syntax in UNCOMPRESSED and any(
-            (job.sop_class, ts) in accepted for ts in UNCOMPRESSED)
 
     def request_commitment(self, transaction: str, refs: list[tuple[str, str]]
                            ) -> tuple[str, str] | None:

@@ -1,4 +1,5 @@
-"""C-FIND pending answers sent straight to the peer's socket, without pynetdicom's DIMSE layer.
+"""C-FIND, C-GET and C-MOVE pending answers sent straight to the peer's socket, without
+pynetdicom's DIMSE layer.
 
 For each pending answer pynetdicom builds a response primitive, encodes its command set with
 pydicom, splits the message into P-DATA primitives, queues them for the DUL thread, wakes it,
@@ -14,22 +15,35 @@ encoding would not hold: on TLS (an SSL object must not be written from one thre
 another reads it), for transfer syntaxes other than Little Endian ones, or when an answer
 would not fit the peer's maximum PDU (pynetdicom fragments those). Final and failure
 responses still go through pynetdicom.
+
+`RetrieveAnswers` does the same for the pending responses pynetdicom's C-GET and C-MOVE service
+classes send after each sub-operation: while a retrieve's handler runs, its association's
+`dimse.send_msg` writes a pending C-GET-RSP or C-MOVE-RSP (counts, no identifier) to the
+socket itself when the handler's thread sends it, and leaves everything else to pynetdicom.
+A C-GET's own C-STOREs go on the same socket, from the same thread (scp/direct_send.py
+borrows it from the DUL), so nothing is ever written to it by two threads at once.
 """
 
 from __future__ import annotations
 
 import ssl
 import struct
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 
 from node.scp.direct_store import command_pdu, implicit_element, padded_uid, pdv_pdu
 
 C_FIND_RSP = 0x8020
+C_GET_RSP = 0x8010
+C_MOVE_RSP = 0x8021
 PENDING = 0xFF00
+NO_DATA_SET = 0x0101
 # CommandDataSetType of a response that has an identifier (any value but 0x0101).
 _DATA_SET_PRESENT = 0x0001
 # A PDV item's length field, context ID and message control header.
@@ -90,3 +104,65 @@ class FindAnswers:
         self.assoc.dul.socket.send(find_response(self.context_id, self.message_id,
                                                  self.sop_class, PENDING, identifier))
         return True
+
+
+def retrieve_response(context_id: int, command: int, message_id: int, sop_class: str,
+                      status: int, remaining: int, completed: int, failed: int,
+                      warning: int) -> bytes:
+    """The PDU of a C-GET-RSP or C-MOVE-RSP (`command`) without an identifier, as pynetdicom
+    sends it."""
+    return command_pdu(context_id, [
+        implicit_element(0x0002, padded_uid(sop_class)),
+        implicit_element(0x0100, struct.pack("<H", command)),
+        implicit_element(0x0120, struct.pack("<H", message_id)),
+        implicit_element(0x0800, struct.pack("<H", NO_DATA_SET)),
+        implicit_element(0x0900, struct.pack("<H", status)),
+        implicit_element(0x1020, struct.pack("<H", remaining)),
+        implicit_element(0x1021, struct.pack("<H", completed)),
+        implicit_element(0x1022, struct.pack("<H", failed)),
+        implicit_element(0x1023, struct.pack("<H", warning)),
+    ])
+
+
+class RetrieveAnswers:
+    """A retrieve's pending responses written by its handler's thread (a context manager: on
+    exit the association's DIMSE sends everything itself again)."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.dimse = assoc.dimse
+        self.socket = assoc.dul.socket
+        self.thread = threading.get_ident()
+        self.send_msg: Callable[[Any, int], None] = assoc.dimse.send_msg
+
+    @classmethod
+    def for_event(cls, event: Any) -> RetrieveAnswers | None:
+        """For this C-GET or C-MOVE, or None where pynetdicom must send every response."""
+        assoc = event.assoc
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        maximum = int(assoc.requestor.maximum_length or 0)
+        usable = (sock is not None and not isinstance(sock, ssl.SSLSocket)
+                  and assoc.is_acceptor and assoc.is_established
+                  and (maximum == 0 or maximum >= _MIN_PEER_PDU)
+                  and "send_msg" not in vars(assoc.dimse))
+        return cls(assoc) if usable else None
+
+    def __enter__(self) -> RetrieveAnswers:
+        self.dimse.send_msg = self._send_msg
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.dimse.send_msg  # pynetdicom's own again
+
+    def _send_msg(self, primitive: Any, context_id: int) -> None:
+        if (threading.get_ident() != self.thread or not isinstance(primitive, C_GET | C_MOVE)
+                or primitive.Status != PENDING or primitive.Identifier is not None
+                or primitive.MessageIDBeingRespondedTo is None):
+            self.send_msg(primitive, context_id)
+            return
+        self.socket.send(retrieve_response(
+            context_id, C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP,
+            primitive.MessageIDBeingRespondedTo, primitive.AffectedSOPClassUID,
+            PENDING, primitive.NumberOfRemainingSuboperations or 0,
+            primitive.NumberOfCompletedSuboperations or 0,
+            primitive.NumberOfFailedSuboperations or 0,
+            primitive.NumberOfWarningSuboperations or 0))

@@ -54,16 +54,97 @@ log = logging.getLogger(__name__)
 # action wake them at once, so this only bounds how late a timer is seen. Each turn costs
 # Python work: at 10 ms, 12 idle associations took 18% of a core on the development machine.
 IDLE_WAIT = 0.1
+_FREE, _REQUESTED, _LENT = "free", "requested", "lent"
 
 
 class _WaitsForWork(DULServiceProvider):
     """What both prompt DULs share: a wake-up socket pair that queued primitives and a kill
-    write to, and a wait in select() on it and on the peer's socket."""
+    write to, and a wait in select() on it and on the peer's socket; and the socket lent to
+    another thread (`lend`), during which the DUL neither reads nor writes it."""
 
     # A socket pair, not a pipe: a closed socket object refuses writes, where a closed pipe's
     # file descriptor number could meanwhile belong to another file.
     _wake_r: socket.socket
     _wake_w: socket.socket
+    # The loan: FREE, REQUESTED (a thread waits in `lend`) or LENT, changed under _loan_lock.
+    _loan: str
+    _loan_lock: threading.Lock
+    _loan_granted: threading.Event
+
+    @property
+    def lent(self) -> bool:
+        return self._loan == _LENT
+
+    def lend(self, timeout: float) -> bool:
+        """Hand the peer's socket to the calling thread (direct_send.py): once the DUL has
+        nothing half done (no PDU half read, nothing queued to send or to act on, the
+        association established), it stops reading and sending until `give_back`, and meanwhile
+        acts only on what the borrower hands it (`deliver`). False if it was not granted within
+        `timeout` seconds (the association is busy or ending)."""
+        with self._loan_lock:
+            if self._loan != _FREE:
+                return False
+            self._loan = _REQUESTED
+            self._loan_granted.clear()
+        self._wake()
+        self._loan_granted.wait(timeout)
+        with self._loan_lock:
+            if self._loan == _LENT:
+                return True
+            self._loan = _FREE  # not granted in time, or refused
+            return False
+
+    def give_back(self) -> None:
+        """End the loan: the DUL reads and sends again (what was queued meanwhile first)."""
+        with self._loan_lock:
+            self._loan = _FREE
+        self._wake()
+
+    def deliver(self, pdu: bytes) -> None:
+        """A PDU the borrower read but does not handle (a C-CANCEL, an N-EVENT-REPORT, a
+        release or abort request): acted on by the DUL as if it had read it itself."""
+        try:
+            decoded, event = self._decode_pdu(bytearray(pdu))
+        except Exception as exc:
+            log.error("unable to decode the received PDU: %s: %s", type(exc).__name__, exc)
+            self.event_queue.put("Evt19")
+        else:
+            self.event_queue.put(event)
+            self._recv_pdu.put(decoded)
+        self._wake()
+
+    def _lending(self) -> bool:
+        """True while the socket is lent; grants a requested loan when nothing is half done."""
+        if self._loan == _FREE:
+            return False
+        with self._loan_lock:
+            if self._loan == _REQUESTED:
+                if self.state_machine.current_state != "Sta6":
+                    self._loan = _FREE  # ending: the borrower goes through pynetdicom
+                    self._loan_granted.set()
+                    return False
+                if not self._idle():
+                    return False
+                self._loan = _LENT
+                self._loan_granted.set()
+            return self._loan == _LENT
+
+    def _idle(self) -> bool:
+        return (self.event_queue.empty() and self.to_provider_queue.empty()
+                and getattr(self.assoc.dimse, "message", None) is None)
+
+    def _process_recv_primitive(self) -> bool:
+        if self._loan == _LENT:
+            return False  # queued primitives are sent after the loan
+        return super()._process_recv_primitive()
+
+    def _is_transport_event(self) -> bool:
+        if self._lending():
+            # The borrower reads the socket and answers what it waits for; the association
+            # is not idle meanwhile.
+            self._idle_timer.restart()
+            return False
+        return super()._is_transport_event()
 
     def send_pdu(self, primitive: A_ASSOCIATE | A_RELEASE | A_ABORT_PRIMITIVE | A_P_ABORT
                  | P_DATA) -> None:
@@ -79,6 +160,11 @@ class _WaitsForWork(DULServiceProvider):
             self._wake_w.send(b"\0")
 
     def _wait_for_work(self) -> None:
+        if self._loan == _LENT:
+            with contextlib.suppress(OSError, ValueError):
+                if select.select([self._wake_r], [], [], IDLE_WAIT)[0]:
+                    self._wake_r.recv(4096)
+            return
         sock = self.socket.socket if self.socket is not None else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes already buffered: select() cannot see them
@@ -102,6 +188,9 @@ def _add_wake_pair(dul: DULServiceProvider) -> None:
     dul._wake_r, dul._wake_w = socket.socketpair()  # type: ignore[attr-defined]
     dul._wake_r.setblocking(False)  # type: ignore[attr-defined]
     dul._wake_w.setblocking(False)  # type: ignore[attr-defined]
+    dul._loan = _FREE  # type: ignore[attr-defined]
+    dul._loan_lock = threading.Lock()  # type: ignore[attr-defined]
+    dul._loan_granted = threading.Event()  # type: ignore[attr-defined]
 
 
 class PromptDUL(_WaitsForWork):
@@ -123,6 +212,10 @@ class PromptDUL(_WaitsForWork):
             if self.store_receiver is not None:
                 self.store_receiver.abandon()
             _close_all(self._wake_r, self._wake_w)
+
+    def _idle(self) -> bool:
+        receiver = self.store_receiver
+        return super()._idle() and (receiver is None or not receiver.busy)
 
     def _read_pdu_data(self) -> None:
         # pynetdicom's DULServiceProvider._read_pdu_data (same reads, same events), except that
@@ -336,8 +429,10 @@ class PromptRequestorDUL(_WaitsForWork):
     """
 
     def _is_transport_event(self) -> bool:
-        if self.event_queue.empty() and self.to_provider_queue.empty() \
-                and not self._kill_thread:
+        if self._loan == _LENT or (self.event_queue.empty() and self.to_provider_queue.empty()
+                                   and not self._kill_thread):
+            # (lent: what is queued waits for the loan's end; what the borrower delivers
+            # wakes the wait)
             self._wait_for_work()
         return super()._is_transport_event()
 

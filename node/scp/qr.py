@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import build_context, evt
@@ -29,12 +29,15 @@ from node.query.index import (
     identifier,
     statement,
 )
-from node.scp import lookup, pdu_guard
-from node.scp.direct_answers import FindAnswers
+from node.scp import lookup
+from node.scp.direct_answers import FindAnswers, RetrieveAnswers
+from node.scp.direct_send import Sent, answers_sent
+from node.scp.prompt import prompt_requestor
 from node.scp.store import Peer
 from node.scu.contexts import sub_operation_contexts
 from node.scu.failure import AssociationFailure
-from node.scu.tuning import tcp_nodelay
+from node.scu.send import StoreSender
+from node.scu.tuning import CONNECTION_HANDLERS
 from node.tls import endpoint
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ NO_MATCH_KEY = 0xC001  # a retrieve without any unique key would fetch the whole
 MAX_SUBOPERATIONS = 65535  # the response counters are US
 SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
 ALL_SUB_OPERATIONS_FAILED = 0xA702
+# A sub-operation that failed here (no file, no context, no decoder), as pynetdicom counts it.
+FAILED = 0x0110
 
 
 def status(code: int, comment: str = "") -> Dataset:
@@ -58,15 +63,9 @@ def status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-def collect_refusals(event: evt.Event, refused: list[str]) -> None:
-    """EVT_DIMSE_RECV: note each C-STORE sub-operation the destination answered with a failure."""
-    message = event.message
-    if type(message).__name__ != "C_STORE_RSP":
-        return
-    command = message.command_set
-    code = int(command.get("Status", 0))
-    if code and not (code == 0xFF00 or 0xB000 <= code <= 0xBFFF):
-        refused.append(str(command.get("AffectedSOPInstanceUID", "")))
+def _opened(event: evt.Event, opened: list[Any]) -> None:
+    """EVT_CONN_OPEN of a C-MOVE's sub-operation association: the handler sends on it."""
+    opened.append(event.assoc)
 
 
 def match_settings(peer: Peer, defaults: QuerySettings, dialect: str) -> MatchSettings:
@@ -269,14 +268,11 @@ class QueryRetrieve:
         return instances, None
 
     def _retrieved(self, kind: str, peer: Peer, report: Report, delivered: list[Stored],
-                   refused: list[str], destination: str = "") -> None:
+                   destination: str = "") -> None:
         """After the sends: the studies that went out count as accessed; the request's row.
         `destination`: the C-MOVE destination and why it could not be associated with, if
         it could not."""
-        gone = set(refused)
-        studies = {item.study_pk for item in delivered
-                   if item.sop_instance not in gone and item.study_pk}
-        report.failed += len(gone)  # the unreadable ones are counted already
+        studies = {item.study_pk for item in delivered if item.study_pk}
         if report.outcome == "ok" and report.failed:
             report.outcome = "failed" if report.failed >= report.count else "warning"
         if report.outcome == "ok" and report.count and not delivered:
@@ -299,40 +295,63 @@ class QueryRetrieve:
                 log.error("%s from %s: studies not marked accessed: %s", kind, peer, exc)
         self._record(kind, peer, report)
 
-    def _datasets(self, event: evt.Event, instances: list[Stored], refused: list[str],
-                  delivered: list[Stored], report: Report
-                  ) -> Iterator[tuple[Any, Dataset | None]]:
-        """Pending (0xFF00, dataset) per instance, then our own final status if any failed.
+    def _sub_operations(self, event: evt.Event, assoc: Any, destination: str,
+                        instances: list[Stored], delivered: list[Stored], report: Report,
+                        originator: tuple[str, int] | None = None
+                        ) -> Iterator[tuple[Any, Dataset | None]]:
+        """Send each instance on `assoc` (scu/send.py: as stored where the destination
+        accepted its syntax) and yield a pending (0xFF00, Sent) for it, whose outcome
+        pynetdicom's service class counts; then our own final status if any failed.
 
-        A file that cannot be read is never handed to pynetdicom (its send_c_store would fail
-        half-way and upset the association); it is yielded as a non-dataset, which pynetdicom
-        counts as a failed sub-operation. `refused` fills with the UIDs the destination
-        answered with a failure, so the final Failed SOP Instance UID List names them all;
-        `delivered` with the instances handed over for sending.
+        An instance that could not be sent (its file missing or unreadable, no context, no
+        decoder) is reported failed with its outcome and the next one is tried: the
+        association goes on. The final status's Failed SOP Instance UID List names those, the
+        ones the destination refused, and any left unsent when the association ended.
+        `delivered` fills with the instances handed over for sending.
         """
-        missing: list[str] = []
-        for item in instances:
-            if event.is_cancelled:
-                report.end("warning", f"cancelled after {len(delivered)} instances")
-                yield CANCELLED, None
-                return
-            ds: Dataset | None = None
-            if item.path.is_file():
-                try:
-                    # Pixel data stays undecoded; elements pydicom never touched are written
-                    # back byte for byte, so the receiver gets what was stored.
-                    ds = dcmread(item.path, defer_size="1 MB")
-                except (OSError, ValueError) as exc:
-                    log.error("cannot read stored instance %s: %s", item.path, exc)
-            else:
-                log.error("stored instance %s is missing", item.path)
-            if ds is None:
-                missing.append(item.sop_instance)
-                report.failed += 1
-            else:
-                delivered.append(item)
-            yield PENDING, ds
-        failed = missing + refused
+        failed: list[str] = []
+        cancelled = False
+        wanted = len(instances)
+
+        def until_cancelled() -> Iterator[Stored]:
+            nonlocal cancelled
+            for item in instances:
+                if event.is_cancelled:
+                    cancelled = True
+                    return
+                yield item
+
+        request_id = int(event.request.MessageID)
+        answers = RetrieveAnswers.for_event(event)
+        sent = 0
+        with contextlib.ExitStack() as stack:
+            if answers is not None:
+                stack.enter_context(answers)
+            sender = stack.enter_context(StoreSender(
+                assoc, peer=destination, message_id=request_id % 65535 + 1,
+                originator=originator))
+            for item, outcome in sender.send_each(until_cancelled()):
+                sent += 1
+                if outcome.stored:
+                    delivered.append(item)
+                else:
+                    failed.append(item.sop_instance)
+                    report.failed += 1
+                    if outcome.status is None:
+                        log.error("%s not sent: %s", item.sop_instance, outcome.error)
+                if outcome.broken and sent < wanted:
+                    failed += [i.sop_instance for i in instances[sent:]]
+                    report.failed += wanted - sent
+                    report.end("failed", f"the association ended after {sent} instances: "
+                               f"{outcome.error}")
+                yield PENDING, Sent(item.sop_instance,
+                                    outcome.status if outcome.status is not None else FAILED)
+                if outcome.broken:
+                    break
+        if cancelled:
+            report.end("warning", f"cancelled after {sent} instances")
+            yield CANCELLED, None
+            return
         if failed:
             final = status(SUB_OPERATIONS_FAILED if len(failed) < len(instances)
                            else ALL_SUB_OPERATIONS_FAILED)
@@ -370,17 +389,22 @@ class QueryRetrieve:
             yield failure, None
             return
         assert instances is not None
-        refused: list[str] = []
         delivered: list[Stored] = []
         failure = AssociationFailure()
+        opened: list[Any] = []  # the sub-operations' association, once pynetdicom opens it
         kwargs["evt_handlers"] = [*kwargs["evt_handlers"], *failure.handlers(),
-                                  (evt.EVT_DIMSE_RECV, collect_refusals, [refused])]
+                                  (evt.EVT_CONN_OPEN, _opened, [opened])]
         try:
             yield address, port, kwargs
             yield len(instances)
-            yield from self._datasets(event, instances, refused, delivered, report)
+            # pynetdicom asks for the first sub-operation once it has associated.
+            store_assoc = opened[-1]
+            answers_sent(store_assoc)
+            yield from self._sub_operations(
+                event, store_assoc, destination_ae, instances, delivered, report,
+                originator=(peer.calling_ae, int(event.request.MessageID)))
         finally:
-            self._retrieved("move", peer, report, delivered, refused,
+            self._retrieved("move", peer, report, delivered,
                             f"{destination_ae} at {address}:{port}: {failure.reason()}")
 
     def get(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
@@ -392,15 +416,14 @@ class QueryRetrieve:
             yield failure, None
             return
         assert instances is not None
-        refused: list[str] = []
         delivered: list[Stored] = []
-        event.assoc.bind(evt.EVT_DIMSE_RECV, collect_refusals, [refused])
+        answers_sent(event.assoc)
         try:
             yield len(instances)
-            yield from self._datasets(event, instances, refused, delivered, report)
+            yield from self._sub_operations(event, event.assoc, peer.calling_ae or "the requestor",
+                                            instances, delivered, report)
         finally:
-            event.assoc.unbind(evt.EVT_DIMSE_RECV, collect_refusals)
-            self._retrieved("get", peer, report, delivered, refused)
+            self._retrieved("get", peer, report, delivered)
 
     def _outbound(self, device: Device, instances: list[Stored]) -> dict[str, Any]:
         """Association settings for sub-operations to `device` (its own, else the node's)."""
@@ -413,7 +436,6 @@ class QueryRetrieve:
         }
 
         def on_open(event: evt.Event) -> None:
-            tcp_nodelay(event)
             for name, value in timeouts.items():
                 setattr(event.assoc, name, value)
 
@@ -421,5 +443,8 @@ class QueryRetrieve:
             "contexts": sub_operation_contexts(
                 [(i.sop_class, i.transfer_syntax) for i in instances], extra),
             "max_pdu": device.max_pdu_size or d.max_pdu_size,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, on_open), *pdu_guard.HANDLERS],
+            # As the forwarder's associations: TCP_NODELAY, PDU checks, the DUL waiting in
+            # select() (and lending its socket to the sub-operations, scu/send.py).
+            "evt_handlers": [(evt.EVT_CONN_OPEN, on_open), *CONNECTION_HANDLERS,
+                             (evt.EVT_CONN_OPEN, prompt_requestor)],
         }

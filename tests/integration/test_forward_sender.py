@@ -18,16 +18,19 @@ from node.forwarding.queue import Job
 from node.forwarding.sender import Connection, Target
 from node.scp import prompt
 from node.scp.prompt import PromptRequestorDUL
+from node.scu.send import StoreSender
 from tests.conftest import wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import write_study
 
 
-def target(port: int) -> Target:
+def target(port: int, through_pynetdicom: bool = False) -> Target:
+    """`through_pynetdicom`: every instance is decoded (private tags removed) and sent by
+    pynetdicom's DIMSE layer, as on TLS, instead of written to the socket (direct_send.py)."""
     return Target(device_id=1, name="DEST", ae_title="DEST", address="127.0.0.1", port=port,
                   calling_ae="PACSNODE", max_pdu=0, acse_timeout=5, dimse_timeout=5,
                   network_timeout=5, connection_timeout=5, extra_syntaxes=(), heartbeat=True,
-                  remove_private_tags=False)
+                  remove_private_tags=through_pynetdicom)
 
 
 def job(number: int, path: Path) -> Job:
@@ -49,8 +52,9 @@ def test_a_job_on_an_association_the_destination_ended_is_retried(tmp_path: Path
             assoc.abort()
         assert wait_for(lambda: not connection.is_open)
         # What a sender task in the middle of a batch meets: the next job of the batch.
-        outcome = connection._send_one(second)
-        assert outcome.startswith("broken:"), outcome
+        with StoreSender(connection.assoc) as sender:
+            [(_, outcome)] = list(sender.send_each([second]))
+        assert outcome.broken and outcome.status is None, outcome
         # The next batch opens a new association and the job arrives.
         assert connection.send([second]).done == [2]
         assert sorted(dest.received) == sorted([first.sop_instance, second.sop_instance])
@@ -98,7 +102,7 @@ def slow_to_wait(assoc: Association) -> None:
 
 def test_a_response_arriving_as_the_reactor_polls_reaches_the_sender(tmp_path: Path) -> None:
     dest = CountingSCP().start()
-    connection = Connection(target(dest.port))
+    connection = Connection(target(dest.port, through_pynetdicom=True))
     try:
         (first,) = (job(1, path) for path in write_study(tmp_path, 1))
         assert connection._open([first]) is None
@@ -122,7 +126,7 @@ def test_a_stray_response_between_requests_is_not_the_next_ones_answer(tmp_path:
     first_path, second_path = write_study(tmp_path, 2)
     first, second = job(1, first_path), job(2, second_path)
     dest = CountingSCP(refuse={second.sop_instance}).start()
-    connection = Connection(target(dest.port))
+    connection = Connection(target(dest.port, through_pynetdicom=True))
     try:
         assert connection.send([first]).done == [1]
         assert connection.assoc is not None

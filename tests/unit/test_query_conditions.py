@@ -96,6 +96,8 @@ def test_sub_operation_contexts_keep_stored_syntax_and_offer_uncompressed() -> N
     as_pairs = [(c.abstract_syntax, tuple(c.transfer_syntax)) for c in contexts]
     assert as_pairs == [
         (ct, (j2k,)),
+        (ct, (explicit,)),
+        (mr, (explicit,)),
         (ct, (explicit, "1.2.840.10008.1.2")),
         (mr, (explicit, "1.2.840.10008.1.2")),
     ]

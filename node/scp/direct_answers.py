@@ -21,7 +21,8 @@ classes send after each sub-operation: while a retrieve's handler runs, its asso
 `dimse.send_msg` writes a pending C-GET-RSP or C-MOVE-RSP (counts, no identifier) to the
 socket itself when the handler's thread sends it, and leaves everything else to pynetdicom.
 A C-GET's own C-STOREs go on the same socket, from the same thread (scp/direct_send.py
-borrows it from the DUL), so nothing is ever written to it by two threads at once.
+borrows it from the DUL), so nothing is ever written to it by two threads at once; on TLS it
+writes only while the socket is lent, when the DUL thread does not read it either.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class RetrieveAnswers:
 
     def __init__(self, assoc: Any) -> None:
         self.dimse = assoc.dimse
+        self.dul = assoc.dul
         self.socket = assoc.dul.socket
+        self.tls = isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
         self.thread = threading.get_ident()
         self.send_msg: Callable[[Any, int], None] = assoc.dimse.send_msg
 
@@ -140,8 +143,7 @@ class RetrieveAnswers:
         assoc = event.assoc
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         maximum = int(assoc.requestor.maximum_length or 0)
-        usable = (sock is not None and not isinstance(sock, ssl.SSLSocket)
-                  and assoc.is_acceptor and assoc.is_established
+        usable = (sock is not None and assoc.is_acceptor and assoc.is_established
                   and (maximum == 0 or maximum >= _MIN_PEER_PDU)
                   and "send_msg" not in vars(assoc.dimse))
         return cls(assoc) if usable else None
@@ -156,7 +158,8 @@ class RetrieveAnswers:
     def _send_msg(self, primitive: Any, context_id: int) -> None:
         if (threading.get_ident() != self.thread or not isinstance(primitive, C_GET | C_MOVE)
                 or primitive.Status != PENDING or primitive.Identifier is not None
-                or primitive.MessageIDBeingRespondedTo is None):
+                or primitive.MessageIDBeingRespondedTo is None
+                or (self.tls and not getattr(self.dul, "lent", False))):
             self.send_msg(primitive, context_id)
             return
         self.socket.send(retrieve_response(

@@ -19,9 +19,10 @@ N-EVENT-REPORT, a release or abort request) is handed to the DUL to act on as us
 transfer syntax and UIDs) with struct; it is called for the next instance while the peer is
 still storing the current one, and asks the kernel to read ahead what follows.
 
-Not used on TLS (an SSL object must not be used by the borrower and the DUL thread at once,
-and the DUL may still be woken), for peers that receive PDUs under 1 KiB, or when the DUL is
-not one of prompt.py's: pynetdicom sends those (scu/send.py).
+On TLS too: while the socket is lent the DUL thread does not touch it, so the SSL object is
+only ever used by one thread; each piece is then written with one sendall (an SSL socket has
+no sendmsg). Not used for peers that receive PDUs under 1 KiB, or when the DUL is not one of
+prompt.py's: pynetdicom sends those (scu/send.py).
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ class Wire:
         self.dul = dul
         self.socket = dul.socket  # pdu_guard's: its reads check each PDU's length
         self.raw = dul.socket.socket
+        self.tls = isinstance(self.raw, ssl.SSLSocket)
         self.timeout = timeout  # seconds for a response (the DIMSE timeout)
         peer = (assoc.acceptor if assoc.is_requestor else assoc.requestor).maximum_length
         self.fragment = min(int(peer) - 6, CHUNK) if peer else CHUNK
@@ -229,8 +231,7 @@ class Wire:
         peer = (assoc.acceptor if assoc.is_requestor else assoc.requestor).maximum_length
         if (not isinstance(dul, _WaitsForWork) or sock is None
                 or not isinstance(dul.socket, GuardedAssociationSocket)
-                or isinstance(sock, ssl.SSLSocket) or not assoc.is_established
-                or (peer and peer < _MIN_PEER_PDU)):
+                or not assoc.is_established or (peer and peer < _MIN_PEER_PDU)):
             return None
         if not dul.lend(grant_timeout):
             return None
@@ -279,6 +280,9 @@ class Wire:
     def _write(self, parts: list[bytes | memoryview]) -> None:
         first = 0  # parts[first:] are still to send
         try:
+            if self.tls:
+                self.raw.sendall(b"".join(parts))
+                return
             while first < len(parts):
                 sent = self.raw.sendmsg(parts[first:] if first else parts)
                 while first < len(parts) and sent >= len(parts[first]):
@@ -325,7 +329,8 @@ class Wire:
             pending, command = [], bytearray()
 
     def _read_pdu(self, deadline: float | None) -> tuple[int, bytes]:
-        if not self.socket.read_ahead:
+        # (select() cannot see bytes already read ahead, or decrypted and buffered by SSL)
+        if not self.socket.read_ahead and not (self.tls and self.raw.pending()):
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 ready = select.select([self.raw], [], [], wait)[0]

@@ -301,13 +301,13 @@ class QueryRetrieve:
                         ) -> Iterator[tuple[Any, Dataset | None]]:
         """Send each instance on `assoc` (scu/send.py: as stored where the destination
         accepted its syntax) and yield a pending (0xFF00, Sent) for it, whose outcome
-        pynetdicom's service class counts; then our own final status if any failed.
+        pynetdicom's service class counts and, if it failed, lists in the final response's
+        Failed SOP Instance UID List.
 
         An instance that could not be sent (its file missing or unreadable, no context, no
-        decoder) is reported failed with its outcome and the next one is tried: the
-        association goes on. The final status's Failed SOP Instance UID List names those, the
-        ones the destination refused, and any left unsent when the association ended.
-        `delivered` fills with the instances handed over for sending.
+        decoder) fails with its reason logged, and the next one is tried: the association
+        goes on. If the association the sub-operations go on ends, the ones left are failed
+        too. `delivered` fills with the instances the destination stored.
         """
         failed: list[str] = []
         cancelled = False
@@ -352,7 +352,10 @@ class QueryRetrieve:
             report.end("warning", f"cancelled after {sent} instances")
             yield CANCELLED, None
             return
-        if failed:
+        if sent < wanted:
+            # The sub-operations' association ended first: our final response, which counts
+            # and names the unsent ones as failed (after the last sub-operation pynetdicom
+            # makes it itself, from the outcomes).
             final = status(SUB_OPERATIONS_FAILED if len(failed) < len(instances)
                            else ALL_SUB_OPERATIONS_FAILED)
             identifier = Dataset()

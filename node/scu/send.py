@@ -227,7 +227,8 @@ class StoreSender:
             return Outcome(error=f"{refused} or uncompressed")
         if syntax and UID(syntax).is_compressed:
             try:
-                ds.decompress()
+                # Still the same instance (pydicom 3 would give it a new UID by default).
+                ds.decompress(generate_instance_uid=False)
             except Exception as exc:  # any decoder's failure, or no decoder at all
                 return Outcome(error=f"{refused}, and it cannot be decompressed here: {exc}")
         return ds

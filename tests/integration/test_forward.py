@@ -325,6 +325,7 @@ def test_refused_syntax_is_decompressed_when_pydicom_can(make_node: object) -> N
         assert wait_for(lambda: all_done(node, 1), timeout=20)
         [received] = dest.datasets.values()
         original = dcmread(rle)
+        assert received.SOPInstanceUID == original.SOPInstanceUID  # the same instance
         original.decompress()
         assert received.PixelData == original.PixelData  # sent in a syntax the peer accepts
     finally:

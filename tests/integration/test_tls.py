@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_charset_files
 from pynetdicom.sop_class import Verification
 
 from node import config
@@ -16,6 +18,7 @@ from node.service import Node
 from tests.certs import make_ca
 from tests.conftest import free_port, wait_for
 from tests.dicomgen import make_instance
+from tests.integration.test_retrieve import body, counts, get
 from tests.scu import associate, statuses, store
 from tests.tlsnode import Pki, StartTls, pki_fixture, start_tls_fixture  # noqa: F401
 
@@ -192,3 +195,18 @@ def test_tls_connections_handed_to_another_association_process(
         assert not echo(tls_port, pki.client_context(pki.rogue))
     finally:
         held.release()
+
+
+def test_c_get_over_tls_returns_the_stored_bytes(start_tls: StartTls, pki: Pki,
+                                                  tmp_path: Path) -> None:
+    node = start_tls()
+    original = Path(get_charset_files("chrKoreanMulti.dcm")[0])  # group lengths included
+    assert statuses(store(node.port, [original])) == [0]
+    sop = str(dcmread(original, stop_before_pixels=True).SOPInstanceUID)
+    folder = tmp_path / "got"
+    folder.mkdir()
+    final = get(node, "IMAGE", folder, calling="CT1", port=node.tls_port,  # type: ignore[attr-defined]
+                tls_args=pki.client_context(pki.client), SOPInstanceUID=sop)[-1]
+    assert (int(final.Status), counts(final)[1:3]) == (0, (1, 0))
+    [received] = folder.iterdir()
+    assert body(received) == body(original)

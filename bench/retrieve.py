@@ -7,9 +7,11 @@ same studies with DCMTK storescu: one study of small (64x64) images and one of C
 DCMTK getscu (C-GET: the images come back on getscu's own association and are written to a
 fresh folder) and with DCMTK movescu (C-MOVE to a DCMTK storescp, started fresh for the run
 with a folder of its own), and the time the SCU takes, from its start to its exit after the
-final response, is recorded with the CPU seconds the archive used meanwhile. Every run checks
-that every image arrived; for pacsnode it also checks that each received file's data set is
-byte for byte the stored file's (the file meta aside: each writer makes its own).
+final response, is recorded with the CPU seconds the archive used meanwhile. What arrives is
+written to `--received` (default: /dev/shm, so that the receivers' disk writes do not decide
+the figures) and removed after each run's check: every image arrived, and for pacsnode each
+received file's data set is byte for byte the stored file's (the file meta aside: each
+writer makes its own).
 
 The runs are interleaved (run 1 of every case, then run 2, ...; the archives in a rotating
 order) so drift hits both alike; each cell is the median of the runs with min-max. Every
@@ -218,6 +220,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="the archives' storage and what was retrieved (default: a "
                              "temporary folder, removed at the end unless --keep)")
+    parser.add_argument("--received", type=Path, default=None,
+                        help="where getscu and storescp write what they receive (default: "
+                             "/dev/shm when it exists, else the work folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--python", default="deployed",
                         help="pacsnode's interpreter: deployed (default: this checkout "
@@ -250,6 +255,10 @@ def main() -> None:
     uids = {label: study_uid(files[0]) for label, files in studies.items()}
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsnode-retrieve-"))
     work.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm")
+    received_root = args.received or (Path(tempfile.mkdtemp(prefix="pacsnode-retrieve-",
+                                                            dir=shm))
+                                      if shm.is_dir() else work / "retrieved")
     archives: dict[str, Receiver] = {}
     for name in names:
         if name == "pacsnode":
@@ -265,7 +274,8 @@ def main() -> None:
     print("archives: " + "; ".join(
         (archives[n].version() + (f" (default settings, run by {python})"
                                   if n == "pacsnode" else "")) for n in names))
-    print("SCUs: DCMTK getscu (-od) and movescu to DCMTK storescp (-od), TCP_NODELAY=1")
+    print(f"SCUs: DCMTK getscu (-od) and movescu to DCMTK storescp (-od), TCP_NODELAY=1, "
+          f"writing into {received_root}")
     print("data: " + "; ".join(f"{label} one study of {len(files)} images, "
                                f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
                                for label, files in studies.items()) + "\n", flush=True)
@@ -281,6 +291,10 @@ def main() -> None:
                 send(files, 1, archive.ae_title, archive.port)
             if isinstance(archive, PacsNodeArchive):
                 stored[name] = stored_files(archive)
+        # Per archive and study: SOP Instance UID -> the file whose bytes must arrive.
+        expected = {name: {label: {p.stem: stored[name][p.stem] for p in files}
+                           if name in stored else {} for label, files in studies.items()}
+                    for name in names}
         started = time.monotonic()
         for run in range(args.runs):
             order = names[run % len(names):] + names[:run % len(names)]
@@ -289,20 +303,19 @@ def main() -> None:
                 for op in OPERATIONS:
                     for name in order:
                         cell, archive = cells[(name, label, op)], archives[name]
-                        folder = work / "retrieved" / f"{name}-{label}-{op}-{run + 1}"
+                        folder = received_root / f"{name}-{label}-{op}-{run + 1}"
                         folder.mkdir(parents=True)
                         try:
                             cpu = archive.cpu_seconds()
                             seconds = retrieve(op, archive, uids[label], folder)
                             cpu = archive.cpu_seconds() - cpu
-                            mine = {sop: path for sop, path in stored.get(name, {}).items()
-                                    if sop in {p.stem for p in files}} if name in stored else {}
-                            check(archive, folder, files, mine)
+                            check(archive, folder, files, expected[name][label])
                         except Exception as exc:
                             cell.failures.append(str(exc))
                             print(f"  run {run + 1}: {name} {label} {op}: FAILED: {exc}",
                                   file=sys.stderr, flush=True)
                             continue
+                        shutil.rmtree(folder, ignore_errors=True)
                         cell.runs.append(Run(seconds, cpu))
                         print(f"  run {run + 1}: {name:<8} {label:<5} {op:<6}: "
                               f"{len(files) / seconds:7.0f} img/s, CPU {cpu:.2f} s",
@@ -311,6 +324,8 @@ def main() -> None:
     finally:
         for archive in archives.values():
             archive.stop()
+        if args.received is None:
+            shutil.rmtree(received_root, ignore_errors=True)
 
     print("| archive  | data  | op     | images |   img/s | min-max     |    MB/s | CPU s |")
     print("|---|---|---|---:|---:|---:|---:|---:|")

@@ -21,8 +21,9 @@ classes send after each sub-operation: while a retrieve's handler runs, its asso
 `dimse.send_msg` writes a pending C-GET-RSP or C-MOVE-RSP (counts, no identifier) to the
 socket itself when the handler's thread sends it, and leaves everything else to pynetdicom.
 A C-GET's own C-STOREs go on the same socket, from the same thread (scp/direct_send.py
-borrows it from the DUL), so nothing is ever written to it by two threads at once; on TLS it
-writes only while the socket is lent, when the DUL thread does not read it either.
+borrows it from the DUL), so nothing is ever written to it by two threads at once; there the
+pending response goes out with the next C-STORE request, in one write (the requestor reads
+both at once), and on TLS only so.
 """
 
 from __future__ import annotations
@@ -162,10 +163,15 @@ class RetrieveAnswers:
                 or (self.tls and not getattr(self.dul, "lent", False))):
             self.send_msg(primitive, context_id)
             return
-        self.socket.send(retrieve_response(
+        encoded = retrieve_response(
             context_id, C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP,
             primitive.MessageIDBeingRespondedTo, primitive.AffectedSOPClassUID,
             PENDING, primitive.NumberOfRemainingSuboperations or 0,
             primitive.NumberOfCompletedSuboperations or 0,
             primitive.NumberOfFailedSuboperations or 0,
-            primitive.NumberOfWarningSuboperations or 0))
+            primitive.NumberOfWarningSuboperations or 0)
+        wire = getattr(self.dul, "borrower", None)
+        if wire is not None and wire.thread == self.thread:
+            wire.later(encoded)  # a C-GET: goes with the next sub-operation's request
+        else:
+            self.socket.send(encoded)

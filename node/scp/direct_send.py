@@ -32,6 +32,7 @@ import os
 import select
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,17 +128,20 @@ def file_meta(head: bytes | bytearray | memoryview) -> FileMeta:
 class StoredFile:
     """An open stored file: its meta and its first piece, read into the caller's buffer."""
 
-    def __init__(self, path: Path, buffer: bytearray) -> None:
+    def __init__(self, path: str | Path, buffer: bytearray) -> None:
         """Raises OSError (missing, unreadable) or Unreadable (not a Part-10 file)."""
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.size = os.fstat(self.fd).st_size
-            with contextlib.suppress(OSError):  # (only advice)
-                os.posix_fadvise(self.fd, 0, min(self.size, READ_AHEAD),
-                                 os.POSIX_FADV_WILLNEED)
             self.buffer = buffer
-            self.head = read_at(self.fd, memoryview(buffer)[:min(self.size, len(buffer))], 0)
+            # Most instances fit the buffer: a short read is the whole file (three system
+            # calls an instance: open, read, close).
+            self.head = os.preadv(self.fd, [buffer], 0)
+            self.size = self.head
+            if self.head == len(buffer):
+                self.size = os.fstat(self.fd).st_size
+                with contextlib.suppress(OSError):  # (only advice) the kernel reads on
+                    os.posix_fadvise(self.fd, self.head, READ_AHEAD, os.POSIX_FADV_WILLNEED)
             self.meta = file_meta(memoryview(buffer)[:self.head])
         except BaseException:
             os.close(self.fd)
@@ -222,6 +226,8 @@ class Wire:
         self.fragment = min(int(peer) - 6, CHUNK) if peer else CHUNK
         self.piece = self.fragment * max(1, min(CHUNK // self.fragment, _MAX_PDUS_PER_WRITE))
         self.buffer = bytearray(max(self.piece, 64 * 1024))
+        self.thread = threading.get_ident()
+        self._later: list[bytes] = []  # written with the next message (see `later`)
 
     @classmethod
     def open(cls, assoc: Any, grant_timeout: float = 5.0) -> Wire | None:
@@ -236,9 +242,20 @@ class Wire:
         if not dul.lend(grant_timeout):
             return None
         timeout = assoc.dimse_timeout
-        return cls(assoc, dul, float(timeout) if timeout else 0.0)
+        wire = cls(assoc, dul, float(timeout) if timeout else 0.0)
+        dul.borrower = wire
+        return wire
+
+    def later(self, message: bytes) -> None:
+        """A message (a C-GET's pending response) written with the next C-STORE request, in
+        one write: the peer then reads both at once. Written at `close` at the latest."""
+        self._later.append(message)
 
     def close(self) -> None:
+        if self._later:
+            with contextlib.suppress(Broken):  # (the association is gone: nothing to tell)
+                self._write([])
+        self.dul.borrower = None
         self.dul.give_back()
 
     def send(self, stored: StoredFile, context_id: int, message_id: int,
@@ -278,6 +295,9 @@ class Wire:
                                      os.POSIX_FADV_WILLNEED)
 
     def _write(self, parts: list[bytes | memoryview]) -> None:
+        if self._later:
+            parts[:0] = self._later
+            self._later = []
         first = 0  # parts[first:] are still to send
         try:
             if self.tls:
@@ -365,6 +385,25 @@ class Sent(Dataset):
         self.SOPInstanceUID = sop_instance  # (pynetdicom lists failed ones by it)
         self.outcome = status
 
+    @classmethod
+    def of(cls, sop_instance: str, status: int) -> Sent:
+        """The outcome of one sub-operation; pynetdicom only counts a success, so one Sent
+        serves them all."""
+        return _STORED if status == 0 else cls(sop_instance, status)
+
+
+_STORED = Sent("", 0x0000)
+_STATUSES: dict[int, Dataset] = {}  # a status Dataset per code, made once (only read)
+
+
+def _status(code: int) -> Dataset:
+    status = _STATUSES.get(code)
+    if status is None:
+        status = Dataset()
+        status.Status = code
+        _STATUSES[code] = status
+    return status
+
 
 def answers_sent(assoc: Any) -> None:
     """Make `assoc.send_c_store` answer a `Sent` with its outcome (anything else is sent)."""
@@ -374,9 +413,7 @@ def answers_sent(assoc: Any) -> None:
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, Sent):
-            status = Dataset()
-            status.Status = dataset.outcome
-            return status
+            return _status(dataset.outcome)
         return send(dataset, *args, **kwargs)
 
     assoc.send_c_store = send_c_store

@@ -68,6 +68,7 @@ class _WaitsForWork(DULServiceProvider):
     _wake_w: socket.socket
     # The loan: FREE, REQUESTED (a thread waits in `lend`) or LENT, changed under _loan_lock.
     _loan: str
+    borrower: Any = None  # what writes to the lent socket (direct_send.Wire)
     _loan_lock: threading.Lock
     _loan_granted: threading.Event
 
@@ -438,9 +439,14 @@ class PromptRequestorDUL(_WaitsForWork):
 
 
 def prompt_requestor(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for associations the node requests: pynetdicom triggers it in the
-    DUL thread as the connection opens, so the class changes under no other thread's feet."""
-    dul = event.assoc.dul
+    """EVT_CONN_OPEN handler for associations the node requests (forwarding, a C-MOVE's
+    sub-operations): pynetdicom triggers it in the DUL thread as the connection opens, so the
+    class changes under no other thread's feet. The association's reactor thread starts only
+    once the association is established: it waits for its DUL's actions too, instead of
+    polling every millisecond (each of those wakes took the GIL from the thread sending the
+    sub-operations)."""
+    assoc = event.assoc
+    dul = assoc.dul
     if type(dul) is not DULServiceProvider:
         return
     _add_wake_pair(dul)
@@ -448,6 +454,9 @@ def prompt_requestor(event: evt.Event) -> None:
     weakref.finalize(dul, _close_all, dul._wake_r, dul._wake_w)  # type: ignore[attr-defined]
     dul._run_loop_delay = 0
     dul.__class__ = PromptRequestorDUL
+    if type(assoc) is Association and not assoc.is_alive():
+        assoc._prompt_wake = threading.Event()  # type: ignore[attr-defined]
+        assoc.__class__ = PromptAssociation
 
 
 def _close_all(*sockets: socket.socket) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -20,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.activity import ActivityLog, Event
 from node.config import QuerySettings, Settings
 from node.db.database import Database
-from node.db.models import Device, Study, utcnow
+from node.db.models import Device, Instance, Study, utcnow
 from node.query.conditions import Match, Query, QueryError, parse_identifier
 from node.query.index import (
     MatchSettings,
@@ -63,6 +64,20 @@ def status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+def released_in_the_background(assoc: Any) -> None:
+    """pynetdicom releases a C-MOVE's sub-operation association before it sends the final
+    response, and its release waits for the association's threads to end in 10 ms sleeps
+    (10 ms of most C-MOVEs, 3% of one of 1000 small images). The sub-operations are all
+    answered by then: as Orthanc does, the requestor gets its final response while the
+    destination's association is released."""
+    release = assoc.release
+
+    def in_the_background() -> None:
+        threading.Thread(target=release, name="release-move-destination", daemon=True).start()
+
+    assoc.release = in_the_background
+
+
 def _opened(event: evt.Event, opened: list[Any]) -> None:
     """EVT_CONN_OPEN of a C-MOVE's sub-operation association: the handler sends on it."""
     opened.append(event.assoc)
@@ -80,9 +95,10 @@ def match_settings(peer: Peer, defaults: QuerySettings, dialect: str) -> MatchSe
     )
 
 
-@dataclass(frozen=True)
-class Stored:
-    path: Path
+class Stored(NamedTuple):
+    """A matching instance (a tuple: made a thousand at a time from the index's rows)."""
+
+    path: str
     sop_class: str
     sop_instance: str
     transfer_syntax: str
@@ -219,11 +235,14 @@ class QueryRetrieve:
     # Retrieve -----------------------------------------------------------------------------
     def _instances(self, query: Query, peer: Peer) -> list[Stored]:
         settings = self._match(peer)
+        # The matching rows' columns a send needs, not ORM objects: loading a Study and an
+        # Instance object per row took 40 ms of a 1000-image C-GET.
+        stmt = statement(query, peer.partition.id, settings, level="IMAGE").with_only_columns(
+            Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid, Study.id, Study.study_instance_uid)
+        root = str(self.root)
         with self.db.session() as session:
-            stmt = statement(query, peer.partition.id, settings, level="IMAGE")
-            rows = [(row.Instance, row.Study) for row in session.execute(stmt)]
-        return [Stored(self.root / i.path, i.sop_class_uid, i.sop_instance_uid,
-                       i.transfer_syntax_uid, s.id, s.study_instance_uid) for i, s in rows]
+            return [Stored(f"{root}/{path}", *rest) for path, *rest in session.execute(stmt)]
 
     def _resolve(self, event: evt.Event, peer: Peer, verb: str, report: Report
                  ) -> tuple[list[Stored] | None, Dataset | None]:
@@ -344,8 +363,8 @@ class QueryRetrieve:
                     report.failed += wanted - sent
                     report.end("failed", f"the association ended after {sent} instances: "
                                f"{outcome.error}")
-                yield PENDING, Sent(item.sop_instance,
-                                    outcome.status if outcome.status is not None else FAILED)
+                yield PENDING, Sent.of(item.sop_instance,
+                                       outcome.status if outcome.status is not None else FAILED)
                 if outcome.broken:
                     break
         if cancelled:
@@ -403,6 +422,7 @@ class QueryRetrieve:
             # pynetdicom asks for the first sub-operation once it has associated.
             store_assoc = opened[-1]
             answers_sent(store_assoc)
+            released_in_the_background(store_assoc)
             yield from self._sub_operations(
                 event, store_assoc, destination_ae, instances, delivered, report,
                 originator=(peer.calling_ae, int(event.request.MessageID)))

@@ -37,10 +37,15 @@ def sub_operation_contexts(pairs: list[tuple[str, str]], extra: list[str]
 
 def as_stored(accepted: Iterable[Accepted], sop_class: str, syntax: str) -> int | None:
     """The accepted context an instance stored in `syntax` can be sent on as it is."""
+    return by_syntax(accepted).get((sop_class, syntax))
+
+
+def by_syntax(accepted: Iterable[Accepted]) -> dict[tuple[str, str], int]:
+    """(SOP class, transfer syntax) -> the first accepted context of that pair."""
+    found: dict[tuple[str, str], int] = {}
     for context_id, abstract, transfer in accepted:
-        if abstract == sop_class and transfer == syntax:
-            return context_id
-    return None
+        found.setdefault((abstract, transfer), context_id)
+    return found
 
 
 def decodable(accepted: Iterable[Accepted], sop_class: str) -> bool:

@@ -25,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from node.scp.direct_send import Broken, StoredFile, Unreadable, Wire
-from node.scu.contexts import Accepted, as_stored, decodable
+from node.scu.contexts import Accepted, as_stored, by_syntax, decodable
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Instance(Protocol):
     """A stored instance to send (a retrieve's match, a forward job)."""
 
     @property
-    def path(self) -> Path: ...
+    def path(self) -> str | Path: ...
     @property
     def sop_class(self) -> str: ...
     @property
@@ -87,6 +87,7 @@ class StoreSender:
         self.accepted: list[Accepted] = [
             (int(cx.context_id), str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
             for cx in assoc.accepted_contexts if cx.as_scu]
+        self._contexts = by_syntax(self.accepted)  # (a C-GET may have 120 to look through)
         self._wire: Wire | None = None
         self._direct = transform is None  # False once borrowing the socket was refused
         self._buffer = bytearray(64 * 1024)  # first pieces, until the wire has its own
@@ -116,8 +117,8 @@ class StoreSender:
                 current, ready = ready, None
                 context_id = None
                 if current.file is not None:
-                    context_id = as_stored(self.accepted, str(UID(current.file.meta.sop_class)),
-                                           current.file.meta.transfer_syntax)
+                    meta = current.file.meta
+                    context_id = self._contexts.get((meta.sop_class, meta.transfer_syntax))
                 if current.file is not None and context_id is not None and self._borrow():
                     assert self._wire is not None
                     message_id = self._next_message_id()

@@ -83,11 +83,12 @@ class OrthancArchive(Orthanc):
 
 
 class PacsNodeArchive(PacsNode):
-    """pacsnode with its default settings (no [dicom] section), the benchmark's storescp in
-    its device table as the C-MOVE destination."""
+    """pacsnode with its default settings (no [dicom] section unless `processes` is given),
+    the benchmark's storescp in its device table as the C-MOVE destination."""
 
-    def __init__(self, work: Path, destination_port: int, python: str) -> None:
-        super().__init__(work, processes=None, python=python)
+    def __init__(self, work: Path, destination_port: int, python: str,
+                 processes: int | None = None) -> None:
+        super().__init__(work, processes=processes, python=python)
         self.destination_port = destination_port
 
     def add_destination(self) -> None:
@@ -224,6 +225,8 @@ def main() -> None:
                         help="where getscu and storescp write what they receive (default: "
                              "/dev/shm when it exists, else the work folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--pacsnode-processes", type=int, default=None,
+                        help="pacsnode's dicom.association_processes (default: its default)")
     parser.add_argument("--python", default="deployed",
                         help="pacsnode's interpreter: deployed (default: this checkout "
                              "installed with `pip install .`, see deployed.py), current, or a "
@@ -262,17 +265,20 @@ def main() -> None:
     archives: dict[str, Receiver] = {}
     for name in names:
         if name == "pacsnode":
-            archives[name] = PacsNodeArchive(work, free_port(), python)
+            archives[name] = PacsNodeArchive(work, free_port(), python,
+                                             args.pacsnode_processes)
         else:
             archives[name] = OrthancArchive(work, free_port())
     cells = {(name, label, op): Cell(name, label, op, len(files),
                                      sum(f.stat().st_size for f in files) / 1e6)
              for name in names for label, files in studies.items() for op in OPERATIONS}
 
+    settings = ("default settings" if args.pacsnode_processes is None else
+                f"dicom.association_processes = {args.pacsnode_processes}")
     print(f"C-GET and C-MOVE, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
           f"{network}, work dir {work}, {args.runs} run(s) per cell")
     print("archives: " + "; ".join(
-        (archives[n].version() + (f" (default settings, run by {python})"
+        (archives[n].version() + (f" ({settings}, run by {python})"
                                   if n == "pacsnode" else "")) for n in names))
     print(f"SCUs: DCMTK getscu (-od) and movescu to DCMTK storescp (-od), TCP_NODELAY=1, "
           f"writing into {received_root}")

@@ -15,9 +15,9 @@ P-DATA-TF PDUs of at most the peer's maximum length (read from the file in piece
 the C-STORE-RSP arrives. Anything else the peer sends meanwhile (a C-CANCEL, an
 N-EVENT-REPORT, a release or abort request) is handed to the DUL to act on as usual.
 
-`StoredFile.open` reads a file's first piece and its file meta (where the data set starts, its
-transfer syntax and UIDs) with struct; it is called for the next instance while the peer is
-still storing the current one, and asks the kernel to read ahead what follows.
+`StoredFile` opens a file and reads its first piece and its file meta (where the data set
+starts, its transfer syntax and UIDs, with struct); it is made for the next instance while the
+peer is still storing the current one, and asks the kernel to read ahead what follows.
 
 On TLS too: while the socket is lent the DUL thread does not touch it, so the SSL object is
 only ever used by one thread; each piece is then written with one sendall (an SSL socket has
@@ -143,6 +143,8 @@ class StoredFile:
                 with contextlib.suppress(OSError):  # (only advice) the kernel reads on
                     os.posix_fadvise(self.fd, self.head, READ_AHEAD, os.POSIX_FADV_WILLNEED)
             self.meta = file_meta(memoryview(buffer)[:self.head])
+            if self.meta.data_set_offset == self.head < self.size:
+                raise Unreadable("file meta longer than the first piece read")
         except BaseException:
             os.close(self.fd)
             raise

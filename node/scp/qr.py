@@ -357,7 +357,11 @@ class QueryRetrieve:
                     failed.append(item.sop_instance)
                     report.failed += 1
                     if outcome.status is None:
-                        log.error("%s not sent: %s", item.sop_instance, outcome.error)
+                        log.error("%s not sent to %s: %s", item.sop_instance, destination,
+                                  outcome.error)
+                    else:
+                        log.warning("%s refused by %s: 0x%04X %s", item.sop_instance,
+                                    destination, outcome.status, outcome.error)
                 if outcome.broken and sent < wanted:
                     failed += [i.sop_instance for i in instances[sent:]]
                     report.failed += wanted - sent

@@ -187,3 +187,31 @@ def test_an_idle_forwarding_association_waits_for_work_instead_of_polling(
     finally:
         connection.close()
         dest.stop()
+
+
+def test_an_idle_forwarding_association_reactor_waits_instead_of_polling(
+        tmp_path: Path) -> None:
+    dest = CountingSCP().start()
+    connection = Connection(target(dest.port))
+    try:
+        first, second = (job(n, path) for n, path in enumerate(write_study(tmp_path, 2), 1))
+        assert connection.send([first]).done == [1]
+        assoc = connection.assoc
+        assert assoc is not None
+        looks = []
+        get_msg = assoc.dimse.get_msg
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            looks.append(time.monotonic())
+            return get_msg(*args, **kwargs)
+
+        assoc.dimse.get_msg = counted  # type: ignore[method-assign]
+        time.sleep(1.0)
+        # pynetdicom's reactor looks at its message queue every millisecond (a thousand
+        # times a second, each time taking the GIL); this one when its DUL acts, and once per
+        # IDLE_WAIT to see its timers.
+        assert 1 / prompt.IDLE_WAIT * 0.4 <= len(looks) <= 1 / prompt.IDLE_WAIT * 1.5, looks
+        assert connection.send([second]).done == [2]  # and it still serves
+    finally:
+        connection.close()
+        dest.stop()

@@ -303,7 +303,11 @@ def test_c_get_on_the_same_association(node: RunningNode, archive: Archive,
                                        tmp_path: Path) -> None:
     tmp_path = tmp_path / "got"
     tmp_path.mkdir()
-    final = get(node, "SERIES", tmp_path, SeriesInstanceUID=archive.series["S1-CT"])[-1]
+    *pending, final = get(node, "SERIES", tmp_path, SeriesInstanceUID=archive.series["S1-CT"])
+    # A pending response after each sub-operation (each written with the next C-STORE, the
+    # last before the final response), then the final one.
+    assert [(int(r.Status), *counts(r)[:3]) for r in pending] == [
+        (0xFF00, 2, 1, 0), (0xFF00, 1, 2, 0), (0xFF00, 0, 3, 0)]
     assert (int(final.Status), counts(final)[1:3]) == (0, (3, 0))
     assert {p.stem for p in tmp_path.iterdir()} == set(archive.sops["S1-CT"])
     final = get(node, "PATIENT", tmp_path, model="patient", PatientID="PID2")[-1]

@@ -339,13 +339,17 @@ class PromptAssociation(Association):
         # pynetdicom's Association._run_reactor, waiting on _prompt_wake instead of a fixed
         # 1 ms sleep. The event is cleared before the queues are looked at, so an action that
         # lands meanwhile sets it again and is seen on the next turn.
-        self._is_paused = False
         wake = self._prompt_wake
         while not self._kill:
+            # Paused while it waits, and while a send_*() from another thread waits for its
+            # own answer: such a call clears the checkpoint and then waits until the reactor
+            # says it is paused (in 0.1 ms sleeps), which pynetdicom's reactor says within a
+            # millisecond; waiting here it would not say so for up to IDLE_WAIT (a forwarding
+            # association's C-ECHO took 90 ms). Nothing in the wait touches the queues, and
+            # after it the reactor stops at the checkpoint before it does.
+            self._is_paused = True
             wake.wait(IDLE_WAIT)
             wake.clear()
-            # Paused while a send_*() from another thread waits for its own answer.
-            self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
             context_id, msg = self.dimse.get_msg(block=False)

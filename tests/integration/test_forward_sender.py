@@ -215,3 +215,26 @@ def test_an_idle_forwarding_association_reactor_waits_instead_of_polling(
     finally:
         connection.close()
         dest.stop()
+
+
+def test_a_heartbeat_on_an_idle_association_is_not_held_up_by_its_reactor(
+        tmp_path: Path) -> None:
+    """A send_*() from the sender's thread waits until the association's reactor says it is
+    paused: one waiting for its DUL's next action must say so at once, not when its wait
+    (IDLE_WAIT) runs out."""
+    dest = CountingSCP().start()
+    connection = Connection(target(dest.port))
+    try:
+        (first,) = (job(1, path) for path in write_study(tmp_path, 1))
+        assert connection.send([first]).done == [1]
+        took = []
+        for _ in range(5):
+            time.sleep(prompt.IDLE_WAIT / 3)  # the reactor is waiting
+            started = time.monotonic()
+            connection.keepalive(interval=0, idle_limit=60)  # a C-ECHO now
+            took.append(time.monotonic() - started)
+            assert connection.is_open
+        assert sorted(took)[2] < prompt.IDLE_WAIT / 5, took
+    finally:
+        connection.close()
+        dest.stop()

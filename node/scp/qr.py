@@ -307,7 +307,9 @@ class QueryRetrieve:
             try:
                 # One UPDATE for the request, in its own short transaction: the purge order
                 # "accessed" reads it, and nothing here may fail a retrieve that was done.
-                with self.db.transaction() as session:
+                # Not waiting for the disk (it runs before pynetdicom's final response): a
+                # power cut may lose it, and only makes the study look accessed earlier.
+                with self.db.transaction(durable=False) as session:
                     session.execute(update(Study).where(Study.id.in_(sorted(studies)))
                                     .values(accessed_at=utcnow()))
             except SQLAlchemyError as exc:

@@ -23,6 +23,11 @@ On TLS too: while the socket is lent the DUL thread does not touch it, so the SS
 only ever used by one thread; each piece is then written with one sendall (an SSL socket has
 no sendmsg). Not used for peers that receive PDUs under 1 KiB, or when the DUL is not one of
 prompt.py's: pynetdicom sends those (scu/send.py).
+
+pynetdicom's C-GET and C-MOVE service classes make each sub-operation themselves, with
+`send_c_store` on a data set the handler yields; a retrieve makes it first and yields a `Sent`,
+which the association's `send_c_store` (`answers_sent`) answers with its outcome. A C-MOVE's
+sub-operation association is released in a thread of its own (`released_in_the_background`).
 """
 
 from __future__ import annotations
@@ -419,3 +424,17 @@ def answers_sent(assoc: Any) -> None:
         return send(dataset, *args, **kwargs)
 
     assoc.send_c_store = send_c_store
+
+
+def released_in_the_background(assoc: Any) -> None:
+    """pynetdicom releases a C-MOVE's sub-operation association before it sends the final
+    response, and its release waits for the association's threads to end in 10 ms sleeps
+    (10 ms of most C-MOVEs, 3% of one of 1000 small images). The sub-operations are all
+    answered by then: as Orthanc does, the requestor gets its final response while the
+    destination's association is released."""
+    release = assoc.release
+
+    def in_the_background() -> None:
+        threading.Thread(target=release, name="release-move-destination", daemon=True).start()
+
+    assoc.release = in_the_background

@@ -67,9 +67,9 @@ def part10(body: bytes, transfer_syntax: str, sop_uid: str,
     return buffer.getvalue() + body
 
 
-def dataset_bytes(path: Path) -> bytes:
+def dataset_bytes(file: Path | bytes) -> bytes:
     """A Part-10 file's bytes after its file meta (the meta of a stored file is the node's)."""
-    data = path.read_bytes()
+    data = file.read_bytes() if isinstance(file, Path) else file
     return data[read_meta(bytes_reader(data)).dataset_start:]
 
 

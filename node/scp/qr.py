@@ -180,6 +180,15 @@ class QueryRetrieve:
             log.error("C-FIND from %s: index unavailable: %s", peer, exc)
             report.end("failed", "index database unavailable")
             yield status(UNABLE_TO_PROCESS, "the index database is unavailable"), None
+        except Exception as exc:
+            # A defect of the node, not of the request: a failure status and one line (the
+            # traceback at debug level) rather than pynetdicom's traceback, and the
+            # association goes on.
+            log.error("C-FIND %s from %s failed: %s: %s", report.detail, peer,
+                      type(exc).__name__, exc)
+            log.debug("C-FIND failure", exc_info=True)
+            report.end("failed", f"internal error: {type(exc).__name__}")
+            yield status(UNABLE_TO_PROCESS, "internal error while answering"), None
 
     def _answers(self, event: evt.Event, peer: Peer, query: Query, settings: MatchSettings,
                  report: Report) -> Iterator[tuple[Any, Dataset | None]]:

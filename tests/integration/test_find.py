@@ -304,3 +304,32 @@ def test_a_peer_with_a_tiny_maximum_pdu_gets_fragmented_answers(
     assert {str(ds.StudyInstanceUID) for ds in found} == {archive.studies["S1"],
                                                          archive.studies["S2"]}
     assert direct_answers == []  # all left to pynetdicom, which fragments them
+
+
+def test_a_defect_while_answering_is_a_failure_status_not_a_traceback(
+        node: RunningNode, archive: Archive, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Stands for a bug of the node (a study-level query asking for patient counts once raised
+    KeyError in the handler): the requestor gets 0xC000, the log one line, and the
+    association and the node go on."""
+    from node.scp import qr
+
+    def broken(*args: object) -> object:
+        raise KeyError("patient_studies")
+
+    assoc = associate(node.port, calling="FINDER", contexts=[StudyRootFind])
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(qr, "answer_values", broken)
+            results = list(assoc.send_c_find(identifier("STUDY", {"StudyInstanceUID": ""}),
+                                             StudyRootFind))
+        assert [int(s.Status) for s, _ in results] == [0xC000]
+        assert results[0][0].ErrorComment == "internal error while answering"
+        answers = [a for s, a in assoc.send_c_find(identifier("STUDY", {"StudyInstanceUID": ""}),
+                                                   StudyRootFind) if s.Status == 0xFF00]
+        assert len(answers) == 4
+    finally:
+        assoc.release()
+    assert "Traceback" not in caplog.text
+    assert any("C-FIND STUDY from FINDER" in r.getMessage() and "KeyError" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")

@@ -12,8 +12,11 @@ dependencies when they are already there).
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from peers import in_private_network
@@ -48,3 +51,34 @@ def interpreter(choice: str, data: Path) -> str:
         subprocess.run([str(python), "-m", "pip", "install", *quiet, "--no-deps",
                         "--force-reinstall", str(ROOT)], check=True)
     return str(python)
+
+
+def add_node_arguments(parser: argparse.ArgumentParser, *, processes: bool = True,
+                       netns_note: str = "") -> None:
+    """The options every benchmark that runs pacsnode takes: its interpreter, its association
+    processes, and the network it runs in."""
+    if processes:
+        parser.add_argument("--pacsnode-processes", type=int, default=None,
+                            help="pacsnode's dicom.association_processes (default: not set, "
+                                 "the node's default, 0: one per core)")
+    parser.add_argument("--python", default="deployed",
+                        help="pacsnode's interpreter: deployed (default: this checkout installed "
+                             "with `pip install .`, no test extras, in a venv under --data), "
+                             "current (this script's), or a path")
+    parser.add_argument("--no-netns", action="store_true",
+                        help="stay in the host's network (default: a private loopback-only "
+                             f"namespace when root{netns_note})")
+
+
+def print_medians(title: str, first: str, columns: Sequence[str],
+                  rows: dict[str, Sequence[Sequence[float]]], ranges: bool = True) -> None:
+    """A markdown table of the median of each cell's runs (with their range): one row per
+    receiver, `rows[name]` its cells in the order of `columns`; a cell without runs failed."""
+    print(f"\n{title}\n")
+    print(f"| {first} | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name, cells in rows.items():
+        values = [(f"{statistics.median(v):.0f}"
+                   + (f" ({min(v):.0f}-{max(v):.0f})" if ranges else "")) if v else "failed"
+                  for v in cells]
+        print(f"| {name} | " + " | ".join(values) + " |")

@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import image_set, warm
-from deployed import interpreter
+from deployed import add_node_arguments, interpreter, print_medians
 from peers import RECEIVERS, STORESCU, PacsNode, Receiver, private_network, send
 
 DATASETS = {"CT": 512, "64x64": 64}  # label -> image size, in the matrix's column order
@@ -92,8 +92,9 @@ class Cell:
                 f"{max(r.peak_rss_mb for r in self.runs):>11.0f} | "
                 f"{statistics.median(r.cpu_seconds for r in self.runs):>5.2f} |{note}")
 
-    def matrix_value(self) -> str:
-        return f"{self.rate(self.median_seconds):.0f}" if self.runs else "failed"
+    def median_rate(self) -> list[float]:
+        """The rate of the median run, or nothing when every run failed."""
+        return [self.rate(self.median_seconds)] if self.runs else []
 
 
 def make_receiver(name: str, work: Path, database_url: str | None,
@@ -146,16 +147,7 @@ def main() -> None:
                         help="keep the received files (deleting them makes files created in "
                              "the next minutes slower on ext4 without a journal: use it when "
                              "another benchmark follows)")
-    parser.add_argument("--pacsnode-processes", type=int, default=None,
-                        help="pacsnode's dicom.association_processes (default: not set, the "
-                             "node's default, 0: one per core)")
-    parser.add_argument("--python", default="deployed",
-                        help="pacsnode's interpreter: deployed (default: this checkout installed "
-                             "with `pip install .`, no test extras, in a venv under --data), "
-                             "current (this script's), or a path")
-    parser.add_argument("--no-netns", action="store_true",
-                        help="stay in the host's network (default: a private loopback-only "
-                             "namespace when root; always off with --database-url)")
+    add_node_arguments(parser, netns_note="; always off with --database-url")
     args = parser.parse_args()
 
     python = interpreter(args.python, args.data) if "pacsnode" in args.receivers else ""
@@ -231,12 +223,10 @@ def main() -> None:
     for cell in cells.values():
         print(cell.row())
     columns = [(label, n) for label in datasets for n in args.associations]
-    print("\nimages/s, median of", args.runs, "run(s):\n")
-    print("| receiver | " + " | ".join(f"{label} {n} assoc" for label, n in columns) + " |")
-    print("|---|" + "---:|" * len(columns))
-    for name in names:
-        print(f"| {name} | " + " | ".join(cells[(name, label, n)].matrix_value()
-                                         for label, n in columns) + " |")
+    print_medians(f"images/s, median of {args.runs} run(s):", "receiver",
+                  [f"{label} {n} assoc" for label, n in columns],
+                  {name: [cells[(name, label, n)].median_rate() for label, n in columns]
+                   for name in names}, ranges=False)
     failed = [c for c in cells.values() if c.failures]
     if not failed and not args.keep:
         for receiver in receivers.values():

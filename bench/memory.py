@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import image_set, large_instance, warm
-from deployed import interpreter
+from deployed import add_node_arguments, interpreter
 from peers import STORESCU, PacsNode, private_network, send
 
 
@@ -106,13 +106,7 @@ def main() -> None:
                         "pacsnode-bench-data", help="where the generated data are kept")
     parser.add_argument("--work", type=Path, default=None,
                         help="parent of the node's data directory (default: a temporary folder)")
-    parser.add_argument("--python", default="deployed",
-                        help="pacsnode's interpreter: deployed (default: this checkout installed "
-                             "with `pip install .`, no test extras, in a venv under --data), "
-                             "current (this script's), or a path")
-    parser.add_argument("--no-netns", action="store_true",
-                        help="stay in the host's network (default: a private loopback-only "
-                             "namespace when root)")
+    add_node_arguments(parser, processes=False)
     args = parser.parse_args()
 
     python = interpreter(args.python, args.data)

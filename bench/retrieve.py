@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import one_study, warm
-from deployed import interpreter
+from deployed import add_node_arguments, interpreter, print_medians
 from peers import (
     DCMTK_ENV,
     STORESCP,
@@ -225,15 +225,7 @@ def main() -> None:
                         help="where getscu and storescp write what they receive (default: "
                              "/dev/shm when it exists, else the work folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--pacsnode-processes", type=int, default=None,
-                        help="pacsnode's dicom.association_processes (default: its default)")
-    parser.add_argument("--python", default="deployed",
-                        help="pacsnode's interpreter: deployed (default: this checkout "
-                             "installed with `pip install .`, see deployed.py), current, or a "
-                             "path")
-    parser.add_argument("--no-netns", action="store_true",
-                        help="stay in the host's network (default: a private loopback-only "
-                             "namespace when root)")
+    add_node_arguments(parser)
     args = parser.parse_args()
 
     wanted = [name.strip() for name in args.archives.split(",") if name.strip()]
@@ -338,17 +330,10 @@ def main() -> None:
     for cell in cells.values():
         print(cell.row())
     columns = [(label, op) for label in studies for op in OPERATIONS]
-    print(f"\nimages/s, median of {args.runs} run(s) (min-max):\n")
-    print("| archive | " + " | ".join(f"{label} {op}" for label, op in columns) + " |")
-    print("|---|" + "---:|" * len(columns))
-    for name in names:
-        values = []
-        for label, op in columns:
-            cell = cells[(name, label, op)]
-            rates = cell.rates()
-            values.append(f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"
-                          if rates else "failed")
-        print(f"| {name} | " + " | ".join(values) + " |")
+    print_medians(f"images/s, median of {args.runs} run(s) (min-max):", "archive",
+                  [f"{label} {op}" for label, op in columns],
+                  {name: [cells[(name, label, op)].rates() for label, op in columns]
+                   for name in names})
     failed = [c for c in cells.values() if c.failures]
     if not failed and not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -287,8 +287,9 @@ def test_a_store_sent_at_once_after_the_accept_is_claimed_before_the_reactor_goe
     assert stored.is_set() and indexed(node) == [sop]
 
 
-def test_a_command_set_in_two_fragments_is_served_by_pynetdicom(
-        node: RunningNode, direct_stores: list[str]) -> None:
+def store_in_fragments(node: RunningNode) -> tuple[str, bytes]:
+    """A C-STORE whose command set comes in two fragments (the direct receiver leaves it to
+    pynetdicom), answered success; its SOP Instance UID and data set."""
     sop, data = instance_bytes()
     command = hostile.command(CommandField=0x0001, MessageID=3, Priority=0,
                               CommandDataSetType=0x0000, AffectedSOPClassUID=CTImageStorage,
@@ -298,6 +299,12 @@ def test_a_command_set_in_two_fragments_is_served_by_pynetdicom(
                   + hostile.p_data(1, 0x02, data))
         (answer,) = hostile.command_sets(peer.read_pdu())
     assert int(answer.Status) == 0
+    return sop, data
+
+
+def test_a_command_set_in_two_fragments_is_served_by_pynetdicom(
+        node: RunningNode, direct_stores: list[str]) -> None:
+    sop, _ = store_in_fragments(node)
     assert indexed(node) == [sop] and direct_stores == []
 
 

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
 
 from node.implementation import IMPLEMENTATION_CLASS_UID, implementation_version_name
-from tests import hostile
 from tests.conftest import RunningNode, dcmtk_env, free_port, listening, stored_files, wait_for
 from tests.dicomgen import make_instance
-from tests.integration.test_direct_store import ct_peer, instance_bytes
+from tests.integration.test_direct_store import store_in_fragments
 from tests.scu import associate, identifier, statuses, store
 
 # What is asserted sits above the index: one backend is enough.
@@ -38,15 +36,7 @@ def test_files_the_node_stores_name_pacsnode_on_either_receive_path(node: Runnin
     assert statuses(store(node.port, [make_instance()])) == [0]
     # ... and pynetdicom writes it for a C-STORE the direct receiver leaves to it (a command
     # set in two fragments).
-    sop, data = instance_bytes()
-    command = hostile.command(CommandField=0x0001, MessageID=3, Priority=0,
-                              CommandDataSetType=0x0000, AffectedSOPClassUID=CTImageStorage,
-                              AffectedSOPInstanceUID=sop)
-    with ct_peer(node) as peer:
-        peer.send(hostile.p_data(1, 0x01, command[:20]) + hostile.p_data(1, 0x03, command[20:])
-                  + hostile.p_data(1, 0x02, data))
-        (answer,) = hostile.command_sets(peer.read_pdu())
-    assert int(answer.Status) == 0
+    sop, data = store_in_fragments(node)
     files = stored_files(node.storage)
     assert len(files) == 2
     for path in files:

@@ -22,7 +22,7 @@ from pynetdicom import _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 
-from tests.conftest import RunningNode, incoming_files, wait_for
+from tests.conftest import RunningNode, incoming_emptied, incoming_files, wait_for
 from tests.dicomgen import make_instance, uid
 from tests.hostile import part10
 from tests.scu import associate, statuses, store
@@ -124,8 +124,9 @@ def test_dataset_that_does_not_parse_gets_failure(node: RunningNode, tmp_path: P
 
 
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-@pytest.mark.parametrize("hostile", ["../../../../tmp/evil", "1.2.3/../../x", "1.2.3\\4",
-                                     "1." + "2" * 70, ""])
+@pytest.mark.parametrize("hostile", [
+    "../../../../tmp/evil", "1.2.3/../../x", "1.2.3\\4", "1." + "2" * 70, "", "../x", "1.2/3",
+    "1.2\x003", "1." + "2" * 63, ".", "..", "1.2 3", "1.2.\xe9", "1.2\n3"], ids=repr)
 def test_hostile_uids_are_refused_and_nothing_is_written(
         node: RunningNode, tmp_path: Path, keyword: str, hostile: str) -> None:
     ds = make_instance()
@@ -142,6 +143,7 @@ def test_hostile_uids_are_refused_and_nothing_is_written(
     assert all(p.is_relative_to(node.storage) or p.suffix in (".db", ".db-wal", ".db-shm")
                or p.name.startswith("node") for p in created), created
     assert not Path("/tmp/evil").exists()
+    assert incoming_emptied(node.storage)
 
 
 def test_dataset_disagreeing_with_the_request_is_refused(node: RunningNode, tmp_path: Path

@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from node.db.models import Instance
 from node.storage.paths import instance_relpath
-from tests.conftest import RunningNode, incoming_emptied, stored_files
+from tests.conftest import RunningNode
 from tests.dicomgen import make_instance
 from tests.hostile import dataset_bytes, part10
-from tests.integration.test_bad_input import chunked_send, encoded, raw_file
+from tests.integration.test_bad_input import chunked_send
 from tests.integration.test_find import find
 from tests.scu import associate, statuses, store
 
@@ -173,26 +173,6 @@ def test_a_retired_class_is_stored_when_pynetdicom_decodes_the_request(
         assoc.release()
     assert dataset_bytes(indexed_path(node, meta.MediaStorageSOPInstanceUID)) \
         == dataset_bytes(path)
-
-
-HOSTILE = ["../x", "1.2/3", "1.2\\3", "1.2\x003", "1." + "2" * 63, ".", "..", "1.2 3",
-           "1.2.\xe9", "1.2\n3"]
-
-
-@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID",
-                                     "SOPInstanceUID"])
-@pytest.mark.parametrize("hostile", HOSTILE, ids=repr)
-def test_uids_that_could_name_another_path_are_refused_with_nothing_written(
-        node: RunningNode, tmp_path: Path, keyword: str, hostile: str) -> None:
-    ds = make_instance()
-    sop = ds.SOPInstanceUID
-    setattr(ds, keyword, hostile)
-    path = raw_file(tmp_path / "hostile.dcm", encoded(ds), sop)
-    status, comment = send_as_is(node, path, tmp_path, dataset_uid=False)
-    assert status == 0xC001 and keyword in comment
-    assert stored_files(node.storage) == []
-    assert incoming_emptied(node.storage)
-    assert sorted(p.name for p in node.storage.iterdir()) == [".incoming"]
 
 
 def test_harmless_uids_that_mean_something_to_a_shell_or_a_glob_are_stored_under_hashes(

@@ -32,7 +32,7 @@ from node.scp.registry import AssociationRegistry
 from node.scp.server import DicomServer, configure_pynetdicom
 from node.scp.store import Ingest
 from node.server_process import tune_process
-from node.storage import deletion, files, reconcile
+from node.storage import deletion, files, reconcile, storagelock
 from node.storage.monitor import StorageMonitor
 from node.storage.space import StorageGuard
 
@@ -90,6 +90,7 @@ class Node:
         self.extensions = list(extensions)
         self._started: list[Extension] = []
         self._stopped = threading.Event()
+        self._storage_lock: int | None = None  # storagelock.acquire's, held until stopped
 
     def start(self) -> None:
         settings = self.settings
@@ -104,6 +105,9 @@ class Node:
         ensure_bootstrap_partition(self.db, settings)
         storage = settings.storage_dir
         files.ensure_dir(storage / files.INCOMING)
+        # Before the start-up check: no process of an earlier node may still be storing.
+        self._storage_lock = storagelock.acquire(
+            storage, settings.node.shutdown_grace_seconds + 30.0)
         deletion.recover(self.db, storage)
         # After an interrupted delete has put its files back (so no indexed file looks missing),
         # before the sweep: the temporary files a crash left name the instances that may have
@@ -129,7 +133,8 @@ class Node:
             Limits(d.maximum_associations, d.max_associations_per_device))
         if d.processes() > 1:
             self.processes = AssociationProcesses(settings, registry, self.forwarder.wake,
-                                                  d.processes() - 1)
+                                                  d.processes() - 1,
+                                                  inherit=(self._storage_lock,))
         self.server = DicomServer(settings, self.db, ingest,
                                   QueryRetrieve(self.db, settings, storage, self.activity),
                                   StorageCommitment(self.settings, self.db, storage,
@@ -185,6 +190,9 @@ class Node:
         if self.db is not None:
             self.db.dispose()
             self.db = None
+        if self._storage_lock is not None:
+            storagelock.release(self._storage_lock)
+            self._storage_lock = None
         if self.settings.storage_dir / files.INCOMING == Path(tempfile.tempdir or "/"):
             # Process-wide: leave no pointer to a folder that may go away with this node
             # (several nodes share a process in tests and the benchmarks).

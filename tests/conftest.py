@@ -355,8 +355,8 @@ def stored_files(storage: Path) -> list[Path]:
 
 
 def incoming_files(storage: Path) -> list[Path]:
-    incoming = storage / ".incoming"
-    return sorted(incoming.iterdir()) if incoming.is_dir() else []
+    """The temporary files in .incoming (not the node's lock)."""
+    return files.temporary_files(storage)
 
 
 def incoming_emptied(storage: Path, timeout: float = 5.0) -> bool:

@@ -89,7 +89,11 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
             grace = message[1]
             break
     else:
+        # The node is going down with it and may be restarted at once: its associations end
+        # after the instance in hand, not after a grace that would hold the restart up
+        # (storage/storagelock.py).
         log.error("the node's main process is gone; stopping")
+        grace = 0.0
     admissions.close()  # nothing reads its answers any more
     server.stop(grace)
     activity.stop()

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import node
@@ -51,7 +51,10 @@ class AssociationProcesses:
     """`listener.Dispatcher` for the main process, over `count` other processes."""
 
     def __init__(self, settings: Settings, registry: AssociationRegistry,
-                 on_queued: Callable[[], None], count: int) -> None:
+                 on_queued: Callable[[], None], count: int, inherit: Sequence[int] = ()) -> None:
+        """`inherit`: descriptors each process keeps open for its lifetime (the node's storage
+        lock: held until the last of its processes has exited)."""
+        self.inherit = tuple(inherit)
         self.settings = settings
         self.registry = registry
         self.on_queued = on_queued
@@ -173,7 +176,7 @@ class AssociationProcesses:
         try:
             process.popen = subprocess.Popen(
                 [sys.executable, "-m", "node.scp.association_process", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], env=env)
+                pass_fds=[theirs.fileno(), *self.inherit], env=env)
         except OSError as exc:
             log.error("cannot start association process %d: %s", process.number, exc)
             process.popen = None

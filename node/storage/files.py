@@ -206,19 +206,25 @@ def remove_quietly(path: Path) -> None:
         path.unlink()
 
 
+def temporary_files(storage_root: Path) -> list[Path]:
+    """What `.incoming` holds of transfers, imports and coercions: every entry but the node's
+    own, whose names begin with a dot (storagelock.LOCK_NAME)."""
+    incoming = storage_root / INCOMING
+    if not incoming.is_dir():
+        return []
+    return sorted(entry for entry in incoming.iterdir() if not entry.name.startswith("."))
+
+
 def sweep_incoming(storage_root: Path, idle_seconds: float | None = None) -> int:
     """Remove temporary files a crash or an aborted transfer left; returns how many.
 
     `idle_seconds`: only files not written to for that long (a live transfer appends to its
     file with every PDU, so one idle longer than the network timeout has no live association).
     """
-    incoming = storage_root / INCOMING
-    if not incoming.is_dir():
-        return 0
     cutoff = time.time() - idle_seconds if idle_seconds is not None else None
     stale: list[Path] = []
     linked = False
-    for entry in incoming.iterdir():
+    for entry in temporary_files(storage_root):
         try:
             status = entry.stat()
         except FileNotFoundError:

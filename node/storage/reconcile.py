@@ -59,13 +59,11 @@ def reconcile(db: Database, root: Path) -> Reconciled:
     has placed its file before committing its row and would look the same.
     """
     incoming = root / files.INCOMING
-    if not incoming.is_dir():
-        return Reconciled()
     temporary = unreadable = 0
     # (study, series, SOP instance) -> the temporary files holding it: a coerced copy names
     # the same instance as its original.
     instances: dict[tuple[str, str, str], list[Path]] = {}
-    for entry in sorted(incoming.iterdir()):
+    for entry in files.temporary_files(root):
         if not entry.is_file():
             continue
         temporary += 1

@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from node.db.database import Database
 from node.db.models import Device, ForwardJob, Instance, Partition
-from tests.conftest import free_port, run_cli, wait_listening
+from tests.conftest import free_port, incoming_files, run_cli, wait_listening
 from tests.dicomgen import Patient, make_instance, uid
 from tests.scu import associate
 
@@ -214,7 +214,7 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
     found = len(acknowledged) - len(problems)
     reconciled = sum(int(n) for n in re.findall(r"(\d+) unindexed file\(s\) removed",
                                                 log_path.read_text(errors="replace")))
-    incoming = sorted((storage / ".incoming").iterdir())
+    incoming = incoming_files(storage)
     print(f"soak: rounds={ROUNDS} kills={kills} sent={sum(s.sent for s in senders)} "
           f"acknowledged={len(acknowledged)} found={found} indexed={len(rows)} "
           f"orphans={len(orphans)} missing={len(missing)} reconciled={reconciled} "

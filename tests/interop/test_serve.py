@@ -13,9 +13,21 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage
 
-from tests.conftest import dcmtk_env, free_port, listening, stored_files, wait_listening
-from tests.dicomgen import write_study
+from node.storage import storagelock
+from tests import hostile
+from tests.conftest import (
+    dcmtk_env,
+    free_port,
+    incoming_files,
+    listening,
+    stored_files,
+    wait_for,
+    wait_listening,
+)
+from tests.dicomgen import make_instance, write_study
+from tests.hostile import RawPeer
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -107,7 +119,7 @@ def test_sigterm_during_transfer_leaves_only_complete_indexed_files(
     proc = start(tmp_path, "--config", str(config))
     wait_listening(port, proc)
     stop(proc, signal.SIGTERM)
-    assert list((storage / ".incoming").iterdir()) == []
+    assert incoming_files(storage) == []
 
 
 def test_a_second_node_on_the_same_control_port_stops_with_a_clear_error(tmp_path: Path) -> None:
@@ -137,6 +149,16 @@ def child_processes(pid: int) -> list[int]:
         with contextlib.suppress(FileNotFoundError):  # a thread that just ended
             found += [int(child) for child in (task / "children").read_text().split()]
     return found
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited (an orphan's zombie waits for a reaper that this
+    machine's init may never be)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def test_sigterm_stops_every_association_process_and_loses_nothing_acknowledged(
@@ -175,3 +197,58 @@ def test_sigterm_stops_every_association_process_and_loses_nothing_acknowledged(
     assert indexed == {str(p.relative_to(storage)) for p in stored}
     # The second sender was served by the other process (its log lines say so).
     assert "[association process 1]: association from" in output
+
+
+def test_a_node_restarted_after_its_main_process_was_killed_waits_for_its_other_processes(
+        tmp_path: Path) -> None:
+    """SIGKILL of the main process leaves an association process storing. A node started at
+    once on the same storage must not take that process's temporary file for a crash's
+    leftover (the start-up check and sweep): it waits for the process to end, which ends the
+    association after the instance in hand. Then nothing is answered with a failure, and what
+    was acknowledged is indexed and on disk."""
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "data"\nlisten_host = "127.0.0.1"\n'
+                      f"shutdown_grace_seconds = 5\n[bootstrap_partition]\nport = {port}\n"
+                      f'[dicom]\nassociation_processes = 2\n[hierarchy]\n'
+                      f'control_listen = "127.0.0.1:{free_port()}"\n')
+    first = start(tmp_path, "--config", str(config))
+    second: subprocess.Popen[str] | None = None
+    storage = tmp_path / "data" / "storage"
+    try:
+        wait_listening(port, first)
+        [child] = child_processes(first.pid)
+        # The other process holds the node's storage lock, inherited (storagelock.py).
+        lock = storage / ".incoming" / storagelock.LOCK_NAME
+        assert lock in {Path(os.readlink(fd)) for fd in Path(f"/proc/{child}/fd").iterdir()
+                        if fd.is_symlink()}
+        # The main process serves the first association, the other process the second.
+        with RawPeer(port, timeout=10) as idle, RawPeer(port, timeout=10) as peer:
+            for raw in (idle, peer):
+                answer = raw.associate(hostile.associate_rq(abstract_syntaxes=(CTImageStorage,)))
+                assert answer[:1] == b"\x02"
+            ds = make_instance(size=1024)
+            request = hostile.store_request(hostile.encode(ds), CTImageStorage,
+                                            ds.SOPInstanceUID, 1)
+            peer.send(request[: len(request) // 2])
+            assert wait_for(lambda: incoming_files(storage), 10), "no transfer under way"
+            first.kill()  # SIGKILL: the main process only
+            first.wait(timeout=30)
+            assert running(child)
+            second = start(tmp_path, "--config", str(config))
+            time.sleep(1.0)  # long enough for a node that does not wait to sweep .incoming
+            peer.send(request[len(request) // 2:])
+            statuses = [int(c.Status) for c in hostile.command_sets(peer.answer()[0])]
+        assert statuses in ([], [0]), f"answered {statuses}, never a failure"
+        wait_listening(port, second)
+        assert not running(child)
+        with sqlite3.connect(tmp_path / "data" / "pacsnode.db") as db:
+            indexed = [row[0] for row in db.execute("select path from instances")]
+        assert indexed == ([] if not statuses else [str(p.relative_to(storage))
+                                                    for p in stored_files(storage)])
+        stop(second, signal.SIGTERM)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -438,8 +438,8 @@ def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[s
             select(Instance.sop_instance_uid, Instance.path))}
     stored = {p for p in files_under(storage)
               if ".incoming" not in p.relative_to(storage).parts}
-    partial = [p for p in files_under(storage)
-               if ".incoming" in p.parts or p.name.endswith((".partial", ".coerced"))]
+    partial = [*incoming_files(storage),
+               *(p for p in stored if p.name.endswith((".partial", ".coerced")))]
     orphan_rows = [sop for sop, path in rows.items() if not (storage / path).is_file()]
     files_without_row = stored - {storage / path for path in rows.values()}
     found, missing, undecodable = 0, [], []

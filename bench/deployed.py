@@ -16,7 +16,7 @@ import argparse
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from peers import in_private_network
@@ -82,3 +82,18 @@ def print_medians(title: str, first: str, columns: Sequence[str],
                    + (f" ({min(v):.0f}-{max(v):.0f})" if ranges else "")) if v else "failed"
                   for v in cells]
         print(f"| {name} | " + " | ".join(values) + " |")
+
+
+def finish(failures: Sequence[Sequence[str]], keep: bool, clean: Callable[[], None],
+           kept_in: Path) -> None:
+    """After a benchmark's runs: `clean` up when every run went well (and nothing is to be
+    kept), else say how many runs failed, the first failure, and where their files are, and
+    exit with status 1. `failures`: each cell's failures."""
+    failed = [cell for cell in failures if cell]
+    if not failed:
+        if not keep:
+            clean()
+        return
+    print(f"\n{sum(len(cell) for cell in failed)} run(s) failed (kept in {kept_in}); "
+          f"first: {failed[0][0]}")
+    raise SystemExit(1)

@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import image_set, warm
-from deployed import add_node_arguments, interpreter, print_medians
+from deployed import add_node_arguments, finish, interpreter, print_medians
 from peers import RECEIVERS, STORESCU, PacsNode, Receiver, private_network, send
 
 DATASETS = {"CT": 512, "64x64": 64}  # label -> image size, in the matrix's column order
@@ -227,16 +227,13 @@ def main() -> None:
                   [f"{label} {n} assoc" for label, n in columns],
                   {name: [cells[(name, label, n)].median_rate() for label, n in columns]
                    for name in names}, ranges=False)
-    failed = [c for c in cells.values() if c.failures]
-    if not failed and not args.keep:
+    def clean() -> None:
         for receiver in receivers.values():
             receiver.clean()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    if failed:
-        print(f"\n{sum(len(c.failures) for c in failed)} run(s) failed (logs kept in {work}); "
-              f"first: {failed[0].failures[0]}")
-        raise SystemExit(1)
+
+    finish([c.failures for c in cells.values()], args.keep, clean, work)
 
 
 if __name__ == "__main__":

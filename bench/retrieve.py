@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import one_study, warm
-from deployed import add_node_arguments, interpreter, print_medians
+from deployed import add_node_arguments, finish, interpreter, print_medians
 from peers import (
     DCMTK_ENV,
     STORESCP,
@@ -334,13 +334,8 @@ def main() -> None:
                   [f"{label} {op}" for label, op in columns],
                   {name: [cells[(name, label, op)].rates() for label, op in columns]
                    for name in names})
-    failed = [c for c in cells.values() if c.failures]
-    if not failed and not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    if failed:
-        print(f"\n{sum(len(c.failures) for c in failed)} run(s) failed (kept in {work}); "
-              f"first: {failed[0].failures[0]}")
-        raise SystemExit(1)
+    finish([c.failures for c in cells.values()], args.keep,
+           lambda: shutil.rmtree(work, ignore_errors=True), work)
 
 
 if __name__ == "__main__":

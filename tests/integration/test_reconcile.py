@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -52,25 +53,34 @@ def _settings(tmp_path: Path, db_url: str) -> config.Settings:
                                     node_toml(tmp_path / "node", db_url, free_port())))
 
 
-def test_reconcile_removes_unindexed_files_named_in_incoming(
-        tmp_path: Path, new_db: Callable[[str], str]) -> None:
-    settings = _settings(tmp_path, new_db("node"))
+@contextlib.contextmanager
+def _storage(tmp_path: Path, db_url: str) -> Iterator[tuple[Database, Path, int, str, Path]]:
+    """A node's database (its bootstrap partition made), storage root, partition key and
+    folder, and `.incoming`, without the node."""
+    settings = _settings(tmp_path, db_url)
     db = open_database(settings)
     try:
         ensure_bootstrap_partition(db, settings)
         with db.session() as session:
-            partition = session.scalars(select(Partition)).one()
-        folder = partition.folder
-        root = settings.storage_dir
-        incoming = root / files.INCOMING
+            partition_id, folder = session.execute(
+                select(Partition.id, Partition.folder)).one()
+        incoming = settings.storage_dir / files.INCOMING
         files.ensure_dir(incoming)
+        yield db, settings.storage_dir, partition_id, folder, incoming
+    finally:
+        db.dispose()
+
+
+def test_reconcile_removes_unindexed_files_named_in_incoming(
+        tmp_path: Path, new_db: Callable[[str], str]) -> None:
+    with _storage(tmp_path, new_db("node")) as (db, root, partition_id, folder, incoming):
         study, series = uid(), uid()
 
         # Committed; the crash came before pynetdicom removed its temporary file.
         kept = make_instance(study_uid=study, series_uid=series, fill=1)
         assert files.place_new(_temporary(incoming, kept, "tmpkept.dcm"),
                                root / _relpath(folder, kept))
-        _index(db, partition.id, kept, _relpath(folder, kept))
+        _index(db, partition_id, kept, _relpath(folder, kept))
         # Placed, never committed, in a series that holds the kept instance.
         orphan = make_instance(study_uid=study, series_uid=series, fill=2)
         assert files.place_new(_temporary(incoming, orphan, "tmporphan.dcm"),
@@ -90,19 +100,19 @@ def test_reconcile_removes_unindexed_files_named_in_incoming(
         # is left alone.
         lost = make_instance(fill=5)
         _temporary(incoming, lost, "tmplost.dcm")
-        _index(db, partition.id, lost, _relpath(folder, lost))
+        _index(db, partition_id, lost, _relpath(folder, lost))
         # Answered by the direct receiver, then a power loss took the link's directory entry
         # (it is fsynced after the answer): the kept temporary file puts it back.
         unsynced = make_instance(fill=8)
         copy = _temporary(incoming, unsynced, "tmpunsynced.dcm")
-        _index(db, partition.id, unsynced, _relpath(folder, unsynced), copy.stat().st_size)
+        _index(db, partition_id, unsynced, _relpath(folder, unsynced), copy.stat().st_size)
         # The same with coercion rules: the coerced copy is what was indexed.
         coerced_unsynced = make_instance(fill=9)
         _temporary(incoming, coerced_unsynced, "tmpcu.dcm")
         coerced_unsynced.PatientID = "COERCED-PID"
         coerced_copy = _temporary(incoming, coerced_unsynced, "tmpcu.dcm.coerced")
         assert coerced_copy.stat().st_size != (incoming / "tmpcu.dcm").stat().st_size
-        _index(db, partition.id, coerced_unsynced, _relpath(folder, coerced_unsynced),
+        _index(db, partition_id, coerced_unsynced, _relpath(folder, coerced_unsynced),
                coerced_copy.stat().st_size)
         # A transfer cut short: not even the UIDs can be read.
         (incoming / "tmppartial.dcm").write_bytes(b"\0" * 128 + b"DICM\x02\x00")
@@ -137,8 +147,6 @@ def test_reconcile_removes_unindexed_files_named_in_incoming(
             assert set(session.scalars(select(Instance.sop_instance_uid))) == {
                 kept.SOPInstanceUID, lost.SOPInstanceUID, unsynced.SOPInstanceUID,
                 coerced_unsynced.SOPInstanceUID}
-    finally:
-        db.dispose()
 
 
 def test_node_start_reconciles_before_sweeping(tmp_path: Path,
@@ -203,15 +211,7 @@ def test_reconcile_finds_the_hashed_paths_of_non_conformant_uids(
         tmp_path: Path, new_db: Callable[[str], str]) -> None:
     """Instances stored under hashes of their UIDs (not conformant, or absent for a
     non-patient object) are named by their temporary files like any other."""
-    settings = _settings(tmp_path, new_db("node"))
-    db = open_database(settings)
-    try:
-        ensure_bootstrap_partition(db, settings)
-        with db.session() as session:
-            partition = session.scalars(select(Partition)).one()
-        root, folder = settings.storage_dir, partition.folder
-        incoming = root / files.INCOMING
-        files.ensure_dir(incoming)
+    with _storage(tmp_path, new_db("node")) as (db, root, partition_id, folder, incoming):
         orphan = make_instance(study_uid="05fa52f0e599f17b", series_uid="abc.def",
                                sop_uid="1..2")
         assert files.place_new(_temporary(incoming, orphan, "tmporphan.dcm"),
@@ -220,7 +220,7 @@ def test_reconcile_finds_the_hashed_paths_of_non_conformant_uids(
         del no_study.StudyInstanceUID, no_study.SeriesInstanceUID
         relpath = instance_relpath(folder, "", "", no_study.SOPInstanceUID)
         copy = _temporary(incoming, no_study, "tmpnostudy.dcm")
-        _index(db, partition.id, no_study, relpath, copy.stat().st_size)
+        _index(db, partition_id, no_study, relpath, copy.stat().st_size)
 
         result = reconcile(db, root)
 
@@ -230,5 +230,3 @@ def test_reconcile_finds_the_hashed_paths_of_non_conformant_uids(
         assert files.same_file(root / relpath, copy)
         assert sorted(p.name for p in (root / folder).iterdir()) \
             == [path_part("")]  # the orphan's hashed study folder went with it
-    finally:
-        db.dispose()

@@ -188,11 +188,24 @@ class StorageMonitor:
         """
         purged = freed = 0
         stopped = ""
+        first_used: int | None = None
         while not self._stop.is_set():
             usage = measure(path)
             needed = bytes_above(usage, self.s.low_watermark)
+            if first_used is None:
+                first_used = usage.used
+            # A deleted file's space is released only when nothing holds it any more (a
+            # retrieve reading it, a link in .incoming until its directory's fsync): what this
+            # purge deleted and the filesystem does not show free yet is counted as freed, or
+            # the purge would go on deleting studies for space that is on its way.
+            unreleased = max(0, freed - (first_used - usage.used))
             if needed == 0:
                 break
+            if needed <= unreleased:
+                stopped = (f"usage has not fallen by the {unreleased} bytes deleted yet (files"
+                           " still open or linked, or new images); the next check goes on")
+                break
+            needed -= unreleased
             busy = "" if usage.percent_used >= self.s.critical_watermark else self._cpu_busy()
             if busy:
                 stopped = busy

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +124,32 @@ def test_purge_frees_down_to_the_low_watermark_oldest_forwarded_first(
     with a.node.db.session() as session:
         purged = activity.query(session, kinds=["purge"])
     assert {row.study_instance_uid for row in purged} == set(a.forwarded[:3])
+
+
+def test_purge_counts_deleted_files_still_held_open_as_freed(
+        archive: Callable[..., Archive]) -> None:
+    """A file still open elsewhere (a retrieve reading it) keeps its space until closed: the
+    purge must not go on deleting studies for space that is on its way."""
+    a = archive(low=40, high=44, critical=99)
+    a.fill_to(40 + 250 * a.study_bytes / measure(a.disk).total)
+    held = [os.open(p, os.O_RDONLY) for p in stored_files(a.node.storage)
+            if p.suffix == ".dcm" and p.parts[-3] in a.forwarded[:3]]
+    assert len(held) == 3 * INSTANCES_PER_STUDY
+    try:
+        state = a.node.node.monitor.check()  # type: ignore[union-attr]
+        assert measure(a.disk).percent_used >= 44  # nothing released while open
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert held_studies(a.node) == {a.unforwarded, *a.forwarded[3:]}
+    assert state.last_purge is not None and state.last_purge.studies == 3
+    assert "has not fallen" in state.last_purge.stopped
+    after = measure(a.disk)
+    assert 40 - 100 * a.study_bytes / after.total < after.percent_used <= 40
+    [fs] = [f for f in a.node.node.monitor.check().filesystems  # type: ignore[union-attr]
+            if f.partitions]
+    assert not fs.purging
+    assert held_studies(a.node) == {a.unforwarded, *a.forwarded[3:]}
 
 
 def test_purge_keeps_the_protected_studies_and_says_why_it_stopped(

@@ -120,7 +120,7 @@ class Node:
         self.guard = StorageGuard(storage, settings.storage.critical_watermark)
         # pynetdicom streams each incoming dataset to a temporary file; on the storage
         # filesystem, putting it into the archive is a link, not a copy.
-        tempfile.tempdir = str(storage / files.INCOMING)
+        files.use_incoming_for_temporary_files(storage)
         configure_pynetdicom()
         self.activity = ActivityLog(self.db, settings.storage.activity_log)
         self.activity.start()

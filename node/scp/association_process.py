@@ -14,7 +14,6 @@ import logging
 import signal
 import socket
 import sys
-import tempfile
 
 from node import permissions
 from node.activity import ActivityLog
@@ -50,7 +49,7 @@ class _Served:
 
 def serve(channel: Channel, settings: Settings, number: int) -> None:
     storage = settings.storage_dir
-    tempfile.tempdir = str(storage / files.INCOMING)
+    files.use_incoming_for_temporary_files(storage)
     configure_pynetdicom()
     db = Database(settings.database_url)
     activity = ActivityLog(db, settings.storage.activity_log)

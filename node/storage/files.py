@@ -6,9 +6,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +195,27 @@ def replace_keeping_source(source: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def remove_if_unchanged(path: Path, seen: os.stat_result) -> bool:
+    """Remove `path` if it is still the file `seen` describes; True if removed.
+
+    A store may replace the file meanwhile (os.replace, inside its index transaction): the
+    file is moved aside first and compared, so the store's file is put back, never removed.
+    """
+    aside = path.with_name(f".{path.name}.{os.getpid()}.orphan")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    moved = os.stat(aside)
+    ours = (moved.st_dev, moved.st_ino) == (seen.st_dev, seen.st_ino)
+    if not ours:
+        with contextlib.suppress(FileExistsError):  # (a newer file took its place meanwhile)
+            os.link(aside, path)
+    os.unlink(aside)
+    fsync_dir(path.parent)
+    return ours
+
+
 def same_file(a: Path, b: Path) -> bool:
     """Both names are links to one file (False if either is missing)."""
     try:
@@ -215,15 +238,80 @@ def temporary_files(storage_root: Path) -> list[Path]:
     return sorted(entry for entry in incoming.iterdir() if not entry.name.startswith("."))
 
 
-def sweep_incoming(storage_root: Path, idle_seconds: float | None = None) -> int:
+def use_incoming_for_temporary_files(storage_root: Path) -> None:
+    """Make this process's temporary files (pynetdicom streams each received data set to one)
+    in `.incoming`, named after the process: on the storage filesystem, putting one into the
+    archive is a link, not a copy; and the sweep can tell a dead writer's file (`writer_pid`)."""
+    tempfile.tempdir = str(storage_root / INCOMING)
+    tempfile.template = f"tmp{os.getpid()}-"
+
+
+# Every writer of .incoming names its files after its process: the direct receiver
+# (tmp<pid>-<n>.dcm), pynetdicom through tempfile.template, imports (import<pid>-<n>.dcm), and
+# coerced copies (<name>.coerced).
+_WRITER = re.compile(r"(?:tmp|import)(\d+)-")
+
+
+def writer_pid(name: str) -> int | None:
+    """The ID of the process that made a temporary file of this name (None: not known)."""
+    match = _WRITER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def writer_gone(path: Path, status: os.stat_result) -> bool:
+    """The process that made this temporary file has ended (False when not known): nothing
+    can still be storing from it."""
+    pid = writer_pid(path.name)
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user: not one of the node's
+    # Alive, or a zombie not reaped yet; a process that started after the file was made is
+    # another one with a reused ID.
+    started = _process_start(pid)
+    return started is not None and started > status.st_mtime
+
+
+def _process_start(pid: int) -> float | None:
+    """When a process started (seconds since the epoch), where /proc tells it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in
+                    Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A temporary file not written to for the sweep's idle time."""
+
+    path: Path
+    status: os.stat_result
+
+    @property
+    def linked(self) -> bool:
+        """Linked into the archive as well (a store placed it)."""
+        return self.status.st_nlink > 1
+
+
+def sweep_incoming(storage_root: Path, idle_seconds: float | None = None,
+                   settle: Callable[[list[Stale]], set[Path]] | None = None) -> int:
     """Remove temporary files a crash or an aborted transfer left; returns how many.
 
     `idle_seconds`: only files not written to for that long (a live transfer appends to its
     file with every PDU, so one idle longer than the network timeout has no live association).
+    `settle`: given the stale files, deals with the archive files they name (a running node's
+    orphans: reconcile.settle) and returns those to keep, the evidence of what it could not
+    settle yet.
     """
     cutoff = time.time() - idle_seconds if idle_seconds is not None else None
-    stale: list[Path] = []
-    linked = False
+    stale: list[Stale] = []
     for entry in temporary_files(storage_root):
         try:
             status = entry.stat()
@@ -231,12 +319,14 @@ def sweep_incoming(storage_root: Path, idle_seconds: float | None = None) -> int
             continue  # its store finished meanwhile
         if not stat.S_ISREG(status.st_mode) or (cutoff is not None and status.st_mtime > cutoff):
             continue
-        stale.append(entry)
-        linked = linked or status.st_nlink > 1
-    if linked:
+        stale.append(Stale(entry, status))
+    if settle is not None and stale:
+        kept = settle(stale)
+        stale = [each for each in stale if each.path not in kept]
+    if any(each.linked for each in stale):
         # Still linked into the archive: kept for a directory entry whose deferred fsync a
         # process that died never made (storage/dirsync.py). Make it durable first.
         os.sync()
-    for entry in stale:
-        remove_quietly(entry)
+    for each in stale:
+        remove_quietly(each.path)
     return len(stale)

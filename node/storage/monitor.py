@@ -5,6 +5,7 @@ activity log, and leave a report in node_meta for `pacsnode status`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -22,7 +23,7 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import NodeMeta, Partition, Study
 from node.notify import Notifier
-from node.storage import cpu, deletion, files, purge
+from node.storage import cpu, deletion, files, purge, reconcile
 from node.storage.space import StorageGuard, Usage, bytes_above, measure
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,9 @@ class StorageMonitor:
                 on_fs = [(pid, ae) for pid, ae, folder in partitions if folder in folders]
                 reports.append(self._check_filesystem(path, usage, suspended, on_fs))
             self._prune_activity()
-            swept = files.sweep_incoming(self.root, self.incoming_idle_seconds)
+            swept = files.sweep_incoming(
+                self.root, self.incoming_idle_seconds,
+                settle=functools.partial(reconcile.settle, self.db, self.root))
             if swept:
                 log.warning("removed %d abandoned temporary file(s) from %s", swept,
                             self.root / files.INCOMING)

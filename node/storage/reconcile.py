@@ -13,12 +13,18 @@ instance without its link. Its temporary file, fsynced and of the indexed size, 
 
 Run after `deletion.recover` (a file an interrupted delete held aside is back, not missing)
 and before `files.sweep_incoming`, which then removes the temporary files themselves.
+
+While the node runs, a process can die the same way (an association process killed): the
+storage monitor's sweep settles what the temporary files of a dead process name (`settle`)
+before it removes them, and keeps those that name a file it cannot settle yet, so nothing is
+lost track of until the next start-up check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +97,85 @@ def reconcile(db: Database, root: Path) -> Reconciled:
     return result
 
 
+def settle(db: Database, root: Path, stale: Sequence[files.Stale]) -> set[Path]:
+    """The running node's sweep: remove the archive files that stale temporary files of dead
+    processes placed and no index row points to; returns the temporary files to keep.
+
+    Only a file that is a link of the dead process's own temporary file is removed: a store
+    of the same instance may be placing its own meanwhile. Nothing is restored, since at run
+    time an indexed file that is missing is a delete in progress. A temporary file is kept
+    (the evidence for the start-up check) while an archive file it names is not indexed and
+    cannot be removed yet: its process may still be storing, or the file is not its link.
+    """
+    keep: set[Path] = set()
+    instances: dict[tuple[str, str, str], list[files.Stale]] = {}
+    for each in stale:
+        uids = _read_uids(each.path)
+        if uids is not None:
+            instances.setdefault(uids, []).append(each)
+        elif each.linked:
+            keep.add(each.path)  # placed somewhere, yet unreadable now: not ours to judge
+    if not instances:
+        return keep
+    with db.session() as session:
+        partitions = [(pid, folder) for pid, folder in
+                      session.execute(select(Partition.id, Partition.folder))]
+    for uids, copies in instances.items():
+        if not _settle_one(db, root, partitions, uids, copies):
+            keep.update(each.path for each in copies)
+    return keep
+
+
+def _settle_one(db: Database, root: Path, partitions: list[tuple[int, str]],
+                uids: tuple[str, str, str], copies: list[files.Stale]) -> bool:
+    """False when an unindexed archive file of this instance must wait (see `settle`)."""
+    placed = []
+    for relpath in _candidates(partitions, uids):
+        try:
+            placed.append((relpath, (root / relpath).stat()))
+        except OSError:
+            continue
+    if not placed:
+        return True
+    # Read after the files were seen: a store indexes only after its file is in place.
+    indexed = _indexed(db, partitions, uids[2])
+    writers_gone = all(files.writer_gone(each.path, each.status) for each in copies)
+    ours = {(each.status.st_dev, each.status.st_ino) for each in copies}
+    settled = True
+    for relpath, seen in placed:
+        if relpath in indexed:
+            continue
+        if writers_gone and (seen.st_dev, seen.st_ino) in ours \
+                and files.remove_if_unchanged(root / relpath, seen):
+            log.warning("removed %s: placed by a store whose process ended before indexing it",
+                        relpath)
+            continue
+        settled = False
+    return settled
+
+
+def _candidates(partitions: list[tuple[int, str]], uids: tuple[str, str, str]) -> list[str]:
+    """Where each partition would keep this instance."""
+    study, series, sop = uids
+    candidates: list[str] = []
+    for _, folder in partitions:
+        try:
+            candidates.append(instance_relpath(folder, study, series, sop))
+        except ValueError:
+            continue  # not valid UIDs: the store refused it before placing anything
+    return candidates
+
+
+def _indexed(db: Database, partitions: list[tuple[int, str]], sop: str) -> dict[str, int]:
+    """Path -> size of this SOP instance's rows in any partition: a row of another partition,
+    or one whose partition's folder was renamed since, keeps the file it points to."""
+    with db.session() as session:
+        return {path: size for path, size in session.execute(
+            select(Instance.path, Instance.size).where(
+                Instance.partition_id.in_([pid for pid, _ in partitions]),
+                Instance.sop_instance_uid == sop))}
+
+
 def _read_uids(path: Path) -> tuple[str, str, str] | None:
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS, force=True)
@@ -104,22 +189,10 @@ def _read_uids(path: Path) -> tuple[str, str, str] | None:
 
 def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]],
                    uids: tuple[str, str, str], copies: list[Path], result: Reconciled) -> None:
-    study, series, sop = uids
-    candidates: list[str] = []
-    for _, folder in partitions:
-        try:
-            candidates.append(instance_relpath(folder, study, series, sop))
-        except ValueError:
-            continue  # not valid UIDs: the store refused it before placing anything
+    candidates = _candidates(partitions, uids)
     if not candidates:
         return
-    with db.session() as session:
-        # Any partition's row, by path: a row of another partition, or one whose partition's
-        # folder was renamed since, keeps the file it points to.
-        indexed = {path: size for path, size in session.execute(
-            select(Instance.path, Instance.size).where(
-                Instance.partition_id.in_([pid for pid, _ in partitions]),
-                Instance.sop_instance_uid == sop))}
+    indexed = _indexed(db, partitions, uids[2])
     for path, size in sorted(indexed.items()):
         if (root / path).exists():
             continue
@@ -142,7 +215,13 @@ def _reconcile_one(db: Database, root: Path, partitions: list[tuple[int, str]],
         # What a crash inside files.replace_keeping_source or the copy fallback of
         # files.place_new leaves beside the final name.
         for leftover in [*series_dir.glob(f".{final.name}.*.restore"),
-                         *series_dir.glob(f".{final.name}.*.partial")]:
+                         *series_dir.glob(f".{final.name}.*.partial"),
+                         *series_dir.glob(f".{final.name}.*.orphan")]:
+            if leftover.suffix == ".orphan" and relpath in indexed and not final.exists():
+                # files.remove_if_unchanged had moved a store's file aside, to put it back.
+                files.replace(leftover, final)
+                result.restored.append(relpath)
+                continue
             files.remove_quietly(leftover)
             result.removed.append(str(leftover.relative_to(root)))
             changed = True

@@ -252,3 +252,83 @@ def test_a_node_restarted_after_its_main_process_was_killed_waits_for_its_other_
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def linked_since(storage: Path, before: set[Path]) -> list[Path]:
+    """New temporary files in .incoming that a store has linked into the archive."""
+    found = []
+    for path in set(incoming_files(storage)) - before:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_nlink == 2:
+                found.append(path)
+    return found
+
+
+def test_an_association_process_killed_before_indexing_leaves_no_orphan(
+        tmp_path: Path, dcmtk: Path) -> None:
+    """An association process killed after placing a file but before committing its row
+    (here: while another program holds the database's write lock) leaves a file no row points
+    to. The running node's sweep removes it with the temporary file that names it; it must not
+    remove the temporary file alone, the only trace of the orphan (issue 25, item 4)."""
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "data"\nlisten_host = "127.0.0.1"\n'
+                      f"shutdown_grace_seconds = 0\n[bootstrap_partition]\nport = {port}\n"
+                      "[dicom]\nassociation_processes = 2\nnetwork_timeout = 1\n"
+                      "[storage]\ncheck_interval_seconds = 0.5\n"
+                      f'[hierarchy]\ncontrol_listen = "127.0.0.1:{free_port()}"\n')
+    proc = start(tmp_path, "--config", str(config))
+    storage = tmp_path / "data" / "storage"
+    senders: list[subprocess.Popen[str]] = []
+    try:
+        wait_listening(port, proc)
+        [child] = child_processes(proc.pid)
+        locker = sqlite3.connect(tmp_path / "data" / "pacsnode.db", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            # Which process takes a connection depends on what each serves: the stores held
+            # up by the lock keep the main process busy until one goes to the other process
+            # (the main one cannot be killed alone).
+            while len(senders) < 4:
+                before = set(incoming_files(storage))
+                image = write_study(tmp_path / f"in{len(senders)}", 1)
+                senders.append(subprocess.Popen(
+                    [str(dcmtk / "storescu"), "-aec", "PACSNODE", "127.0.0.1", str(port),
+                     *map(str, image)], env=dcmtk_env(), text=True,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                assert wait_for(lambda before=before: linked_since(storage, before), 20), (
+                    "nothing placed")
+                [temporary] = linked_since(storage, before)
+                if temporary.name.startswith(f"tmp{child}-"):
+                    placed = set(archived(storage))
+                    os.kill(child, signal.SIGKILL)
+                    break
+            else:
+                raise AssertionError("no store reached the other association process")
+        finally:
+            locker.rollback()
+            locker.close()
+        for each in senders:
+            each.communicate(timeout=30)
+
+        def indexed() -> set[Path]:
+            with sqlite3.connect(tmp_path / "data" / "pacsnode.db") as db:
+                return {storage / row[0] for row in db.execute("select path from instances")}
+
+        assert wait_for(lambda: set(archived(storage)) == indexed()
+                        and not incoming_files(storage), 15), (
+            f"left behind: {set(archived(storage)) - indexed()} {incoming_files(storage)}")
+        assert len(placed) - len(archived(storage)) == 1  # the orphan, and only it, went
+        # The node goes on: another association process took the killed one's place.
+        assert wait_for(lambda: len(child_processes(proc.pid)) == 1, 15)
+        echo = subprocess.run([str(dcmtk / "echoscu"), "-aec", "PACSNODE", "127.0.0.1",
+                               str(port)], env=dcmtk_env(), capture_output=True, text=True,
+                              timeout=30)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        output = stop(proc, signal.SIGTERM)
+        assert "placed by a store whose process ended before indexing it" in output
+    finally:
+        for running_proc in (*senders, proc):
+            if running_proc.poll() is None:
+                running_proc.kill()
+                running_proc.wait()

@@ -77,12 +77,21 @@ def known_secrets(settings: Settings) -> list[str]:
     return [*url_secrets(settings.database_url), *smtp_secrets(n.smtp_user, n.smtp_password)]
 
 
+def _as_token(secret: str) -> re.Pattern[str]:
+    """`secret` where it stands on its own: not inside a longer word (a password `pacs` must
+    not turn the node's name `pacsnode` into `***node`)."""
+    head = r"(?<!\w)" if re.match(r"\w", secret) else ""
+    tail = r"(?!\w)" if re.match(r"\w", secret[-1]) else ""
+    return re.compile(head + re.escape(secret) + tail)
+
+
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with URL passwords and each of `secrets` masked."""
+    """`text` with URL passwords and each of `secrets` masked where it stands on its own."""
     text = _USERINFO.sub(_mask, _QUERY.sub(_mask, text))
     # Longest first: a secret that contains another is masked whole.
     for secret in sorted({s for s in secrets if len(s) >= SHORTEST}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        if secret in text:
+            text = _as_token(secret).sub(MASK, text)
     return text
 
 

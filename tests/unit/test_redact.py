@@ -43,6 +43,24 @@ def test_scrub_masks_urls_and_known_secrets_in_any_text() -> None:
     assert "ab" in scrub("about", ["ab"])  # too short to hunt in free text
 
 
+@pytest.mark.parametrize(("text", "clean"), [
+    # The secret as a secret: quoted, a parameter, a word of its own.
+    ("FATAL: password \"pacs\" rejected", f"FATAL: password \"{MASK}\" rejected"),
+    ("connect(password=pacs, host=db)", f"connect(password={MASK}, host=db)"),
+    ("secret: pacs", f"secret: {MASK}"),
+    # Inside a longer word it is not the secret: names stay readable.
+    ("pacsnode started on node pacsnode-site1", "pacsnode started on node pacsnode-site1"),
+    ("partition PACS2 and pacs_old", "partition PACS2 and pacs_old"),
+])
+def test_scrub_masks_a_secret_only_where_it_stands_alone(text: str, clean: str) -> None:
+    assert scrub(text, ["pacs"]) == clean
+
+
+def test_scrub_masks_secrets_that_begin_or_end_with_punctuation() -> None:
+    assert scrub("auth failed: s3cr@t!", ["s3cr@t!"]) == f"auth failed: {MASK}"
+    assert scrub("x=!pw1 y", ["!pw1"]) == f"x={MASK} y"
+
+
 def test_smtp_secrets_include_what_auth_sends() -> None:
     found = smtp_secrets("pacs", "m@il-pw")
     assert found[0] == "m@il-pw"

@@ -1,6 +1,8 @@
 """Crash consistency soak: SIGKILL a `pacsnode serve` at random moments while several
 associations store, restart it, repeat; then every acknowledged instance must be on disk
-byte-identical, indexed and queued for forwarding, with no orphan file or index row.
+byte-identical, indexed and queued for forwarding, with no orphan file or index row. The
+second victim is an association process alone: the node goes on, and its own sweep (not a
+start-up check) must leave no orphan either.
 
 `PACSNODE_SOAK_ROUNDS` (default 5) sets the number of kills, `PACSNODE_SOAK_SEED` replays a
 run (the seed is printed; `-s` shows the report).
@@ -26,8 +28,9 @@ from sqlalchemy import select
 
 from node.db.database import Database
 from node.db.models import Device, ForwardJob, Instance, Partition
-from tests.conftest import free_port, incoming_files, run_cli, wait_listening
+from tests.conftest import free_port, incoming_files, run_cli, wait_for, wait_listening
 from tests.dicomgen import Patient, make_instance, uid
+from tests.interop.test_serve import child_processes, running
 from tests.scu import associate
 
 ROOT = Path(__file__).parents[2]
@@ -42,6 +45,18 @@ def serve(config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def association_processes(pid: int, count: int, timeout: float = 30) -> list[int]:
+    """The node's `count` association processes besides its main one, once all are running
+    (a killed one is started again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [child for child in child_processes(pid) if running(child)]
+        if len(alive) == count:
+            return alive
+        time.sleep(0.05)
+    raise AssertionError(f"the node does not have {count} association processes")
 
 
 def dataset_bytes(part10: bytes) -> bytes:
@@ -121,11 +136,12 @@ class Sender(threading.Thread):
         return path
 
 
-def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
-                                                 new_db: Callable[[str], str]) -> None:
+@pytest.mark.parametrize("victim", ["node", "association process"])
+def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path, new_db: Callable[[str], str],
+                                                 victim: str) -> None:
     seed = int(os.environ.get("PACSNODE_SOAK_SEED", random.randrange(1 << 32)))
     rng = random.Random(seed)
-    print(f"\nsoak: seed={seed} rounds={ROUNDS}")
+    print(f"\nsoak: seed={seed} rounds={ROUNDS} victim={victim}")
     port = free_port()
     db_url = new_db("node")
     config = tmp_path / "node.toml"
@@ -135,7 +151,11 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
         f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "{db_url}"\n'
         f'listen_host = "127.0.0.1"\nshutdown_grace_seconds = 5\n'
         f"[bootstrap_partition]\nport = {port}\n"
-        "[forwarding]\npoll_seconds = 0.5\nretry_base_seconds = 3600\n")
+        "[forwarding]\npoll_seconds = 0.5\nretry_base_seconds = 3600\n"
+        # Three processes; the sweep treats a temporary file idle for 3 s as left behind.
+        "[dicom]\nassociation_processes = 3\nnetwork_timeout = 2\n"
+        "[storage]\ncheck_interval_seconds = 0.5\n")
+    storage = tmp_path / "data" / "storage"
     log_path = tmp_path / "node.log"
     stop = threading.Event()
     studies = [(uid(), f"SOAK{i}") for i in range(STUDIES)]
@@ -153,22 +173,31 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
             for sender in senders:
                 sender.start()
             for round_ in range(ROUNDS):
-                if round_:
+                if round_ and victim == "node":
                     node = serve(config, log)
                     wait_listening(port, node)
                 time.sleep(rng.uniform(0.3, 1.5))  # storing meanwhile
                 assert node.poll() is None, f"the node exited by itself ({node.returncode})"
-                node.send_signal(signal.SIGKILL)
-                node.wait()
+                if victim == "node":
+                    node.send_signal(signal.SIGKILL)
+                    node.wait()
+                else:
+                    os.kill(rng.choice(association_processes(node.pid, 2)), signal.SIGKILL)
                 kills += 1
                 time.sleep(rng.uniform(0, 0.2))
             stop.set()
             for sender in senders:
                 sender.join(timeout=30)
                 assert not sender.is_alive()
-            # Once more, cleanly: the start-up check runs, nothing is sent any more.
-            node = serve(config, log)
-            wait_listening(port, node)
+            if victim == "node":
+                # Once more, cleanly: the start-up check runs, nothing is sent any more.
+                node = serve(config, log)
+                wait_listening(port, node)
+            else:
+                # The running node's sweep, not a start-up check, settles what the killed
+                # processes left.
+                assert wait_for(lambda: not incoming_files(storage), 30), incoming_files(storage)
+                running = check(senders, db_url, storage, log_path)
             node.send_signal(signal.SIGTERM)
             assert node.wait(timeout=60) == 0
         finally:
@@ -177,7 +206,18 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
                 node.kill()
                 node.wait()
     elapsed = time.monotonic() - started
+    result = check(senders, db_url, storage, log_path)
+    if victim != "node":
+        assert running == result, "the clean stop changed what the running node held"
+    sent = sum(s.sent for s in senders)
+    print(f"soak: victim={victim} rounds={ROUNDS} kills={kills} sent={sent} {result} "
+          f"seconds={elapsed:.1f} seed={seed}")
+    assert kills == ROUNDS
 
+
+def check(senders: list[Sender], db_url: str, storage: Path, log_path: Path) -> str:
+    """Every acknowledged instance on disk as sent, indexed and queued; no orphan file, no
+    row without its file, nothing left in .incoming. Returns the figures."""
     acknowledged: dict[str, bytes] = {}
     for sender in senders:
         acknowledged.update(sender.acknowledged)
@@ -193,7 +233,6 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
                                          .where(ForwardJob.device_id == device)))
     finally:
         db.dispose()
-    storage = tmp_path / "data" / "storage"
     on_disk = {str(p.relative_to(storage)) for p in (storage / folder).rglob("*")
                if p.is_file()}
     indexed = {path for _, path in rows.values()}
@@ -212,14 +251,10 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
         elif pk not in queued:
             problems.append(f"{sop}: not queued for forwarding")
     found = len(acknowledged) - len(problems)
-    reconciled = sum(int(n) for n in re.findall(r"(\d+) unindexed file\(s\) removed",
-                                                log_path.read_text(errors="replace")))
+    logged = log_path.read_text(errors="replace")
+    reconciled = sum(int(n) for n in re.findall(r"(\d+) unindexed file\(s\) removed", logged))
+    settled = logged.count("placed by a store whose process ended before indexing it")
     incoming = incoming_files(storage)
-    print(f"soak: rounds={ROUNDS} kills={kills} sent={sum(s.sent for s in senders)} "
-          f"acknowledged={len(acknowledged)} found={found} indexed={len(rows)} "
-          f"orphans={len(orphans)} missing={len(missing)} reconciled={reconciled} "
-          f"incoming={len(incoming)} seconds={elapsed:.1f} seed={seed}")
-    assert kills == ROUNDS
     assert acknowledged, "nothing was acknowledged: the senders never got through"
     assert problems == [], problems[:20]
     assert found == len(acknowledged)
@@ -228,3 +263,6 @@ def test_sigkill_soak_loses_nothing_acknowledged(tmp_path: Path,
     assert {pk for pk, _ in rows.values()} <= queued
     assert missing == [], missing[:20]
     assert incoming == []
+    return (f"acknowledged={len(acknowledged)} found={found} indexed={len(rows)} "
+            f"orphans={len(orphans)} missing={len(missing)} reconciled={reconciled} "
+            f"settled={settled}")

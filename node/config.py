@@ -71,6 +71,15 @@ class DicomSettings:
     # Inbound associations one calling device (AE title) may hold at once; a device's own
     # max_inbound_associations overrides it; 0: no limit below maximum_associations.
     max_associations_per_device: int = 16
+    # A connection must complete its A-ASSOCIATE-RQ (or TLS handshake) this soon, else it is
+    # closed (as dcm4che's request timeout does); until then it holds no association slot.
+    handshake_timeout: float = 5.0
+    # Connections one peer address may hold at once, in handshake or associated; beyond it a
+    # new one is closed at once, so one host cannot fill the node. 0: no limit.
+    max_connections_per_address: int = 32
+    # Connections still in their handshake (no complete A-ASSOCIATE-RQ yet) over the whole
+    # node; beyond it a new one is closed at once. 0: no limit.
+    max_handshakes: int = 256
     # Processes that serve inbound associations, the node's main one included: one Python
     # process runs its Python code on one core at a time, so on a machine with more cores,
     # associations spread over several receive faster together. 0: one per CPU core (the
@@ -307,7 +316,8 @@ def validate(settings: Settings) -> None:
     if d.max_pdu_size < 4096:
         # 0 would mean "unlimited": a peer could make us buffer arbitrarily large PDUs.
         raise ConfigError("dicom.max_pdu_size must be at least 4096 bytes")
-    for key in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout",
+                "handshake_timeout"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"dicom.{key} must be positive")
     if d.maximum_associations < 1:
@@ -315,8 +325,10 @@ def validate(settings: Settings) -> None:
     if not 0 <= d.association_processes <= MAX_ASSOCIATION_PROCESSES:
         raise ConfigError("dicom.association_processes must be 0 (one per CPU core) or 1-"
                           f"{MAX_ASSOCIATION_PROCESSES}")
-    if d.max_associations_per_device < 0:
-        raise ConfigError("dicom.max_associations_per_device must be 0 (no limit) or positive")
+    for key in ("max_associations_per_device", "max_connections_per_address",
+                "max_handshakes"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"dicom.{key} must be 0 (no limit) or positive")
     if d.transfer_syntax_preference not in ("requestor", "node"):
         raise ConfigError("dicom.transfer_syntax_preference must be 'requestor' or 'node'")
     if not d.transfer_syntaxes:

@@ -26,6 +26,8 @@ from node.notify import Notifier
 from node.redact import redact_url
 from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
+from node.scp.gate import Connections
+from node.scp.handshake import ConnectionLimits
 from node.scp.processes import AssociationProcesses
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import AssociationRegistry
@@ -131,16 +133,19 @@ class Node:
         d = settings.dicom
         registry = AssociationRegistry(
             Limits(d.maximum_associations, d.max_associations_per_device))
+        connections = Connections(ConnectionLimits(d.max_connections_per_address,
+                                                   d.max_handshakes))
         if d.processes() > 1:
             self.processes = AssociationProcesses(settings, registry, self.forwarder.wake,
                                                   d.processes() - 1,
-                                                  inherit=(self._storage_lock,))
+                                                  inherit=(self._storage_lock,),
+                                                  connections=connections)
         self.server = DicomServer(settings, self.db, ingest,
                                   QueryRetrieve(self.db, settings, storage, self.activity),
                                   StorageCommitment(self.settings, self.db, storage,
                                                     self.activity),
                                   self.activity, admissions=registry,
-                                  dispatcher=self.processes)
+                                  dispatcher=self.processes, connections=connections)
         if self.processes is not None:
             # Before the listeners open, so the first connections are spread too.
             self.processes.start()

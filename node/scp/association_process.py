@@ -39,12 +39,13 @@ class _Served:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
-    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> bool:
+    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen,
+                 request: bytes = b"") -> bool:
         return False
 
-    def finished(self) -> None:
+    def finished(self, address: tuple[str, int]) -> None:
         with contextlib.suppress(OSError):
-            self.channel.send("closed")
+            self.channel.send("closed", address[0])
 
 
 def serve(channel: Channel, settings: Settings, number: int) -> None:
@@ -75,13 +76,13 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
         message, sock = received
         kind = message[0]
         if kind == "connection" and sock is not None:
-            _, port, tls, address = message
+            _, port, tls, address, request = message
             try:
-                server.adopt(sock, address, Listen(port, tls))
+                server.adopt(sock, address, Listen(port, tls), request)
             except Exception:
                 log.exception("cannot serve the connection from %s:%s", *address)
                 sock.close()
-                served.finished()
+                served.finished(address)
         elif kind == "admitted":
             admissions.answered(*message[1:])
         elif kind == "stop":

@@ -4,11 +4,12 @@ One AF_UNIX SOCK_SEQPACKET socket pair per process: each message is one record (
 tuple, between processes of one node and nothing else), and a connection's descriptor travels
 with the message that hands it over (SCM_RIGHTS).
 
-Main -> other:  ("settings", Settings, number) first; ("connection", port, tls, address) with
-                the connection's descriptor; ("admitted", request, token, why); ("stop", grace).
+Main -> other:  ("settings", Settings, number) first; ("connection", port, tls, address,
+                A-ASSOCIATE-RQ bytes already read, or b"") with the connection's descriptor;
+                ("admitted", request, token, why); ("stop", grace).
 Other -> main:  ("ready",); ("admit", request, PartitionPolicy, DeviceView | None, calling AE);
-                ("release", token); ("closed",) when a connection it served ended; ("queued",)
-                when it queued forward jobs.
+                ("release", token); ("closed", peer IP) when a connection it served ended;
+                ("queued",) when it queued forward jobs.
 """
 
 from __future__ import annotations

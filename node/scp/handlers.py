@@ -112,6 +112,8 @@ class ScpHandlers:
         self._peers: dict[Association, Peer] = {}
         self._usage: dict[Association, Usage] = {}
         self._tokens: dict[Association, int] = {}
+        # The log line of an admitted association, written once pynetdicom has accepted it.
+        self._admitted: dict[Association, str] = {}
         self._lock = threading.Lock()
         self._contexts: dict[tuple[str, tuple[str, ...]], PresentationContext] = {}
         # The direct receivers' directory fsyncs, deferred past their answers; the server
@@ -128,6 +130,8 @@ class ScpHandlers:
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_N_ACTION, self.on_n_action),
             (evt.EVT_N_EVENT_REPORT, self.on_n_event_report),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected, [port, tls]),
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_CONN_CLOSE, self.on_conn_close),
         ]
@@ -196,6 +200,7 @@ class ScpHandlers:
             for gone in dead:
                 self._peers.pop(gone, None)
                 self._usage.pop(gone, None)
+                self._admitted.pop(gone, None)
             tokens = [self._tokens.pop(gone) for gone in dead if gone in self._tokens]
         for gone in dead:
             _discard_partial_dataset(gone)
@@ -218,10 +223,46 @@ class ScpHandlers:
         if isinstance(assoc.dul, PromptDUL):
             assoc.dul.store_receiver = DirectStore(assoc, self.on_direct_store,
                                                    self.ingest.incoming, self.directory_syncs)
-        log.info("association from %s@%s:%s to %s accepted%s%s", calling, ip, peer_port, called,
-                 " (TLS)" if tls else "",
-                 f"; SOP classes no library knows, taken as storage: {', '.join(unknown)}"
-                 if unknown else "")
+        with self._lock:
+            self._admitted[assoc] = (
+                f"association from {calling}@{ip}:{peer_port} to {called} accepted"
+                + (" (TLS)" if tls else "")
+                + (f"; SOP classes no library knows, taken as storage: {', '.join(unknown)}"
+                   if unknown else ""))
+
+    def on_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            line = self._admitted.pop(event.assoc, None)
+        if line is not None:
+            log.info("%s", line)
+
+    def on_rejected(self, event: evt.Event, port: int, tls: bool) -> None:
+        """pynetdicom rejected an association the node had admitted (its own association
+        limit, counted per process over every association thread, or a check of its own):
+        logged and recorded like the node's own rejects, and its admission released."""
+        assoc = event.assoc
+        with self._lock:
+            self._admitted.pop(assoc, None)
+            peer = self._peers.pop(assoc, None)
+            self._usage.pop(assoc, None)
+            token = self._tokens.pop(assoc, None)
+        if token is not None:
+            self.admissions.release(token)
+        acceptors = sum(a.is_acceptor for a in assoc.ae.active_associations)
+        if acceptors > assoc.ae.maximum_associations:
+            why = (f"local limit exceeded: {acceptors} association threads in this process "
+                   f"(pynetdicom's limit {assoc.ae.maximum_associations})")
+        else:
+            why = "rejected by pynetdicom's own negotiation (e.g. user identity)"
+        primitive = assoc.requestor.primitive
+        called = primitive.called_ae_title.strip()
+        calling = primitive.calling_ae_title.strip()
+        ip, peer_port = _peer_address(assoc)
+        log.warning("association from %s@%s:%s to %s on %sport %d rejected: %s", calling, ip,
+                    peer_port, called, "TLS " if tls else "", port, why)
+        self._record(Event("reject", partition=peer.partition.ae_title if peer else "",
+                           calling_ae=calling, called_ae=called, peer=f"{ip}:{peer_port}",
+                           outcome="failed", detail=why))
 
     def _refuse(self, assoc: Association, decision: admission.Admission, port: int,
                 tls: bool, partition: admission.PartitionPolicy | None) -> None:
@@ -374,6 +415,7 @@ class ScpHandlers:
             peer = self._peers.pop(assoc, None)
             usage = self._usage.pop(assoc, None)
             token = self._tokens.pop(assoc, None)
+            self._admitted.pop(assoc, None)
         if token is not None:
             self.admissions.release(token)
         _discard_partial_dataset(assoc)

@@ -2,8 +2,11 @@
 
 pynetdicom reads whatever arrives first as a PDU: garbage or a port scanner keeps an acceptor
 thread waiting for its timers, and a peer that connects and closes holds one for the whole ACSE
-timeout. The screen peeks at the first PDU header and answers anything that is not a plausible
-A-ASSOCIATE-RQ with an A-ABORT at once.
+timeout. On a plain DICOM port the node's gate (scp/gate.py, main process) reads and checks the
+whole A-ASSOCIATE-RQ before the connection reaches this server, which then gets the request's
+bytes with the socket; an adopted connection without them (and a TLS one, after its
+handshake) is screened here: a peek at the first PDU header answers anything that is not a
+plausible A-ASSOCIATE-RQ with an A-ABORT at once.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from node.scp import pdu_guard
 from node.tls import tls_reason
+
+if TYPE_CHECKING:
+    from node.scp.gate import Connections, HandshakeGate
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,7 @@ A_ASSOCIATE_RQ = 0x01
 MAX_ASSOCIATE_RQ_LENGTH = 1 << 20
 # A-ABORT, source: service provider (2), reason: unrecognised PDU (1) / invalid parameter (6)
 _ABORT_UNRECOGNISED = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1])
-_ABORT_INVALID = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
+ABORT_INVALID = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 
 
 def screen(header: bytes) -> tuple[bytes, str] | None:
@@ -42,7 +49,7 @@ def screen(header: bytes) -> tuple[bytes, str] | None:
     if pdu_type != A_ASSOCIATE_RQ:
         return _ABORT_UNRECOGNISED, f"not an A-ASSOCIATE-RQ (PDU type 0x{pdu_type:02X})"
     if length > MAX_ASSOCIATE_RQ_LENGTH:
-        return _ABORT_INVALID, f"A-ASSOCIATE-RQ claims an absurd length ({length} bytes)"
+        return ABORT_INVALID, f"A-ASSOCIATE-RQ claims an absurd length ({length} bytes)"
     return None
 
 
@@ -72,21 +79,26 @@ class Listen(NamedTuple):
 class Dispatcher(Protocol):
     """Spreads accepted connections over the node's association processes."""
 
-    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> bool:
-        """True if another process took the connection; False: serve it here (and call
-        `finished` when it ends)."""
+    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen,
+                 request: bytes = b"") -> bool:
+        """True if another process took the connection (with `request`, the A-ASSOCIATE-RQ
+        already read from it); False: serve it here (and call `finished` when it ends)."""
         ...
 
-    def finished(self) -> None: ...
+    def finished(self, address: tuple[str, int]) -> None: ...
 
 
 class _RememberingRequestHandler(RequestHandler):
-    """pynetdicom's handler, keeping the association it started (it runs in its own thread)."""
+    """pynetdicom's handler, keeping the association it started (it runs in its own thread),
+    whose DUL first reads the A-ASSOCIATE-RQ the gate already took off the socket."""
 
     assoc: Association | None = None
 
     def _create_association(self) -> Association:
         self.assoc = super()._create_association()
+        request = getattr(self.server.connection, "request", b"")  # type: ignore[attr-defined]
+        if request and self.assoc.dul.socket is not None:
+            pdu_guard.guard(self.assoc.dul.socket, request)
         return self.assoc
 
 
@@ -103,7 +115,19 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, gate: HandshakeGate | None = None,
+                 connections: Connections | None = None, backlog: int = 5,
+                 handshake_timeout: float = 5.0, **kwargs: Any) -> None:
+        """`gate`: reads each plain connection's A-ASSOCIATE-RQ first (None: screened here);
+        `connections`: counts connections by address (the main process's listeners);
+        `backlog`: the listen backlog; `handshake_timeout`: for a TLS handshake and the
+        screen's peek."""
+        self.gate = gate
+        self.connections = connections
+        self.request_queue_size = backlog
+        self.handshake_timeout = handshake_timeout
+        # What the connection thread's handler replays to pynetdicom (its A-ASSOCIATE-RQ).
+        self.connection = threading.local()
         # Before the socket is bound: a bind that fails (port in use) closes the server, and
         # server_close closes these with it.
         self._wake_r, self._wake_w = os.pipe()
@@ -138,54 +162,83 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         return client, address
 
-    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
-                        client_address: tuple[str, int] | str) -> None:
-        if (self.dispatcher is not None and isinstance(request, socket.socket)
-                and isinstance(client_address, tuple)
-                and self.dispatcher.hand_off(request, client_address, self.listen)):
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.connections is None or not isinstance(client_address, tuple):
+            return True
+        if self.gate is not None:
+            return not self.gate.refused(request, client_address)
+        why = self.connections.open(client_address[0])  # (a TLS port: no gate)
+        if why is not None:
+            log.warning("connection from %s:%d refused: %s", *client_address, why)
+            return False
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.gate is not None and not self.listen.tls:
+            self.gate.admit(request, client_address, self.serve_connection)
+        else:
+            self.serve_connection(request, client_address)
+
+    def serve_connection(self, sock: socket.socket, address: tuple[str, int],
+                         request: bytes = b"") -> None:
+        """Serve a connection (its A-ASSOCIATE-RQ, if already read: `request`) here or in
+        another association process."""
+        if self.dispatcher is not None and self.dispatcher.hand_off(
+                sock, address, self.listen, request):
             # The other process holds its own descriptor: close ours without shutdown(),
             # which would end the connection for it too.
-            request.close()
+            sock.close()
             return
-        super().process_request(request, client_address)
+        if self.connections is not None:
+            self.connections.handshaken(address[0], 0)
+        threading.Thread(target=self.process_request_thread, args=(sock, address, request),
+                         daemon=True).start()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         handler = self.RequestHandlerClass(request, client_address, self)
-        if self.dispatcher is not None and isinstance(handler, _RememberingRequestHandler) \
-                and handler.assoc is not None:
-            # The dispatcher counts connections until they end, not until the association's
-            # own thread has started.
+        if (self.dispatcher is not None or self.connections is not None) \
+                and isinstance(handler, _RememberingRequestHandler) and handler.assoc is not None:
+            # The dispatcher and the connection counts count connections until they end, not
+            # until the association's own thread has started.
             handler.assoc.join()
 
-    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
-                               client_address: tuple[str, int] | str) -> None:
+    def process_request_thread(self, request: socket.socket,  # type: ignore[override]
+                               client_address: tuple[str, int], prefix: bytes = b"") -> None:
         try:
-            if isinstance(request, socket.socket):
-                admitted = self._admit(request, client_address)
-                if admitted is None:
-                    self.shutdown_request(request)
-                    return
-                request = admitted
-            super().process_request_thread(request, client_address)
+            admitted = self._admit(request, client_address, prefix)
+            if admitted is None:
+                self.shutdown_request(request)
+                return
+            self.connection.request = prefix
+            try:
+                self.finish_request(admitted, client_address)
+            except Exception:
+                self.handle_error(admitted, client_address)
+                self.shutdown_request(admitted)
+            finally:
+                self.connection.request = b""
         finally:
+            if self.connections is not None:
+                self.connections.closed(client_address[0], 0)
             if self.dispatcher is not None:
-                self.dispatcher.finished()
+                self.dispatcher.finished(client_address)
 
-    def _admit(self, sock: socket.socket, client_address: tuple[str, int] | str
-               ) -> socket.socket | None:
-        """The socket pynetdicom may use (TLS-wrapped on a TLS port), or None if refused."""
+    def _admit(self, sock: socket.socket, client_address: tuple[str, int] | str,
+               request: bytes = b"") -> socket.socket | None:
+        """The socket pynetdicom may use (TLS-wrapped on a TLS port), or None if refused.
+        `request`: the A-ASSOCIATE-RQ the gate read and checked (nothing left to screen)."""
         # Small C-STORE responses would otherwise wait for Nagle's algorithm on some peers.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = (f"{client_address[0]}:{client_address[1]}"
                 if isinstance(client_address, tuple) else client_address)
-        sock.settimeout(self.ae.acse_timeout)
+        sock.settimeout(self.handshake_timeout)
         if self.ssl_context is not None:
             secured = self._handshake(sock, peer)
             if secured is None:
                 return None
             sock = secured
-        else:
+        elif not request:
             verdict = _screen_socket(sock)
             if verdict is not None:
                 abort, reason = verdict
@@ -258,8 +311,8 @@ class AdoptingAssociationServer(ScreeningAssociationServer):
     def server_activate(self) -> None:
         pass
 
-    def adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        self.process_request(sock, address)
+    def adopt(self, sock: socket.socket, address: tuple[str, int], request: bytes = b"") -> None:
+        self.serve_connection(sock, address, request)
 
     def shutdown(self) -> None:
         # Nothing runs serve_forever here, so BaseServer.shutdown would wait for ever.

@@ -157,6 +157,8 @@ class GuardedAssociationSocket(AssociationSocket):
             if nr_bytes - got >= READ_AHEAD:
                 count = sock.recv_into(view[got:])
             else:
+                if len(self._ahead) > READ_AHEAD:  # (an A-ASSOCIATE-RQ larger than it)
+                    self._ahead = memoryview(bytearray(READ_AHEAD))
                 self._ahead_at, self._ahead_end = 0, sock.recv_into(self._ahead)
                 count = self._take_ahead(view[got:])
             if not count:
@@ -282,16 +284,22 @@ class GuardedStateMachine(StateMachine):
 
 
 
-def guard(sock: AssociationSocket) -> None:
-    """Make `sock` a GuardedAssociationSocket (before its DUL reads anything)."""
-    if isinstance(sock, GuardedAssociationSocket):
-        return
-    sock._guard_body = None  # type: ignore[attr-defined]
-    sock._guard_refused = False  # type: ignore[attr-defined]
-    sock._ahead = memoryview(bytearray(READ_AHEAD))  # type: ignore[attr-defined]
-    sock._ahead_at = sock._ahead_end = 0  # type: ignore[attr-defined]
-    sock.seen_readable = False  # type: ignore[attr-defined]
-    sock.__class__ = GuardedAssociationSocket
+def guard(sock: AssociationSocket, received: bytes = b"") -> None:
+    """Make `sock` a GuardedAssociationSocket (before its DUL reads anything). `received`:
+    bytes already taken off the socket (the A-ASSOCIATE-RQ the node's gate read and
+    checked), which the DUL reads first."""
+    if not isinstance(sock, GuardedAssociationSocket):
+        sock._guard_body = None  # type: ignore[attr-defined]
+        sock._guard_refused = False  # type: ignore[attr-defined]
+        sock._ahead = memoryview(bytearray(READ_AHEAD))  # type: ignore[attr-defined]
+        sock._ahead_at = sock._ahead_end = 0  # type: ignore[attr-defined]
+        sock.seen_readable = False  # type: ignore[attr-defined]
+        sock.__class__ = GuardedAssociationSocket
+    if received:
+        assert isinstance(sock, GuardedAssociationSocket) and not sock.read_ahead
+        sock._ahead = memoryview(bytearray(max(READ_AHEAD, len(received))))
+        sock._ahead[:len(received)] = received
+        sock._ahead_at, sock._ahead_end = 0, len(received)
 
 
 def guard_connection(event: evt.Event) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import node
 from node.config import Settings
 from node.scp.channel import Channel
+from node.scp.gate import Connections
 from node.scp.listener import Listen
 from node.scp.registry import AssociationRegistry
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 # A process that dies is started again after this long (not at once: one that dies at start,
 # e.g. on a broken installation, would otherwise be restarted in a tight loop).
 RESTART_DELAY = 1.0
+# A connection goes to another process with the A-ASSOCIATE-RQ already read from it, in one
+# channel message; the kernel caps a message at about the socket's send buffer (~200 KiB), so
+# the rare larger request is served by the main process.
+MAX_HANDED_REQUEST = 64 * 1024
 
 
 class _Process:
@@ -51,10 +56,13 @@ class AssociationProcesses:
     """`listener.Dispatcher` for the main process, over `count` other processes."""
 
     def __init__(self, settings: Settings, registry: AssociationRegistry,
-                 on_queued: Callable[[], None], count: int, inherit: Sequence[int] = ()) -> None:
+                 on_queued: Callable[[], None], count: int, inherit: Sequence[int] = (),
+                 connections: Connections | None = None) -> None:
         """`inherit`: descriptors each process keeps open for its lifetime (the node's storage
-        lock: held until the last of its processes has exited)."""
+        lock: held until the last of its processes has exited); `connections`: the node's
+        connection counts by address, kept for the connections the processes serve."""
         self.inherit = tuple(inherit)
+        self.connections = connections
         self.settings = settings
         self.registry = registry
         self.on_queued = on_queued
@@ -94,18 +102,23 @@ class AssociationProcesses:
         with self._lock:
             return {p.number: p.handed for p in self._processes}
 
-    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> bool:
+    def hand_off(self, sock: socket.socket, address: tuple[str, int], listen: Listen,
+                 request: bytes = b"") -> bool:
         with self._lock:
             ready = [p for p in self._processes if p.ready]
             target = min(ready, key=lambda p: p.serving, default=None)
-            if target is None or target.serving >= self._local or target.channel is None:
+            if (target is None or target.serving >= self._local or target.channel is None
+                    or len(request) > MAX_HANDED_REQUEST):
                 self._local += 1
                 return False
             target.serving += 1
             target.handed += 1
             channel = target.channel
+            if self.connections is not None:
+                self.connections.handshaken(address[0], target.number)
         try:
-            channel.send("connection", listen.port, listen.tls, address, fd=sock.fileno())
+            channel.send("connection", listen.port, listen.tls, address, request,
+                         fd=sock.fileno())
             return True
         except OSError as exc:
             log.warning("cannot hand the connection from %s:%d to association process %d "
@@ -113,9 +126,11 @@ class AssociationProcesses:
             with self._lock:
                 target.serving -= 1
                 self._local += 1
+            if self.connections is not None:
+                self.connections.closed(address[0], target.number)
             return False
 
-    def finished(self) -> None:
+    def finished(self, address: tuple[str, int]) -> None:
         with self._lock:
             self._local -= 1
 
@@ -159,6 +174,8 @@ class AssociationProcesses:
             if channel is not None:
                 channel.close()
             lost = self.registry.release_owner(process.number)
+            if self.connections is not None:
+                self.connections.release_owner(process.number)
             if self._stopping.is_set():
                 return
             log.error("association process %d%s exited (%s); %d association(s) it served "
@@ -213,6 +230,8 @@ class AssociationProcesses:
             elif kind == "closed":
                 with self._lock:
                     process.serving = max(0, process.serving - 1)
+                if self.connections is not None:
+                    self.connections.closed(message[1], process.number)
             elif kind == "queued":
                 self.on_queued()
             elif kind == "ready":

@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
@@ -38,7 +39,9 @@ from node.ports import bind_reason
 from node.scp import pdu_guard, prompt
 from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.scp.commitment import StorageCommitment
+from node.scp.gate import Connections, HandshakeGate
 from node.scp.handlers import ScpHandlers
+from node.scp.handshake import listen_backlog
 from node.scp.listener import (
     AdoptingAssociationServer,
     Dispatcher,
@@ -131,6 +134,14 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def somaxconn() -> int:
+    """The kernel's cap on a listen backlog."""
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
 def listen_failure(host: str, listen: Listen, partitions: list[str],
                    exc: OSError | TlsError) -> str:
     """One line: which port could not be opened, for which partitions, and why."""
@@ -143,11 +154,14 @@ class DicomServer:
     def __init__(self, settings: Settings, db: Database, ingest: Ingest,
                  qr: QueryRetrieve, commitment: StorageCommitment,
                  activity: ActivityLog | None, *, admissions: Admissions,
-                 dispatcher: Dispatcher | None = None, process_number: int = 0) -> None:
+                 dispatcher: Dispatcher | None = None, process_number: int = 0,
+                 connections: Connections | None = None) -> None:
         """`admissions`: where associations are counted against the node's limits (one
         registry for all the node's processes); `dispatcher`: spreads accepted connections
         over the node's association processes (None: all served here); `process_number`:
-        which of them this is (0: the main process)."""
+        which of them this is (0: the main process); `connections`: the node's connections
+        by address (the main process, which listens: its gate reads every plain
+        connection's A-ASSOCIATE-RQ before an association is started for it)."""
         self.settings = settings
         self.db = db
         self.ae = build_ae(settings)
@@ -158,6 +172,11 @@ class DicomServer:
                                     activity, admissions,
                                     accept_unknown=settings.dicom.accept_unknown_sop_classes)
         self.dispatcher = dispatcher
+        d = settings.dicom
+        self.connections = connections
+        self.gate = (HandshakeGate(connections, d.handshake_timeout, activity)
+                     if connections is not None else None)
+        self.backlog = listen_backlog(d.maximum_associations, d.max_handshakes, somaxconn())
         self.pinning = ReceiverPinning(process_cpu(
             process_number, settings.dicom.processes(), PROCESS_CPUS,
             settings.dicom.cpu_affinity))
@@ -226,19 +245,23 @@ class DicomServer:
                           *prompt.handlers(self.pinning)],
             server_class=server_class,
             ssl_context=self.ssl_context if listen.tls else None,
+            gate=self.gate, connections=self.connections, backlog=self.backlog,
+            handshake_timeout=self.settings.dicom.handshake_timeout,
         )
         server.dispatcher = self.dispatcher
         return server
 
-    def adopt(self, sock: socket.socket, address: tuple[str, int], listen: Listen) -> None:
-        """Serve a connection the node's main process accepted on `listen`."""
+    def adopt(self, sock: socket.socket, address: tuple[str, int], listen: Listen,
+              request: bytes = b"") -> None:
+        """Serve a connection the node's main process accepted on `listen` (`request`: the
+        A-ASSOCIATE-RQ its gate read from it)."""
         with self._adopters_lock:
             server = self._adopters.get(listen)
             if server is None:
                 made = self._server(listen, AdoptingAssociationServer)
                 assert isinstance(made, AdoptingAssociationServer)
                 server = self._adopters[listen] = made
-        server.adopt(sock, address)
+        server.adopt(sock, address, request)
 
     def _listen(self, listen: Listen) -> ScreeningAssociationServer:
         server = self._server(listen, ScreeningAssociationServer)
@@ -277,6 +300,8 @@ class DicomServer:
         for server in self.listeners.values():
             server.shutdown()  # closes the socket; running associations carry on
         self.listeners.clear()
+        if self.gate is not None:
+            self.gate.stop()  # connections still in their handshake are closed
         with self._adopters_lock:
             for adopter in self._adopters.values():
                 adopter.shutdown()

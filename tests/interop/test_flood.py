@@ -141,11 +141,13 @@ def figures(name: str, legit: Legit, flood_seconds: float, sent: int) -> None:
           f"failed {sum(code != 0 for _, _, code, _ in legit.tries)}")
 
 
+@pytest.mark.parametrize("extra", ["", "max_connections_per_address = 0\n"],
+                         ids=["defaults", "no-address-limit"])
 def test_malformed_associate_requests_sent_and_closed_lock_no_one_out(
-        tmp_path: Path, dcmtk: Path) -> None:
+        tmp_path: Path, dcmtk: Path, extra: str) -> None:
     file = write_study(tmp_path / "in", 1)[0]
     count = 400
-    with serve(tmp_path) as (port, proc):
+    with serve(tmp_path, extra) as (port, proc):
         legit = Legit(port, file)
         legit.once()  # DCMTK's first start (page cache) is not what is measured
 
@@ -160,7 +162,8 @@ def test_malformed_associate_requests_sent_and_closed_lock_no_one_out(
 
         legit.tries.clear()
         took = during_and_after(legit, flood)
-        figures("malformed A-ASSOCIATE-RQ sent and closed", legit, took, count)
+        figures(f"malformed A-ASSOCIATE-RQ sent and closed {extra.strip()}", legit, took,
+                count)
         assert not legit.failures(), "\n".join(legit.failures()[:10])
         found = wait_for(lambda: any(r["peer"].startswith(FLOODER) for r in rejects(tmp_path)),
                          timeout=10)
@@ -173,14 +176,17 @@ def test_malformed_associate_requests_sent_and_closed_lock_no_one_out(
     assert "LEGIT" in output
 
 
-@pytest.mark.parametrize("sends", [b"\x01\x00\x00\x00\x10\x00", b""],
-                         ids=["pdu-header-only", "nothing"])
+@pytest.mark.parametrize(("sends", "count", "extra"), [
+    (b"\x01\x00\x00\x00\x10\x00", 300, ""),
+    (b"", 300, ""),
+    # Without the per-address limit: the gate alone (fewer than max_handshakes = 256).
+    (b"\x01\x00\x00\x00\x10\x00", 200, "max_connections_per_address = 0\n"),
+], ids=["pdu-header-only", "nothing", "pdu-header-only-no-address-limit"])
 def test_connections_that_hold_still_lock_no_one_out(
-        tmp_path: Path, dcmtk: Path, sends: bytes) -> None:
+        tmp_path: Path, dcmtk: Path, sends: bytes, count: int, extra: str) -> None:
     file = write_study(tmp_path / "in", 1)[0]
-    count = 300
     held: list[socket.socket] = []
-    with serve(tmp_path) as (port, proc):
+    with serve(tmp_path, extra) as (port, proc):
         legit = Legit(port, file)
         legit.once()
 
@@ -206,8 +212,8 @@ def test_connections_that_hold_still_lock_no_one_out(
         finally:
             for sock in held:
                 sock.close()
-        figures(f"holding ({'6-byte header' if sends else 'nothing sent'})", legit, took,
-                count)
+        figures(f"holding ({'6-byte header' if sends else 'nothing sent'}{', ' if extra else ''}"
+                f"{extra.strip()})", legit, took, count)
         assert during >= 2
         assert not legit.failures(), "\n".join(legit.failures()[:10])
         output = stopped(proc)

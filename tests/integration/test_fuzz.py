@@ -84,6 +84,9 @@ class Record:
     lingering: list[str] = field(default_factory=list)  # PDU cases the node did not close
     acknowledged: set[str] = field(default_factory=set)
     outcomes: Counter[str] = field(default_factory=Counter)
+    # A well-formed A-ASSOCIATE-RQ that was not accepted, or a legitimate peer's C-ECHO on a
+    # new association that failed or took over LEGIT_LIMIT s: the cases locked someone out.
+    refused: list[str] = field(default_factory=list)
 
 
 class CrashLog(logging.Handler):
@@ -358,6 +361,29 @@ def echo(assoc: Association) -> bool:
     return "Status" in rsp and int(rsp.Status) == 0
 
 
+# How long a legitimate peer's association and C-ECHO may take while the cases run.
+LEGIT_LIMIT = 1.0
+
+
+def legit_echo(port: int) -> str | None:
+    """A C-ECHO on a new association, as any other peer would send it; why it failed."""
+    ae = AE(ae_title="LEGIT")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+    if not assoc.is_established:
+        return f"legitimate C-ECHO: association {'rejected' if assoc.is_rejected else 'failed'}"
+    try:
+        ok = echo(assoc)
+    finally:
+        assoc.release()
+    took = time.monotonic() - started
+    if not ok or took > LEGIT_LIMIT:
+        return f"legitimate C-ECHO: {'failed' if not ok else 'answered'} after {took:.2f} s"
+    return None
+
+
 def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     node: RunningNode = make_node()  # type: ignore[operator]
     cases_dir = tmp_path / "cases"
@@ -405,6 +431,9 @@ def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[s
         record.cases += 1
         outcome, answer = exchange(node.port, data, associate=mode == "after")
         record.outcomes[f"pdu {outcome}"] += 1
+        if outcome == "not-associated":
+            record.refused.append(f"valid A-ASSOCIATE-RQ answered {answer[:10].hex()} in "
+                                  f"{repr(case)[:200]}")
         if outcome == "lingering":
             record.lingering.append(repr(case)[:300])
         for command in hostile.command_sets(answer):
@@ -413,6 +442,8 @@ def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[s
                 record.acknowledged.add(sop)
         if record.cases % 10 == 0:
             assert echo(session.established()), "the node stopped answering C-ECHO"
+        if record.cases % 5 == 0 and (refused := legit_echo(node.port)) is not None:
+            record.refused.append(f"{refused} after case {repr(case)[:200]}")
 
     failure: BaseException | None = None
     alive = False
@@ -421,6 +452,8 @@ def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[s
             dataset_case()
             pdu_case()
             alive = echo(session.established())
+            if (refused := legit_echo(node.port)) is not None:  # right after the cases
+                record.refused.append(f"{refused} after the last case")
         except Exception as exc:  # reported after the checks below, then raised
             failure = exc
         finally:
@@ -472,6 +505,7 @@ def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[s
               f"acknowledged={len(record.acknowledged)} found={found} "
               f"partial_files={len(partial)} orphan_rows={len(orphan_rows)} "
               f"files_without_row={len(files_without_row)} "
+              f"legitimate_refused={len(record.refused)} "
               f"undecodable_unindexed_values={len(undecodable)} "
               f"handled_tracebacks={record.handled_tracebacks} seed={SEED} "
               f"seconds={elapsed:.1f}")
@@ -479,12 +513,14 @@ def test_fuzz(make_node: object, tmp_path: Path, capsys: pytest.CaptureFixture[s
         print(report)
         print("fuzz outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(
             record.outcomes.items())) + f"; associations opened={session.reopened}")
-        for line in [*record.crashes[:10], *missing[:10], *undecodable[:3],
+        for line in [*record.crashes[:10], *record.refused[:10], *missing[:10],
+                     *undecodable[:3],
                      *(f"lingering: {c}" for c in record.lingering[:5])]:
             print(f"  {line}")
     if failure is not None:
         raise failure
     assert not record.crashes, f"{report}\n" + "\n".join(record.crashes[:20])
+    assert not record.refused, f"{report}\n" + "\n".join(record.refused[:20])
     assert not outside and not escaped, f"{report}\n{outside} {escaped}"
     assert found == len(record.acknowledged), f"{report}\n" + "\n".join(missing[:20])
     assert not partial and not orphan_rows and not files_without_row, (

@@ -231,17 +231,17 @@ class HandshakeGate:
 
     def _refuse(self, sock: socket.socket, address: Address, kind: str, abort: bytes,
                 why: str) -> None:
+        told = "A-ABORT" if abort else "connection closed"
+        with self._refusals_lock:
+            first = self.refusals.add(address[0], kind, why)
+        if first:  # (said before the peer sees the close)
+            log.warning("connection from %s:%d refused (%s): %s", *address, told, why)
+            self._record(f"{address[0]}:{address[1]}", 1, f"{told}: {why}")
         if abort:
             with contextlib.suppress(OSError):
                 sock.send(abort)
         with contextlib.suppress(OSError):
             sock.close()
-        told = "A-ABORT" if abort else "connection closed"
-        with self._refusals_lock:
-            first = self.refusals.add(address[0], kind, why)
-        if first:
-            log.warning("connection from %s:%d refused (%s): %s", *address, told, why)
-            self._record(f"{address[0]}:{address[1]}", 1, f"{told}: {why}")
 
     def _report_repeats(self) -> None:
         with self._refusals_lock:

@@ -161,16 +161,16 @@ def test_implementation_version_name_can_be_suppressed(make_node: object) -> Non
 def test_max_pdu_and_timeouts_are_applied(make_node: object,
                                           caplog: pytest.LogCaptureFixture) -> None:
     node = make_node("[dicom]\nmax_pdu_size = 65536\nacse_timeout = 1\n"  # type: ignore[operator]
-                     "network_timeout = 1\n")
+                     "network_timeout = 1\nhandshake_timeout = 1\n")
     assoc = associate(node.port, contexts=[Verification])
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == 65536  # what the node told the peer it receives
     # network_timeout: an idle association is closed by the node.
     assert wait_for(lambda: not assoc.is_established, timeout=5)
-    # acse_timeout: a peer that connects and says nothing is dropped, with a log line.
+    # handshake_timeout: a peer that connects and says nothing is dropped, with a log line.
     caplog.set_level("WARNING")
     with socket.create_connection(("127.0.0.1", node.port), timeout=5) as silent:
         started = time.monotonic()
         assert silent.recv(16) == b""
         assert time.monotonic() - started < 3
-    assert "no A-ASSOCIATE-RQ" in caplog.text
+    assert "no complete A-ASSOCIATE-RQ within 1 s" in caplog.text

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import delete, insert, or_, select
 from sqlalchemy.orm import Session
 
-from node.db.database import Database
+from node.db.database import Database, unavailable
 from node.db.models import Activity, utcnow
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ActivityLog:
         self._lock = threading.Lock()  # guards _buffer and the drop counters; never held on I/O
         self._flush_lock = threading.Lock()  # one flush at a time (thread, stop(), callers)
         self._dropping = 0  # dropped since the last flush: logged once per overflow
+        self._waiting = False  # the last flush found the database unavailable
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -125,10 +126,20 @@ class ActivityLog:
                 with self.db.transaction() as session:
                     session.execute(insert(Activity), rows)
             except Exception as exc:
-                # Not put back: the buffer would grow without bound while the database is
-                # down, and the activity log is not acknowledged data.
-                log.error("activity log: %d event(s) dropped, cannot write them: %s",
-                          len(rows), exc)
+                if not unavailable(exc):
+                    # Not put back: a batch the database refuses would be refused again.
+                    log.error("activity log: %d event(s) dropped, cannot write them: %s",
+                              len(rows), exc)
+                    return 0
+                # The database does not answer (or is locked) for now: the events wait for
+                # the next flush, within the buffer's bound, so what happened during an
+                # outage (the stores refused) is in the log once it is over.
+                with self._lock:
+                    kept = rows[max(0, len(rows) + len(self._buffer) - self.max_buffer):]
+                    self._buffer[:0] = kept
+                    self.dropped += len(rows) - len(kept)
+                log.warning("activity log: %d event(s) not written yet (%d dropped): %s",
+                            len(kept), len(rows) - len(kept), exc)
                 return 0
             return len(rows)
 

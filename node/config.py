@@ -51,6 +51,13 @@ class NodeSettings:
     partition_poll_seconds: float = 2.0
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # A database that stalls (a frozen or unreachable PostgreSQL server, another process
+    # holding SQLite's write lock) must not stall the node: seconds to open a connection, and
+    # the longest a serving process waits for one database operation or write transaction
+    # (statement, lock, commit). Beyond it a C-STORE is answered 0x0110 and a C-FIND 0xC000;
+    # peers' own DIMSE timeouts are commonly 30-60 s, so the answer comes before they give up.
+    database_connect_timeout: float = 5.0
+    database_timeout: float = 10.0
 
 
 @dataclass
@@ -358,8 +365,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError("bootstrap_partition.port and tls_port must differ")
     if b.tls_port and not settings.tls.cert:
         raise ConfigError("bootstrap_partition.tls_port needs [tls] cert and key")
-    if settings.node.partition_poll_seconds <= 0:
-        raise ConfigError("node.partition_poll_seconds must be positive")
+    for key in ("partition_poll_seconds", "database_connect_timeout", "database_timeout"):
+        if getattr(settings.node, key) <= 0:
+            raise ConfigError(f"node.{key} must be positive")
     settings.node.log_level = _log_level(settings.node.log_level)
     _validate_hierarchy(settings)
     _validate_storage(settings)

@@ -41,10 +41,13 @@ from node.storage.space import StorageGuard
 log = logging.getLogger(__name__)
 
 
-def open_database(settings: Settings) -> Database:
-    """The node's database, migrated to the current schema."""
+def open_database(settings: Settings, *, serving: bool = False) -> Database:
+    """The node's database, migrated to the current schema; `serving`: with the node's
+    database timeout (a command's waits are a person's, who may press Ctrl-C)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database_url)
+    db = Database(settings.database_url,
+                  connect_timeout=settings.node.database_connect_timeout,
+                  timeout=settings.node.database_timeout if serving else None)
     migrate.upgrade(db.engine)
     db.make_durable()  # alembic commits on its own connection, outside Database's writes
     # Read first: every CLI command opens the database, and a write transaction would take
@@ -103,7 +106,7 @@ class Node:
         # Certificates that cannot be loaded stop the start, not the first TLS association.
         tls.server_context(settings)
         tls.client_context(settings)
-        self.db = open_database(settings)
+        self.db = open_database(settings, serving=True)
         ensure_bootstrap_partition(self.db, settings)
         storage = settings.storage_dir
         files.ensure_dir(storage / files.INCOMING)

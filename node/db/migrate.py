@@ -12,6 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from alembic import command
+from node.db import timeouts
 
 
 def migrations_dir() -> Path:
@@ -50,7 +51,9 @@ def run(engine: Engine, step: Callable[[Config], None]) -> None:
     and enforcement is restored as it was.
     """
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.connect() as connection:
+    # A migration may rewrite large tables: neither the node's database timeout nor the
+    # server's statement_timeout applies to it.
+    with timeouts.unlimited(), engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
         driver = connection.connection.driver_connection if sqlite else None
         enforced = bool(driver.execute("PRAGMA foreign_keys").fetchone()[0]) if driver else False
@@ -58,6 +61,9 @@ def run(engine: Engine, step: Callable[[Config], None]) -> None:
             driver.execute("PRAGMA foreign_keys=OFF")
         try:
             with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                    connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
                 cfg.attributes["connection"] = connection
                 step(cfg)
                 if sqlite:

@@ -56,9 +56,15 @@ class Admission:
 
 
 def decide(
-    partition: PartitionPolicy | None, device: DeviceView | None, calling_ae: str, called_ae: str
+    partition: PartitionPolicy | None, device: DeviceView | None, calling_ae: str,
+    called_ae: str, device_checked: bool = True
 ) -> Admission:
-    """Admission of an A-ASSOCIATE-RQ (seed 000: accept any device, auto insert)."""
+    """Admission of an A-ASSOCIATE-RQ (seed 000: accept any device, auto insert).
+
+    `device_checked` False: the device table could not be read (the database does not
+    answer) and `calling_ae` was not looked up before. A partition that accepts any device
+    admits it (not added to the table now); one that does not refuses it transiently, so
+    the device tries again rather than take the refusal for good."""
     if partition is None:
         return Admission(False, RejectReason.CALLED_AE_NOT_RECOGNISED,
                          f"no partition {called_ae!r} on this port")
@@ -70,6 +76,12 @@ def decide(
             return Admission(False, RejectReason.CALLING_AE_NOT_RECOGNISED,
                              f"device {device.name!r} ({calling_ae}) is disabled")
         return Admission(True)
+    if not device_checked:
+        if partition.accept_any_device:
+            return Admission(True)
+        return Admission(False, RejectReason.LOCAL_LIMIT_EXCEEDED,
+                         f"{calling_ae!r} cannot be checked: the device table of {called_ae!r}"
+                         " cannot be read (index database unavailable)")
     if not partition.accept_any_device:
         return Admission(False, RejectReason.CALLING_AE_NOT_RECOGNISED,
                          f"{calling_ae!r} is not in the device table of {called_ae!r}")

@@ -52,7 +52,9 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
     storage = settings.storage_dir
     files.use_incoming_for_temporary_files(storage)
     configure_pynetdicom()
-    db = Database(settings.database_url)
+    db = Database(settings.database_url,
+                  connect_timeout=settings.node.database_connect_timeout,
+                  timeout=settings.node.database_timeout)
     activity = ActivityLog(db, settings.storage.activity_log)
     activity.start()
 

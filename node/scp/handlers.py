@@ -95,6 +95,7 @@ class ScpHandlers:
         `accept_unknown`: a proposed SOP class no library knows is accepted as storage
         (dicom.accept_unknown_sop_classes)."""
         self.db = db
+        self.lookups = lookup.AdmissionLookups(db)
         self.admissions = admissions
         self.activity = activity if activity is not None and activity.enabled else None
         self.ingest = ingest
@@ -155,13 +156,7 @@ class ScpHandlers:
         calling = primitive.calling_ae_title.strip()
         ip, peer_port = _peer_address(assoc)
         try:
-            with self.db.session() as session:
-                partition = lookup.partition_for(session, called, port, tls)
-                device = (lookup.device_for(session, partition.id, calling)
-                          if partition is not None else None)
-                peer = (lookup.peer_for(session, partition, device, calling,
-                                        f"{ip}:{peer_port}")
-                        if partition is not None else None)
+            found = self.lookups.find(called, port, tls, calling, f"{ip}:{peer_port}")
         except SQLAlchemyError as exc:
             log.error("association from %s@%s:%s refused: index unavailable: %s",
                       calling, ip, peer_port, exc)
@@ -170,7 +165,8 @@ class ScpHandlers:
                                peer=f"{ip}:{peer_port}", outcome="failed",
                                detail="local limit exceeded: index database unavailable"))
             return
-        decision = admission.decide(partition, device, calling, called)
+        partition, device, peer = found.partition, found.device, found.peer
+        decision = admission.decide(partition, device, calling, called, found.device_checked)
         if not decision.accepted:
             assert decision.reason is not None
             self._refuse(assoc, decision, port, tls, partition)
@@ -218,8 +214,9 @@ class ScpHandlers:
                 False, admission.RejectReason.LOCAL_LIMIT_EXCEEDED, too_many), port, tls,
                 partition)
             return
-        if decision.auto_insert:
-            lookup.auto_insert(self.db, partition, calling, ip)
+        if decision.auto_insert and self.db.answering():
+            with self.db.deadline(lookup.ADMISSION_WAIT):
+                lookup.auto_insert(self.db, partition, calling, ip)
         if isinstance(assoc.dul, PromptDUL):
             assoc.dul.store_receiver = DirectStore(assoc, self.on_direct_store,
                                                    self.ingest.incoming, self.directory_syncs)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.db.database import Database
@@ -19,6 +22,12 @@ from node.scp.matching import MATCH_FIELDS
 from node.scp.store import Peer
 
 log = logging.getLogger(__name__)
+
+# How long admission waits for its look-ups (a millisecond or two normally): beyond it the
+# database is in trouble, and the association is admitted from what was looked up before, so
+# a C-ECHO is answered at once while the database does not answer.
+ADMISSION_WAIT = 0.5
+_MAX_REMEMBERED = 10_000  # calling AE titles remembered (a scanner may try many)
 
 
 def policy_of(p: Partition) -> PartitionPolicy:
@@ -139,9 +148,97 @@ def peer_for(session: Session, partition: PartitionPolicy, device: DeviceView | 
              calling_ae: str, address: str) -> Peer:
     """Who sends to `partition`, with everything a store needs: the device's coercion rules
     and the partition's forwarding routes (an association's peer, or `pacsnode import`)."""
-    routes, send_updates = routes_for(session, partition.id)
-    return Peer(partition, device, coercion_rules(device), calling_ae, address, routes,
-                send_updates)
+    return make_peer(partition, device, calling_ae, address, routes_for(session, partition.id))
+
+
+def make_peer(partition: PartitionPolicy, device: DeviceView | None, calling_ae: str,
+              address: str, routes: tuple[tuple[Route, ...], dict[int, bool]]) -> Peer:
+    return Peer(partition, device, coercion_rules(device), calling_ae, address, *routes)
+
+
+@dataclass(frozen=True)
+class Found:
+    """What admission looked up. `device_checked` False: the database did not answer and
+    the calling AE was not looked up before, so whether it is in the table is unknown."""
+
+    partition: PartitionPolicy | None
+    device: DeviceView | None
+    peer: Peer | None
+    device_checked: bool = True
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class AdmissionLookups:
+    """Admission's look-ups, each answer remembered for when the database does not answer
+    (then: the partition, device and routes as last looked up).
+
+    Asked first as long as it answers, so a running node still sees table changes at once.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+        self._partitions: dict[tuple[str, int, bool], PartitionPolicy | None] = {}
+        self._devices: dict[tuple[int, str], DeviceView | None] = {}
+        self._routes: dict[int, tuple[tuple[Route, ...], dict[int, bool]]] = {}
+
+    def find(self, called_ae: str, port: int, tls: bool, calling_ae: str,
+             address: str) -> Found:
+        """The partition, device and peer of an association request; raises the database's
+        error only when it does not answer and the partition was never looked up."""
+        error: SQLAlchemyError | None = None
+        if self.db.answering():
+            try:
+                with self.db.deadline(ADMISSION_WAIT), self.db.session() as session:
+                    partition = partition_for(session, called_ae, port, tls)
+                    device = routes = None
+                    if partition is not None:
+                        device = device_for(session, partition.id, calling_ae)
+                        routes = routes_for(session, partition.id)
+            except SQLAlchemyError as exc:
+                error = exc
+            else:
+                with self._lock:
+                    _remember(self._partitions, (called_ae, port, tls), partition)
+                    if partition is not None and routes is not None:
+                        _remember(self._devices, (partition.id, calling_ae), device)
+                        self._routes[partition.id] = routes
+                peer = (make_peer(partition, device, calling_ae, address, routes)
+                        if partition is not None and routes is not None else None)
+                return Found(partition, device, peer)
+        return self._remembered(called_ae, port, tls, calling_ae, address, error)
+
+    def _remembered(self, called_ae: str, port: int, tls: bool, calling_ae: str,
+                    address: str, error: SQLAlchemyError | None) -> Found:
+        with self._lock:
+            key = (called_ae, port, tls)
+            if key not in self._partitions:
+                raise error or _Unanswered("the index database does not answer")
+            partition = self._partitions[key]
+            if partition is None:
+                return Found(None, None, None)
+            checked = (partition.id, calling_ae) in self._devices
+            device = self._devices.get((partition.id, calling_ae))
+            routes = self._routes.get(partition.id, ((), {}))
+        log.warning("association from %s@%s to %s admitted from the device table as last read"
+                    "%s: the index database does not answer", calling_ae, address, called_ae,
+                    "" if checked else f" ({calling_ae} was not looked up before)")
+        return Found(partition, device,
+                     make_peer(partition, device, calling_ae, address, routes), checked)
+
+
+class _Unanswered(SQLAlchemyError):
+    """The database does not answer, and admission has nothing of its own to go by."""
+
+
+def _remember(table: dict[_K, _V], key: _K, value: _V) -> None:
+    table.pop(key, None)  # the newest last: the oldest goes first when full
+    table[key] = value
+    if len(table) > _MAX_REMEMBERED:
+        del table[next(iter(table))]
 
 
 def auto_insert(db: Database, partition: PartitionPolicy, calling_ae: str, ip: str) -> None:
@@ -165,3 +262,7 @@ def auto_insert(db: Database, partition: PartitionPolicy, calling_ae: str, ip: s
             ))
     except IntegrityError:
         pass  # a concurrent association inserted it first
+    except SQLAlchemyError as exc:
+        # Admission does not wait for it: the device is added when it next associates.
+        log.warning("device %s not added to the device table of %s now: %s", calling_ae,
+                    partition.ae_title, exc)

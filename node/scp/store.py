@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from node.db.database import Database
+from node.db.database import CommitUncertain, Database
 from node.db.indexer import (
     INDEX_ELEMENTS,
     INDEX_TAGS,
@@ -34,7 +35,14 @@ from node.db.indexer import (
     extract,
     index_instance,
 )
-from node.db.models import DuplicatePolicy, ForwardJob, IntegrityItem, IntegrityKind, JobState
+from node.db.models import (
+    DuplicatePolicy,
+    ForwardJob,
+    Instance,
+    IntegrityItem,
+    IntegrityKind,
+    JobState,
+)
 from node.forwarding.routing import Received, Route, destinations
 from node.scp.admission import DeviceView, PartitionPolicy
 from node.scp.coercion import Rule, apply_rules
@@ -100,6 +108,19 @@ class Outcome:
         return self.status == SUCCESS
 
 
+@dataclass(frozen=True)
+class Unconfirmed:
+    """A store whose commit the database never confirmed (it stopped answering during it):
+    the file stays linked at `final`, and `evidence` (a link to the same file in .incoming)
+    names it to the start-up check until the index says whether the row was committed."""
+
+    partition_id: int
+    sop_instance: str
+    relpath: str
+    final: Path
+    evidence: Path
+
+
 class Refused(Exception):
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
@@ -120,6 +141,8 @@ class Ingest:
         self.incoming = storage_root / files.INCOMING
         self.send_updates = send_updates
         self.on_queued = on_queued
+        self._unconfirmed: list[Unconfirmed] = []
+        self._unconfirmed_lock = threading.Lock()
 
     def store(self, peer: Peer, file: Path | files.ReceivedFile, sop_class: str,
               sop_instance: str, defer_sync: bool = False) -> Outcome:
@@ -171,7 +194,8 @@ class Ingest:
             return self.write_failed(peer, sop_instance, exc)
         except SQLAlchemyError as exc:
             log.error("C-STORE %s from %s: index unavailable: %s", sop_instance, peer, exc)
-            return Outcome(PROCESSING_FAILURE, "the index database is unavailable")
+            return Outcome(PROCESSING_FAILURE, "index database unavailable, nothing stored",
+                           study=study)
         except Exception:
             # Never let an exception reach pynetdicom: it would skip removing the temporary file.
             log.exception("C-STORE %s from %s failed", sop_instance, peer)
@@ -233,6 +257,15 @@ class Ingest:
         placed = files.place_new(source, final, sync=keep is None)
         try:
             indexed = self._index(peer, source, size, attrs, transfer_syntax, relpath, placed)
+        except CommitUncertain as exc:
+            if files.same_file(source, final):
+                self._keep_unconfirmed(Unconfirmed(
+                    partition.id, attrs["SOPInstanceUID"], relpath, final,
+                    source.with_name(f"{source.name}.unconfirmed")), source)
+            log.error("C-STORE %s from %s: the index database did not confirm the commit: %s",
+                      attrs["SOPInstanceUID"], peer, exc)
+            raise Refused(PROCESSING_FAILURE, "index database did not confirm: send again"
+                          ) from None
         except BaseException:
             if files.same_file(source, final):
                 files.remove_quietly(final)
@@ -271,6 +304,8 @@ class Ingest:
             except IntegrityError:
                 # Another association created the same patient/study/series first.
                 continue
+            if self._unconfirmed:
+                self.settle_unconfirmed()  # the database answers again
             if queued and self.on_queued is not None:
                 self.on_queued()
             if mismatch:
@@ -280,6 +315,47 @@ class Ingest:
                             else "patient", ", ".join(d.keyword for d in mismatch))
             return Outcome(SUCCESS, integrity=mismatch)
         raise Refused(PROCESSING_FAILURE, "could not index the instance (concurrent updates)")
+
+    def _keep_unconfirmed(self, unconfirmed: Unconfirmed, source: Path) -> None:
+        try:
+            os.link(source, unconfirmed.evidence)
+        except OSError as exc:
+            # Without evidence the start-up check could not tell an orphan: no file rather
+            # than a file that may have no row (the peer was told to send it again).
+            log.error("%s removed, its store unconfirmed: cannot keep %s: %s",
+                      unconfirmed.final, unconfirmed.evidence, exc)
+            files.remove_quietly(unconfirmed.final)
+            return
+        with self._unconfirmed_lock:
+            self._unconfirmed.append(unconfirmed)
+
+    def settle_unconfirmed(self) -> int:
+        """Ask the index about the stores whose commit it never confirmed: a committed one's
+        file stays (its directory entry made durable), another's goes, unless a later store
+        of the instance has put its own file there. Returns how many are still unknown."""
+        with self._unconfirmed_lock:
+            pending, self._unconfirmed = self._unconfirmed, []
+        unknown = []
+        for each in pending:
+            try:
+                with self.db.session() as session:
+                    indexed = session.scalar(select(Instance.path).where(
+                        Instance.partition_id == each.partition_id,
+                        Instance.sop_instance_uid == each.sop_instance))
+            except SQLAlchemyError:
+                unknown.append(each)
+                continue
+            if indexed == each.relpath:
+                files.complete([files.DeferredSync(each.final.parent, (each.evidence,))])
+                log.warning("%s: its unconfirmed commit was made after all; kept", each.relpath)
+                continue
+            if files.same_file(each.evidence, each.final):
+                files.remove_quietly(each.final)
+            files.remove_quietly(each.evidence)
+            log.warning("%s: its unconfirmed commit was not made; file removed", each.relpath)
+        with self._unconfirmed_lock:
+            self._unconfirmed.extend(unknown)
+        return len(unknown)
 
     def _enqueue(self, conn: Connection, peer: Peer, attrs: InstanceAttributes,
                  study: StoredStudy) -> int:

@@ -44,7 +44,7 @@ def unavailable(exc: BaseException) -> bool:
     if exc.connection_invalidated:
         return True
     orig = exc.orig
-    if type(orig).__module__.startswith("psycopg"):
+    if isinstance(orig, psycopg.Error):
         # Connection failures and timeouts, statement_timeout and lock_timeout included.
         return isinstance(orig, psycopg.OperationalError)
     return "locked" in str(orig) or "busy" in str(orig)

@@ -29,9 +29,7 @@ import psycopg
 log = logging.getLogger(__name__)
 
 _local = threading.local()
-# Below this a new connection is not even tried within a deadline: psycopg waits at least 2 s
-# for one (libpq's minimum connect_timeout), which would overrun the deadline.
-_MIN_CONNECT_SECONDS = 2.0
+_MIN_CONNECT_SECONDS = 2  # psycopg's (libpq's) shortest connect_timeout
 
 
 @contextlib.contextmanager
@@ -181,14 +179,18 @@ def connector(connect_timeout: float, limit: float | None, health: Health
     """SQLAlchemy's do_connect: a TimedConnection, given no more than the time left."""
 
     def connect(cargs: tuple[Any, ...], cparams: dict[str, Any]) -> TimedConnection:
-        # Connecting is one operation: within the limit, and what is left of a deadline.
+        # Connecting is one operation: within the limit, and what is left of a deadline,
+        # but never less than psycopg's minimum of 2 s. A connection normally takes a few
+        # ms, so a short deadline (admission's) still tries, unless the server was just
+        # found not answering (the pool's ping that expired, before it reconnects).
         left = time_left(limit)
         params = dict(cparams)
         if left is not None:
-            if left < _MIN_CONNECT_SECONDS and (limit is None or left < limit):
-                health.failed("no time left to connect")
-                raise DatabaseTimeout("no time left to connect to the database server")
-            params["connect_timeout"] = max(2, min(math.ceil(connect_timeout), int(left)))
+            if left < _MIN_CONNECT_SECONDS and health.down:
+                raise DatabaseTimeout("the database server does not answer: not connecting"
+                                      f" with {max(left, 0.0):.3g} s left")
+            params["connect_timeout"] = max(_MIN_CONNECT_SECONDS,
+                                            min(math.ceil(connect_timeout), int(left)))
         try:
             conn = TimedConnection.connect(*cargs, **params)
         except psycopg.OperationalError as exc:

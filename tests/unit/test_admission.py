@@ -123,6 +123,23 @@ def test_unknown_device_is_accepted_when_any_device_is(auto_insert: bool) -> Non
     assert decision.auto_insert is auto_insert
 
 
+def test_an_unchecked_device_is_refused_transiently_where_only_known_devices_may_come(
+) -> None:
+    # The device table cannot be read (the database does not answer) and this AE was not
+    # looked up before: a transient reject, so the device tries again, never "not recognised".
+    partition = _partition(accept_any_device=False)
+    decision = decide(partition, None, "STRANGER", "PACSNODE", device_checked=False)
+    assert decision.accepted is False
+    assert decision.reason is RejectReason.LOCAL_LIMIT_EXCEEDED
+    assert "STRANGER" in decision.explanation and "unavailable" in decision.explanation
+
+
+def test_an_unchecked_device_is_admitted_where_any_device_may_come_but_not_added() -> None:
+    partition = _partition(accept_any_device=True, auto_insert_devices=True)
+    decision = decide(partition, None, "STRANGER", "PACSNODE", device_checked=False)
+    assert decision.accepted is True and decision.auto_insert is False
+
+
 def test_admission_is_immutable() -> None:
     decision = decide(_partition(), None, "X", "PACSNODE")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -272,6 +272,8 @@ def test_smallest_max_pdu_size_is_accepted(tmp_path: Path) -> None:
         ("[bootstrap_partition]\nport = 0\n", "bootstrap_partition.port"),
         ("[bootstrap_partition]\nport = 65536\n", "bootstrap_partition.port"),
         ("[node]\npartition_poll_seconds = 0\n", "node.partition_poll_seconds"),
+        ("[node]\ndatabase_timeout = 0\n", "node.database_timeout"),
+        ("[node]\ndatabase_connect_timeout = -1\n", "node.database_connect_timeout"),
     ],
 )
 def test_out_of_range_values_are_refused(tmp_path: Path, toml: str, key: str) -> None:

@@ -26,8 +26,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+
 from node.activity import ActivityLog, Event
-from node.scp.handshake import ConnectionLimits, Refusals, check_associate_rq, refuse_connection
+from node.scp.handshake import (
+    REJECT_PROTOCOL_VERSION,
+    ConnectionLimits,
+    Refusals,
+    check_associate_rq,
+    refuse_connection,
+    unsupported_version,
+)
 from node.scp.listener import ABORT_INVALID, screen
 
 log = logging.getLogger(__name__)
@@ -35,6 +44,20 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 # (socket, address, the A-ASSOCIATE-RQ's bytes): a connection ready for an association.
 Deliver = Callable[[socket.socket, Address, bytes], None]
+
+
+def undecodable(request: bytes) -> str | None:
+    """Why pynetdicom cannot decode this A-ASSOCIATE-RQ, or None. Its DUL answers such a
+    request with an A-ABORT but leaves the association's thread waiting the whole ACSE
+    timeout for a request that never comes (a slot, and the peer address's count, held 30 s):
+    what pynetdicom cannot decode is refused here."""
+    try:
+        pdu = A_ASSOCIATE_RQ()
+        pdu.decode(request)
+        pdu.to_primitive()
+    except Exception as exc:  # whatever a hostile request makes the decoder raise
+        return f"A-ASSOCIATE-RQ that cannot be decoded ({type(exc).__name__}: {exc})"[:200]
+    return None
 
 
 class Connections:
@@ -212,7 +235,11 @@ class HandshakeGate:
             entry.wanted = 6 + int.from_bytes(entry.data[2:6], "big")
             if len(entry.data) < entry.wanted:
                 return False
-        why = check_associate_rq(bytes(entry.data))
+        why = unsupported_version(bytes(entry.data))
+        if why is not None:
+            self._give_up(entry, "malformed", REJECT_PROTOCOL_VERSION, why)
+            return True
+        why = check_associate_rq(bytes(entry.data)) or undecodable(bytes(entry.data))
         if why is not None:
             self._give_up(entry, "malformed", ABORT_INVALID, why)
             return True
@@ -231,7 +258,8 @@ class HandshakeGate:
 
     def _refuse(self, sock: socket.socket, address: Address, kind: str, abort: bytes,
                 why: str) -> None:
-        told = "A-ABORT" if abort else "connection closed"
+        told = ("A-ASSOCIATE-RJ" if abort[:1] == b"\x03" else "A-ABORT") if abort \
+            else "connection closed"
         with self._refusals_lock:
             first = self.refusals.add(address[0], kind, why)
         if first:  # (said before the peer sees the close)

@@ -151,6 +151,7 @@ class ScpHandlers:
 
     def on_requested(self, event: evt.Event, port: int, tls: bool) -> None:
         assoc = event.assoc
+        assoc.acse_timeout = assoc.ae.acse_timeout  # (shortened until now: listener.py)
         primitive = assoc.requestor.primitive
         called = primitive.called_ae_title.strip()
         calling = primitive.calling_ae_title.strip()

@@ -71,6 +71,22 @@ def _items(data: bytes, start: int, end: int, where: str) -> list[tuple[int, int
     return items
 
 
+# A-ASSOCIATE-RJ: rejected-permanent, source: service provider (ACSE), reason:
+# protocol-version-not-supported (what pynetdicom's state machine sends, PS3.8 9.3.4).
+REJECT_PROTOCOL_VERSION = bytes([0x03, 0, 0, 0, 0, 4, 0, 1, 2, 2])
+
+
+def unsupported_version(pdu: bytes) -> str | None:
+    """Why an A-ASSOCIATE-RQ's protocol version is not one this node speaks, or None.
+    (pynetdicom answers it with an A-ASSOCIATE-RJ from its state machine, but never tells the
+    association, which then waits the whole ACSE timeout.)"""
+    if len(pdu) >= _HEADER + 2:
+        version = int.from_bytes(pdu[_HEADER:_HEADER + 2], "big")
+        if version != 1:
+            return f"A-ASSOCIATE-RQ of protocol version 0x{version:04X} (only 0x0001 is known)"
+    return None
+
+
 def check_associate_rq(pdu: bytes) -> str | None:
     """Why `pdu` (a whole A-ASSOCIATE-RQ, header included) is not a well-formed request, or
     None. Checks the framing pynetdicom relies on (every item within its parent, lengths that

@@ -99,6 +99,11 @@ class _RememberingRequestHandler(RequestHandler):
         request = getattr(self.server.connection, "request", b"")  # type: ignore[attr-defined]
         if request and self.assoc.dul.socket is not None:
             pdu_guard.guard(self.assoc.dul.socket, request)
+            # The whole request is in hand: its A-ASSOCIATE indication comes at once, or never
+            # (a peer gone before pynetdicom read it, a request its state machine drops).
+            # Waiting the whole ACSE timeout for it would hold a slot and the address's count;
+            # handlers.on_requested puts the ACSE timeout back.
+            self.assoc.acse_timeout = self.server.handshake_timeout  # type: ignore[attr-defined]
         return self.assoc
 
 

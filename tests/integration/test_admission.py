@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 from pynetdicom.sop_class import Verification
 
+from tests import hostile
 from tests.conftest import RunningNode, free_port, wait_for
 from tests.dicomgen import make_instance
+from tests.hostile import RawPeer
 from tests.scu import associate, statuses, store
 
 
@@ -174,3 +178,34 @@ def test_max_pdu_and_timeouts_are_applied(make_node: object,
         assert silent.recv(16) == b""
         assert time.monotonic() - started < 3
     assert "no complete A-ASSOCIATE-RQ within 1 s" in caplog.text
+
+
+def _protocol_version(rq: bytes, version: int) -> bytes:
+    return rq[:6] + version.to_bytes(2, "big") + rq[8:]
+
+
+def _non_ascii_abstract_syntax(rq: bytes) -> bytes:
+    at = rq.index(b"1.2.840.10008.1.1")
+    return rq[:at + 4] + b"\xde" + rq[at + 5:]
+
+
+@pytest.mark.parametrize("mangle", [lambda rq: _protocol_version(rq, 4),
+                                    _non_ascii_abstract_syntax],
+                         ids=["protocol-version-4", "non-ascii-uid"])
+def test_requests_pynetdicom_drops_hold_no_connection(
+        make_node: object, mangle: Callable[[bytes], bytes]) -> None:
+    """Well framed A-ASSOCIATE-RQs the fuzzer found that pynetdicom's state machine drops
+    without an indication: its association thread waited the whole ACSE timeout (30 s),
+    holding a slot and the peer address's count. With a per-address limit of 2, two of them
+    locked the address out for 30 s."""
+    node = make_node("[dicom]\nmax_connections_per_address = 2\n")  # type: ignore[operator]
+    for _ in range(3):
+        with RawPeer(node.port, timeout=10) as peer:
+            peer.send(mangle(hostile.associate_rq(calling="FUZZED")))
+            with contextlib.suppress(OSError):
+                peer.sock.recv(1024)  # an A-ABORT or A-ASSOCIATE-RJ, or the close
+    started = time.monotonic()
+    assoc = associate(node.port, contexts=[Verification])
+    assert assoc.is_established, "the peer's address was locked out"
+    assoc.release()
+    assert time.monotonic() - started < 2

@@ -7,13 +7,15 @@ import struct
 
 import pytest
 
-from node.scp.gate import Connections
+from node.scp.gate import Connections, undecodable
 from node.scp.handshake import (
+    REJECT_PROTOCOL_VERSION,
     ConnectionLimits,
     Refusals,
     check_associate_rq,
     listen_backlog,
     refuse_connection,
+    unsupported_version,
 )
 from tests import hostile
 
@@ -96,3 +98,21 @@ def test_refusals_report_the_first_then_a_count_per_window() -> None:
     assert refusals.due() == [("10.0.0.9", "closed", 2, "third")]
     assert refusals.next_due() is None
     assert refusals.add("10.0.0.9", "closed", "a new window")
+
+
+def test_only_protocol_version_1_is_spoken() -> None:
+    rq = hostile.associate_rq()
+    assert unsupported_version(rq) is None
+    assert unsupported_version(rq[:6] + b"\x00\x04" + rq[8:]) == (
+        "A-ASSOCIATE-RQ of protocol version 0x0004 (only 0x0001 is known)")
+    assert REJECT_PROTOCOL_VERSION[:1] == b"\x03"  # an A-ASSOCIATE-RJ, as pynetdicom sends
+
+
+def test_a_request_pynetdicom_cannot_decode_is_named() -> None:
+    rq = hostile.associate_rq()
+    assert undecodable(rq) is None
+    at = rq.index(b"RAWPEER")
+    # Well framed (the gate's own check passes), but not an AE title pynetdicom can decode.
+    mangled = rq[:at + 12] + b"\xfd" + rq[at + 13:]
+    assert check_associate_rq(mangled) is None
+    assert "cannot be decoded" in str(undecodable(mangled))

@@ -81,7 +81,7 @@ class Database:
             kwargs["pool_timeout"] = busy
             try:
                 query = dict(make_url(url).query)
-            except ArgumentError:
+            except (ArgumentError, ValueError):  # (create_engine below says what is wrong)
                 query = {}
             kwargs["connect_args"] = timeouts.connect_args(query, connect_timeout, timeout)
         try:

@@ -147,6 +147,9 @@ class ForwardingSettings:
     heartbeat_idle_seconds: float = 300.0  # release an association idle this long
     remove_private_tags: bool = False  # seed 001 system default, per-device override
     send_updates: bool = True  # forward new instances of studies already forwarded
+    # The longest a storage commitment report is awaited before commitment is asked again
+    # (a report that never comes is retried, not forgotten).
+    commitment_timeout: float = 600.0
 
 
 @dataclass
@@ -352,7 +355,7 @@ def validate(settings: Settings) -> None:
     if f.workers < 1 or f.batch_size < 1 or f.max_attempts < 1:
         raise ConfigError("forwarding.workers, batch_size and max_attempts must be at least 1")
     for key in ("poll_seconds", "retry_base_seconds", "retry_max_seconds", "lease_seconds",
-                "heartbeat_interval", "heartbeat_idle_seconds"):
+                "heartbeat_interval", "heartbeat_idle_seconds", "commitment_timeout"):
         if getattr(f, key) <= 0:
             raise ConfigError(f"forwarding.{key} must be positive")
     if settings.query.limit < 0:

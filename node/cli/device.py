@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from node import devices
 from node.cli.common import (
@@ -23,6 +24,7 @@ from node.cli.common import (
     transaction,
 )
 from node.db.models import DeviceType, Partition
+from node.forwarding import admin as queue_admin
 from node.hostnames import resolve, resolve_ip
 from node.scu.echo import echo as send_echo
 from node.scu.ping import ping as ping_host
@@ -319,8 +321,21 @@ def edit(
     if not values:
         fail("nothing to change: give at least one option (see --help)")
     with transaction(config) as session:
+        asked_before = devices.get(session, name).storage_commitment
         d = devices.edit(session, name, **values)
         typer.echo(f"updated device {d.name}")
+        if d.storage_commitment and not asked_before:
+            _commitment_switched_on(session, d.name)
+
+
+def _commitment_switched_on(session: Session, name: str) -> None:
+    """What was delivered before would silently stop counting as stored elsewhere: say so,
+    and have the node ask for its commitment."""
+    n, studies = queue_admin.ask_commitment(session, name)
+    if n:
+        typer.echo(f"storage commitment on: {n} instance(s) in {studies} study(ies) already"
+                   f" delivered to {name} count as stored elsewhere (may be purged) only once"
+                   f" {name} commits them; the running node asks it now")
 
 
 @app.command()

@@ -68,10 +68,32 @@ def show(job_id: Annotated[int, typer.Argument(help="The job's id.")],
 
 @app.command()
 def retry(ids: Ids = None, device: DeviceOption = None, config: ConfigOption = None) -> None:
-    """Send failed, cancelled or backing-off jobs again now (attempts start over)."""
+    """Send failed, cancelled or backing-off jobs again now (attempts start over), and ask
+    again now for the storage commitment delivered jobs still wait for."""
     with transaction(config) as session:
-        n = admin.retry(session, ids or [], device)
+        n, asked = admin.retry(session, ids or [], device)
     typer.echo(f"{n} job(s) queued again")
+    if asked:
+        typer.echo(f"{asked} delivered job(s) not committed yet: storage commitment asked"
+                   " again now")
+
+
+@app.command()
+def commit(
+    device: Annotated[str, typer.Option("--device", help="The destination to ask.")],
+    study: Annotated[str | None, typer.Option(
+        "--study", help="Only this study (Study Instance UID).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Ask a destination that does storage commitment to commit what was delivered to it
+    and is not committed (delivered before commitment was on, failed, no report)."""
+    with transaction(config) as session:
+        n, studies = admin.ask_commitment(session, device, study)
+    if n:
+        typer.echo(f"storage commitment of {n} delivered instance(s) in {studies} study(ies)"
+                   f" is asked from {device} now (by the running node)")
+    else:
+        typer.echo(f"nothing delivered to {device} waits for storage commitment")
 
 
 @app.command()

@@ -368,11 +368,17 @@ class ForwardJob(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # Storage commitment at the destination: "" (not asked), requested, committed, failed.
+    # Storage commitment at the destination: "" (not asked), requested, committed, failed,
+    # unsupported.
     commitment: Mapped[str] = mapped_column(String(16), default="")
     commitment_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                           nullable=True)
+    # A delivered job the device must still commit: when to ask (again), and how often it was
+    # asked since the last reset (its backoff). None once committed, or when nothing is owed.
+    commitment_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    commitment_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                               nullable=True, index=True)
 
 
 class IntegrityItem(Base):

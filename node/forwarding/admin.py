@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import distinct, func, select, update
 from sqlalchemy.orm import Session
 
 from node.db.models import Device, ForwardJob, Instance, JobState, Study, utcnow
+from node.forwarding.commitment import COMMITTED, SETTLED
 from node.partitions import AdminError
 from node.storage import purge
 
@@ -57,7 +58,9 @@ def as_dict(job: ForwardJob, device: str, sop: str) -> dict[str, Any]:
             "study_instance_uid": job.study_instance_uid, "sop_instance_uid": sop,
             "attempts": job.attempts, "next_attempt_at": job.next_attempt_at,
             "last_error": job.last_error, "created_at": job.created_at, "done_at": job.done_at,
-            "commitment": job.commitment, "committed_at": job.committed_at}
+            "commitment": job.commitment, "committed_at": job.committed_at,
+            "commitment_attempts": job.commitment_attempts,
+            "next_commitment_request": job.commitment_due_at}
 
 
 def _select_jobs(session: Session, ids: list[int], device: str | None, states: list[str]
@@ -73,13 +76,48 @@ def _select_jobs(session: Session, ids: list[int], device: str | None, states: l
     return where
 
 
-def retry(session: Session, ids: list[int], device: str | None) -> int:
-    """Failed or cancelled jobs (and pending ones waiting for a backoff) go again now."""
+def retry(session: Session, ids: list[int], device: str | None) -> tuple[int, int]:
+    """Failed or cancelled jobs (and pending ones waiting for a backoff) go again now, and
+    delivered ones still owed a storage commitment are asked for it again now.
+
+    Returns (jobs queued again, jobs whose commitment is asked again)."""
     where = _select_jobs(session, ids, device, [JobState.FAILED, JobState.CANCELLED,
                                                 JobState.PENDING])
     result = session.execute(update(ForwardJob).where(*where).values(
         state=JobState.PENDING, attempts=0, next_attempt_at=utcnow(), last_error=""))
-    return result.rowcount or 0
+    owed = _select_jobs(session, ids, device, [JobState.DONE])
+    asked = _ask_commitment(session, [*owed, ForwardJob.commitment.notin_(SETTLED)])
+    return result.rowcount or 0, asked[0]
+
+
+def ask_commitment(session: Session, device: str, study: str | None = None
+                   ) -> tuple[int, int]:
+    """Ask `device` to commit what was delivered to it (of one study) and is not committed,
+    whatever it answered before; returns (instances, studies)."""
+    row = session.execute(select(Device.id, Device.storage_commitment)
+                          .where(Device.name == device)).first()
+    if row is None:
+        raise AdminError(f"no device named {device!r}")
+    if not row.storage_commitment:
+        raise AdminError(f"device {device} does not ask for storage commitment (device edit"
+                         f" {device} --storage-commitment)")
+    where = [ForwardJob.device_id == row.id, ForwardJob.state == JobState.DONE,
+             ForwardJob.commitment != COMMITTED]
+    if study is not None:
+        where.append(ForwardJob.study_instance_uid == study)
+    return _ask_commitment(session, where)
+
+
+def _ask_commitment(session: Session, where: list[Any]) -> tuple[int, int]:
+    """Make delivered jobs `where` selects due for a commitment request now (attempts start
+    over), on devices that ask for commitment; returns (jobs, studies)."""
+    where = [*where, ForwardJob.device_id.in_(
+        select(Device.id).where(Device.storage_commitment.is_(True)))]
+    studies = session.scalar(select(func.count(distinct(ForwardJob.study_instance_uid)))
+                             .where(*where)) or 0
+    result = session.execute(update(ForwardJob).where(*where).values(
+        commitment_due_at=utcnow(), commitment_attempts=0))
+    return result.rowcount or 0, studies
 
 
 def cancel(session: Session, ids: list[int], device: str | None) -> int:

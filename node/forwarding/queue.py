@@ -78,13 +78,18 @@ def claim(db: Database, device_id: int, limit: int, owner: str, lease_seconds: f
                 for job_id, attempts, path, sop_class, sop, ts, study in rows]
 
 
-def mark_done(db: Database, job_ids: list[int]) -> None:
+def mark_done(db: Database, job_ids: list[int], *,
+              commitment_due: datetime | None = None) -> None:
+    """`commitment_due`: the destination asks for storage commitment; when to ask it should
+    the request that follows not be made (node.forwarding.commitment)."""
     if not job_ids:
         return
+    owed = ({"commitment_due_at": commitment_due, "commitment_attempts": 0}
+            if commitment_due is not None else {})
     with db.transaction() as session:
         session.execute(update(ForwardJob).where(ForwardJob.id.in_(job_ids)).values(
             state=JobState.DONE, done_at=utcnow(), last_error="", claimed_by="",
-            claimed_at=None))
+            claimed_at=None, **owed))
 
 
 def mark_failed_attempt(db: Database, job: Job, error: str, settings: ForwardingSettings,
@@ -117,12 +122,3 @@ def release_jobs(db: Database, job_ids: list[int]) -> None:
     with db.transaction() as session:
         session.execute(update(ForwardJob).where(ForwardJob.id.in_(job_ids)).values(
             state=JobState.PENDING, claimed_by="", claimed_at=None))
-
-
-def mark_commitment(db: Database, job_ids: list[int], state: str, transaction: str = "") -> None:
-    """Storage commitment asked for (`requested`, with its transaction UID) or not possible."""
-    if not job_ids:
-        return
-    with db.transaction() as session:
-        session.execute(update(ForwardJob).where(ForwardJob.id.in_(job_ids)).values(
-            commitment=state, commitment_uid=transaction))

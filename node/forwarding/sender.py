@@ -76,6 +76,7 @@ class Connection:
         self.last_echo = 0.0
         self.associations_opened = 0
         self.message_id = 1  # of the next C-STORE on the association
+        self.asks_commitment = False  # the open association proposed Storage Commitment
         self.lock = threading.Lock()
 
     @property
@@ -124,6 +125,7 @@ class Connection:
             assoc.network_timeout_response = "A-RELEASE"
         self.assoc = assoc
         self.message_id = 1
+        self.asks_commitment = t.storage_commitment
         self.associations_opened += 1
         log.info("forwarding association to %s opened (%d contexts)", t.name,
                  len(assoc.accepted_contexts))
@@ -161,8 +163,8 @@ class Connection:
             if result.untried or (jobs and sent < len(jobs)):
                 self.close()
             self.last_used = time.monotonic()
-            if not self.target.heartbeat:
-                self.close()
+            if not self.target.heartbeat and not self.target.storage_commitment:
+                self.close()  # else after the commitment request (Forwarder)
         return result
 
     def _accepted(self) -> set[tuple[str, str]]:
@@ -173,14 +175,17 @@ class Connection:
 
     def request_commitment(self, transaction: str, refs: list[tuple[str, str]]
                            ) -> tuple[str, str] | None:
-        """N-ACTION storage commitment for `refs` on this association.
+        """N-ACTION storage commitment for `refs` on this association, opened (again) if it
+        is closed or was opened without the Storage Commitment context.
 
         None when requested; else (job commitment state, error): "unsupported" when the
         destination did not accept the Storage Commitment context, "failed" otherwise.
         """
         with self.lock:
-            if not self.is_open:
-                return "failed", "the association closed before commitment could be requested"
+            if not (self.is_open and self.asks_commitment):
+                error = self._open([])
+                if error is not None:
+                    return "failed", error
             assert self.assoc is not None
             try:
                 status, _ = self.assoc.send_n_action(

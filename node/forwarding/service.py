@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ from node.activity import ActivityLog, Event
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Category, Device, Partition
-from node.forwarding import queue
+from node.forwarding import commitment, queue
 from node.forwarding.sender import Connection, Result, Target
 from node.scp.commitment import on_report
 from node.tls import endpoint
@@ -53,6 +54,7 @@ class Forwarder:
         self._busy: set[int] = set()  # id() of connections a task is using
         self._category_of: dict[int, int | None] = {}  # device id -> its category now
         self._max_tasks: dict[int, int] = {}  # device id -> its sender task limit, as last read
+        self._owed_checked = 0.0  # monotonic time commitments owed were last looked for
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -103,13 +105,20 @@ class Forwarder:
             if len(self._busy) >= self.f.workers:
                 return  # a task that ends wakes this loop again
         due = queue.due_devices(self.db, self.f.lease_seconds)
+        # Commitment requests alone never open a second association (may_start_task counts
+        # jobs to send): a task asks for them after its batch. Looked for once a poll, not at
+        # every wake (each store wakes this loop).
+        owed: dict[int, int] = {}
+        if time.monotonic() - self._owed_checked >= self.f.poll_seconds:
+            self._owed_checked = time.monotonic()
+            owed = commitment.due_devices(self.db, self.f)
         # Every store queues jobs and wakes this loop; a device that gets no new task now
         # (see may_start_task) gets its next one when a running one ends (which wakes the
         # loop), so its settings are not read again for each store meanwhile. (A limit raised
         # meanwhile is seen then.)
-        ready = [device_id for device_id in due
+        ready = [device_id for device_id in dict.fromkeys([*due, *owed])
                  if may_start_task(self._busy_tasks(device_id), self._max_tasks.get(device_id),
-                                   due[device_id], self.f.batch_size)]
+                                   due.get(device_id, 0), self.f.batch_size)]
         if not ready:
             return
         targets = self._targets(ready)
@@ -118,7 +127,7 @@ class Forwarder:
             if target_limits is None:
                 continue  # disabled or deleted: its jobs wait
             target, max_tasks, category = target_limits
-            connection = self._acquire(target, max_tasks, category, due[device_id])
+            connection = self._acquire(target, max_tasks, category, due.get(device_id, 0))
             if connection is None:
                 continue
             self._pool.submit(self._run, connection)
@@ -225,7 +234,8 @@ class Forwarder:
             if jobs:
                 result = connection.send(jobs)
                 self._record(target, jobs, result)
-                queue.mark_done(self.db, result.done)
+                queue.mark_done(self.db, result.done, commitment_due=(
+                    commitment.fallback_due(self.f) if target.storage_commitment else None))
                 for job, error in result.retry:
                     log.warning("forward of %s to %s failed (attempt %d): %s",
                                 job.sop_instance, target.name, job.attempts + 1, error)
@@ -239,7 +249,20 @@ class Forwarder:
                 if result.done:
                     log.info("forwarded %d instance(s) to %s", len(result.done), target.name)
                     if target.storage_commitment:
-                        self._request_commitment(connection, jobs, result.done)
+                        done = set(result.done)
+                        self._request_commitment(connection, [
+                            commitment.Owed(job.id, job.sop_class, job.sop_instance, 0)
+                            for job in jobs if job.id in done])
+            # Commitment owed from before is asked for unless the destination just failed.
+            if target.storage_commitment and (not jobs or connection.is_open):
+                owed = commitment.claim(self.db, target.device_id, self.f.batch_size, self.f)
+                if owed:
+                    log.info("asking %s again to commit %d instance(s)", target.name,
+                             len(owed))
+                    self._request_commitment(connection, owed)
+            if not target.heartbeat:
+                with connection.lock:
+                    connection.close()
         except SQLAlchemyError as exc:
             log.error("forwarding to %s: queue unavailable: %s", target.name, exc)
         except Exception:
@@ -276,20 +299,16 @@ class Forwarder:
                 outcome="ok" if not failed and not waiting else "warning" if sent else "failed",
                 detail="; ".join(summary)))
 
-    def _request_commitment(self, connection: Connection, jobs: list[queue.Job],
-                            done: list[int]) -> None:
-        sent = [job for job in jobs if job.id in set(done)]
+    def _request_commitment(self, connection: Connection, owed: list[commitment.Owed]
+                            ) -> None:
         transaction = generate_uid()
+        commitment.begin(self.db, [o.id for o in owed], transaction)
         refused = connection.request_commitment(
-            transaction, [(job.sop_class, job.sop_instance) for job in sent])
-        if refused is None:
-            queue.mark_commitment(self.db, done, "requested", transaction)
-        else:
-            state, error = refused
-            log.error("storage commitment from %s not requested: %s", connection.target.name,
-                      error)
-            # "unsupported": the destination cannot commit, so purging relies on delivery.
-            queue.mark_commitment(self.db, done, state)
+            transaction, [(o.sop_class, o.sop_instance) for o in owed])
+        if refused is not None:
+            log.error("storage commitment from %s not requested (%d instance(s)): %s",
+                      connection.target.name, len(owed), refused[1])
+        commitment.record(self.db, owed, transaction, refused, self.f)
 
     def _on_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
         return on_report(self.db, event)

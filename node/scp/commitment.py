@@ -35,12 +35,25 @@ NO_SUCH_OBJECT_INSTANCE = 0x0112
 
 
 def record_report(db: Database, report: Dataset) -> tuple[int, int]:
-    """Mark forward jobs of the report's transaction committed or failed; returns the counts."""
+    """Mark forward jobs of the report's transaction committed or failed; returns the counts.
+
+    Committed jobs are owed nothing more; failed ones are asked again when their request set
+    (node.forwarding.commitment), with the reason in their last error.
+    """
     transaction = str(report.get("TransactionUID", ""))
     committed = [str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])]
-    failed = [str(i.ReferencedSOPInstanceUID) for i in report.get("FailedSOPSequence", [])]
+    failed: dict[str, list[str]] = {}
+    for item in report.get("FailedSOPSequence", []):
+        reason = item.get("FailureReason")
+        why = ("the destination reported it not committed"
+               + (f" (failure reason 0x{int(reason):04X})" if reason is not None else ""))
+        failed.setdefault(why, []).append(str(item.ReferencedSOPInstanceUID))
+    changes = [(committed, {"commitment": "committed", "committed_at": utcnow(),
+                            "commitment_due_at": None, "last_error": ""}),
+               *((uids, {"commitment": "failed", "committed_at": None, "last_error": why})
+                 for why, uids in failed.items())]
     with db.transaction() as session:
-        for uids, state in ((committed, "committed"), (failed, "failed")):
+        for uids, values in changes:
             if not uids:
                 continue
             session.execute(
@@ -48,9 +61,8 @@ def record_report(db: Database, report: Dataset) -> tuple[int, int]:
                 .where(ForwardJob.commitment_uid == transaction,
                        ForwardJob.instance_pk.in_(select(Instance.id).where(
                            Instance.sop_instance_uid.in_(uids))))
-                .values(commitment=state,
-                        committed_at=utcnow() if state == "committed" else None))
-    return len(committed), len(failed)
+                .values(**values))
+    return len(committed), sum(len(uids) for uids in failed.values())
 
 
 def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:

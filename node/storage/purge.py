@@ -135,6 +135,7 @@ def describe(session: Session, studies: Sequence[tuple[int, str, int]],
 
 def _committed_where_asked() -> object:
     # A device that asks for commitment: the job must be committed there, or the device turned
-    # out not to support commitment. Otherwise a done job is enough.
+    # out not to support commitment. Otherwise a done job is enough, whatever a request made
+    # while the device still asked for commitment left (nothing asks it again).
     return or_(ForwardJob.commitment.in_(("committed", "unsupported")),
-               and_(ForwardJob.commitment == "", Device.storage_commitment.is_(False)))
+               Device.storage_commitment.is_(False))

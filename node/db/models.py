@@ -368,8 +368,8 @@ class ForwardJob(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # Storage commitment at the destination: "" (not asked), requested, committed, failed,
-    # unsupported.
+    # Storage commitment at the destination: "" (not asked), requesting, requested (waiting
+    # for the report), committed, failed, unsupported.
     commitment: Mapped[str] = mapped_column(String(16), default="")
     commitment_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),

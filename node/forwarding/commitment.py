@@ -29,6 +29,7 @@ from node.db.models import Device, ForwardJob, Instance, JobState, utcnow
 from node.forwarding.queue import backoff_seconds
 
 REQUESTED, COMMITTED, FAILED, UNSUPPORTED = "requested", "committed", "failed", "unsupported"
+REQUESTING = "requesting"  # the N-ACTION is on its way (or the association being opened)
 SETTLED = (COMMITTED, UNSUPPORTED)  # nothing more to ask
 
 
@@ -131,7 +132,7 @@ def begin(db: Database, job_ids: Sequence[int], transaction: str) -> None:
     another association) before the N-ACTION's answer has been recorded."""
     with db.transaction() as session:
         session.execute(update(ForwardJob).where(ForwardJob.id.in_(job_ids)).values(
-            commitment=REQUESTED, commitment_uid=transaction))
+            commitment=REQUESTING, commitment_uid=transaction))
 
 
 def record(db: Database, owed: Sequence[Owed], transaction: str,
@@ -147,5 +148,5 @@ def record(db: Database, owed: Sequence[Owed], transaction: str,
                 commitment_attempts=attempts + 1, commitment_due_at=outcome.due_at))
             # A report that arrived meanwhile has the last word on the state.
             session.execute(update(ForwardJob).where(
-                ForwardJob.id.in_(ids), mine, ForwardJob.commitment == REQUESTED)
+                ForwardJob.id.in_(ids), mine, ForwardJob.commitment == REQUESTING)
                 .values(commitment=outcome.commitment, last_error=outcome.error[:2000]))

@@ -106,7 +106,7 @@ def test_scp_reports_held_and_missing_instances(node: RunningNode) -> None:
         server.shutdown()
 
 
-def test_without_heartbeat_commitment_is_requested_before_the_association_closes(
+def test_without_heartbeat_forwarded_instances_are_committed(
         make_node: object) -> None:
     parent = make_node(FAST, name="parent")  # type: ignore[operator]
     child = make_node(FAST, name="child")  # type: ignore[operator]

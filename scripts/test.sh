@@ -8,10 +8,12 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 as_postgres() { if [ -z "$SUDO" ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
 
-# DCMTK (independent DICOM peers), ping and a PostgreSQL server, from Debian's packages.
+# DCMTK (independent DICOM peers), ping, libfaketime and a PostgreSQL server, from Debian's packages.
 need=()
 [ -x /usr/bin/storescu ] || need+=(dcmtk)
 [ -x /bin/ping ] || need+=(iputils-ping)  # `pacsnode device ping` sends ICMP with it
+# libfaketime: a node run with its wall clock stepped (tests/interop/test_clock_step.py)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
 command -v pg_ctlcluster >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
   || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
@@ -37,7 +39,8 @@ END \$\$;
 GRANT pg_signal_backend TO pacsnode_test;
 SQL
 export PACSNODE_TEST_PG_URL="postgresql+psycopg://pacsnode_test:pacsnode_test@127.0.0.1:$PG_PORT/postgres"
-export PACSNODE_REQUIRE_POSTGRES=1 PACSNODE_REQUIRE_DCMTK=1 PACSNODE_REQUIRE_SMALL_FS=1
+export PACSNODE_REQUIRE_POSTGRES=1 PACSNODE_REQUIRE_DCMTK=1 PACSNODE_REQUIRE_SMALL_FS=1 \
+  PACSNODE_REQUIRE_FAKETIME=1
 
 # The project and its test dependencies in a virtual environment of its own.
 VENV=${VENV:-.venv}

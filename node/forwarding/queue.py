@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select, update
 
+from node.clock import STEP_TOLERANCE, latest_plausible
 from node.config import ForwardingSettings
 from node.db.database import Database
 from node.db.models import ForwardJob, Instance, JobState, utcnow
@@ -16,6 +17,28 @@ from node.db.models import ForwardJob, Instance, JobState, utcnow
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     """Delay before the next try after `attempts` failed ones: base, 2 base, 4 base ... cap."""
     return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+def longest_wait(attempts: int, settings: ForwardingSettings) -> float:
+    """The furthest ahead a job that failed `attempts` times can have been scheduled: its
+    backoff (a job never tried was due when it was queued)."""
+    if attempts <= 0:
+        return 0.0
+    return backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+
+
+def wait_groups(settings: ForwardingSettings) -> list[tuple[int, int | None, float]]:
+    """Attempt counts `first` to `last` (None: and every count above) and the longest wait of
+    each: one per doubling of the backoff, then one for all that reached retry_max_seconds."""
+    groups: list[tuple[int, int | None, float]] = []
+    attempts = 0
+    while True:
+        wait = longest_wait(attempts, settings)
+        if attempts > 0 and wait >= settings.retry_max_seconds:
+            groups.append((attempts, None, wait))
+            return groups
+        groups.append((attempts, attempts, wait))
+        attempts += 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +126,49 @@ def mark_failed_attempt(db: Database, job: Job, error: str, settings: Forwarding
             state=JobState.FAILED if give_up else JobState.PENDING, attempts=attempts,
             next_attempt_at=utcnow() + timedelta(seconds=delay), last_error=error[:2000],
             claimed_by="", claimed_at=None))
+
+
+def beyond_ceiling(db: Database, settings: ForwardingSettings) -> bool:
+    """Whether a pending job is due later than any backoff could have put it (one index probe:
+    none ever is, unless the wall clock was stepped back or another machine's runs ahead)."""
+    with db.session() as session:
+        return session.scalar(select(ForwardJob.id).where(
+            ForwardJob.state == JobState.PENDING,
+            ForwardJob.next_attempt_at > latest_plausible(utcnow(), settings.retry_max_seconds))
+            .limit(1)) is not None
+
+
+def clamp_due_times(db: Database, settings: ForwardingSettings) -> int:
+    """After the wall clock was stepped back: jobs due later than their backoff could have put
+    them are due after that backoff from now (clock.clamped, one statement per wait group),
+    and a claim stamped in the future counts its lease from now. Returns the jobs moved."""
+    now = utcnow()
+    moved = 0
+    with db.transaction() as session:
+        for first, last, wait in wait_groups(settings):
+            attempts = (ForwardJob.attempts >= first if last is None
+                        else ForwardJob.attempts.between(first, last))
+            result = session.execute(update(ForwardJob).where(
+                ForwardJob.state == JobState.PENDING, attempts,
+                ForwardJob.next_attempt_at > latest_plausible(now, wait))
+                .values(next_attempt_at=now + timedelta(seconds=wait)))
+            moved += result.rowcount or 0
+        session.execute(update(ForwardJob).where(
+            ForwardJob.state == JobState.SENDING,
+            ForwardJob.claimed_at > now + timedelta(seconds=STEP_TOLERANCE))
+            .values(claimed_at=now))
+    return moved
+
+
+def renew_claims(db: Database, owner: str) -> int:
+    """After the wall clock was stepped forward: what `owner` is sending is not abandoned,
+    whatever its claim's age now looks like (the lease counts from now)."""
+    with db.transaction() as session:
+        result = session.execute(
+            update(ForwardJob).where(ForwardJob.state == JobState.SENDING,
+                                     ForwardJob.claimed_by == owner)
+            .values(claimed_at=utcnow()))
+        return result.rowcount or 0
 
 
 def release_claims(db: Database, owner: str) -> int:

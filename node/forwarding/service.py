@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.activity import ActivityLog, Event
+from node.clock import StepWatch
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Category, Device, Partition
@@ -25,6 +26,10 @@ from node.scp.commitment import on_report
 from node.tls import endpoint
 
 log = logging.getLogger(__name__)
+
+# Seconds between looks for jobs due later than any backoff (a clock stepped back while this
+# process did not watch, or another machine's clock ahead): one index probe each.
+CEILING_CHECK_SECONDS = 10.0
 
 
 def may_start_task(busy: int, limit: int | None, waiting: int, batch_size: int) -> bool:
@@ -61,6 +66,9 @@ class Forwarder:
         self._pool = ThreadPoolExecutor(max_workers=self.f.workers,
                                         thread_name_prefix="forward")
         self._threads: list[threading.Thread] = []
+        self._clock = StepWatch()
+        self._ceiling_checked = 0.0  # monotonic
+        self._stepped: set[str] = set()  # steps of the clock not yet dealt with
 
     # Life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -68,6 +76,8 @@ class Forwarder:
         if released:
             log.info("%d forward job(s) interrupted at the last stop go back to the queue",
                      released)
+        # The clock may have been put back while the node was down.
+        self._clamp("at start", always_log=False)
         for target, name in ((self._dispatch_loop, "forward-dispatch"),
                              (self._heartbeat_loop, "forward-heartbeat")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -100,7 +110,36 @@ class Forwarder:
             self._wake.wait(self.f.poll_seconds)
             self._wake.clear()
 
+    def _watch_clock(self) -> None:
+        """Due times and leases are wall-clock times in the database: after a step of the
+        clock, retries wait at most their backoff and batches on their way stay claimed."""
+        jump = self._clock.step()
+        if jump:
+            log.warning("wall clock stepped %s %.0f s", "forward" if jump > 0 else "back",
+                        abs(jump))
+            self._stepped.add("forward" if jump > 0 else "back")
+        # Until done: a database that is unavailable now must not make the step forgotten.
+        if "forward" in self._stepped:
+            renewed = queue.renew_claims(self.db, self.owner)
+            self._stepped.discard("forward")
+            if renewed:
+                log.info("%d forward job(s) being sent keep their claim", renewed)
+        if "back" in self._stepped:
+            self._clamp("after the step back")
+            self._stepped.discard("back")
+        elif time.monotonic() - self._ceiling_checked >= CEILING_CHECK_SECONDS:
+            self._ceiling_checked = time.monotonic()
+            if queue.beyond_ceiling(self.db, self.f):
+                self._clamp("jobs due beyond retry_max_seconds")
+
+    def _clamp(self, why: str, *, always_log: bool = True) -> None:
+        moved = queue.clamp_due_times(self.db, self.f)
+        if moved or always_log:
+            log.warning("%s: %d forward job(s) due later than their backoff allows are due "
+                        "within it", why, moved)
+
     def _dispatch(self) -> None:
+        self._watch_clock()
         with self._lock:
             if len(self._busy) >= self.f.workers:
                 return  # a task that ends wakes this loop again

@@ -1,0 +1,78 @@
+"""Wall-clock steps (node/clock.py) and the forward queue's retry ceiling (queue.wait_groups)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from node.clock import StepWatch, clamped
+from node.config import ForwardingSettings
+from node.forwarding.queue import backoff_seconds, longest_wait, wait_groups
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+        self.monotonic = 5_000.0
+
+    def tick(self, seconds: float, wall_drift: float = 0.0) -> None:
+        self.monotonic += seconds
+        self.wall += seconds + wall_drift
+
+
+def test_a_step_of_the_wall_clock_is_seen_once_with_its_size_and_direction() -> None:
+    clocks = Clocks()
+    watch = StepWatch(lambda: clocks.wall, lambda: clocks.monotonic)
+    clocks.tick(1.0)
+    assert watch.step() == 0.0  # time passing is no step
+    clocks.tick(1.0, wall_drift=-3600)
+    assert watch.step() == pytest.approx(-3600)
+    assert watch.step() == 0.0  # seen once
+    clocks.tick(0.5, wall_drift=7200)
+    assert watch.step() == pytest.approx(7200)
+
+
+def test_slewing_is_no_step_even_over_a_long_time() -> None:
+    clocks = Clocks()
+    watch = StepWatch(lambda: clocks.wall, lambda: clocks.monotonic)
+    for _ in range(10_000):  # NTP's fastest slew, 0.5 ms a second, for 10,000 s
+        clocks.tick(1.0, wall_drift=0.0005)
+        assert watch.step() == 0.0
+    clocks.tick(1.0, wall_drift=1.5)
+    assert watch.step() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(("ahead", "wait", "expected"), [
+    (10, 10, 10),  # scheduled now for 10 s: kept
+    (11, 10, 11),  # within the tolerance (a second)
+    (3610, 10, 10),  # stored before the clock went back an hour: 10 s from now
+    (3600.5, 3600, 3600.5),  # a wait of an hour is plausible when the backoff is an hour
+    (3700, 3600, 3600),
+    (-5, 10, -5),  # overdue: due now, untouched
+    (120, 0, 0),  # never tried, yet due in two minutes: due now
+])
+def test_a_due_time_further_ahead_than_any_wait_is_clamped_to_that_wait_from_now(
+        ahead: float, wait: float, expected: float) -> None:
+    due = NOW + timedelta(seconds=ahead)
+    assert clamped(due, NOW, wait) == NOW + timedelta(seconds=expected)
+
+
+@pytest.mark.parametrize(("base", "cap"), [(10, 3600), (2, 10), (10, 10), (20, 10),
+                                           (0.001, 86400), (3, 100)])
+def test_each_attempt_count_has_one_wait_group_with_its_own_backoff(base: float,
+                                                                    cap: float) -> None:
+    settings = ForwardingSettings(retry_base_seconds=base, retry_max_seconds=cap)
+    groups = wait_groups(settings)
+    assert groups[0] == (0, 0, 0.0)  # never tried: due when queued
+    assert groups[-1][1] is None and groups[-1][2] == cap  # all past the cap share it
+    for attempts in range(0, 100):
+        mine = [(first, last, wait) for first, last, wait in groups
+                if first <= attempts and (last is None or attempts <= last)]
+        assert len(mine) == 1
+        assert mine[0][2] == longest_wait(attempts, settings)
+        if attempts:
+            assert longest_wait(attempts, settings) == backoff_seconds(attempts, base, cap)
+    assert len(groups) <= 30  # one statement each, after a step

@@ -38,6 +38,35 @@ def alive(n: Neighbour, now: datetime | None = None) -> bool:
     return now - last_seen <= timedelta(seconds=MISSED_HEARTBEATS * n.heartbeat_seconds)
 
 
+def shifted(last_seen: datetime, now: datetime, jump: float) -> datetime | None:
+    """When a neighbour was last seen, after the wall clock jumped `jump` seconds (None: keep
+    it): a time taken before the step moves with the clock, so its age, and `alive`, stay
+    what they were (a step forward must not make every neighbour dead, a step back a dead one
+    alive for the length of the step). A time taken after the step is left as it is: before
+    a step forward every stored time is at least `jump` old; after a step back only the times
+    taken before it lie ahead of now."""
+    step = timedelta(seconds=jump)
+    if jump > 0 and last_seen <= now - step:
+        return last_seen + step
+    if jump < 0 and last_seen > now:
+        return last_seen + step
+    return None
+
+
+def shift_last_seen(session: Session, jump: float) -> int:
+    """Apply `shifted` to every neighbour (a handful of rows); returns how many moved."""
+    now = utcnow()
+    moved = 0
+    for n in session.scalars(select(Neighbour).where(Neighbour.last_seen.is_not(None))):
+        assert n.last_seen is not None
+        seen = n.last_seen if n.last_seen.tzinfo else n.last_seen.replace(tzinfo=now.tzinfo)
+        new = shifted(seen, now, jump)
+        if new is not None:
+            n.last_seen = new
+            moved += 1
+    return moved
+
+
 def get(session: Session, node_id: str) -> Neighbour | None:
     return session.get(Neighbour, node_id)
 

@@ -27,6 +27,7 @@ from hierarchy.rpc import control_pb2 as pb
 from hierarchy.rpc import control_pb2_grpc as rpc
 from hierarchy.servicer import ControlServicer, records_to_pb
 from node import replication
+from node.clock import StepWatch
 from node.config import Settings, split_address
 from node.db.database import Database
 from node.db.models import Neighbour
@@ -65,6 +66,8 @@ class ControlPlane:
         self._servicer: ControlServicer | None = None
         self._top = -1  # the newest change-log seq the last sync round saw
         self._healthy = True  # the last sync round or poll did not fail
+        self._clock = StepWatch()
+        self._jump = 0.0  # a step of the wall clock whose last-seen times are not moved yet
         # Changes received since the last round, handed over by the servicer once committed.
         self._fresh: list[replication.Logged] = []
         self._fresh_lock = threading.Lock()
@@ -247,6 +250,7 @@ class ControlPlane:
             if self._stop.is_set():
                 return
             try:
+                self._watch_clock()
                 now = time.monotonic()
                 due = woken or now >= next_round
                 if not due and self._healthy:
@@ -262,6 +266,19 @@ class ControlPlane:
                 self._healthy = False
                 self._known = None
                 next_round = time.monotonic() + h.sync_seconds
+
+    def _watch_clock(self) -> None:
+        """A step of the wall clock moves the neighbours' last-seen times with it (checked
+        every LOCAL_POLL_SECONDS, so `hierarchy neighbours` never shows the step's effect)."""
+        assert self.db is not None
+        self._jump += self._clock.step()
+        if not self._jump:
+            return
+        with self.db.transaction(durable=False) as session:
+            moved = neighbours.shift_last_seen(session, self._jump)
+        log.warning("wall clock stepped %s %.0f s: %d neighbour(s)' last-seen time moved with "
+                    "it", "forward" if self._jump > 0 else "back", abs(self._jump), moved)
+        self._jump = 0.0
 
     def _changed_locally(self) -> bool:
         """A change was logged since the last round: one indexed read, no transaction."""

@@ -24,6 +24,7 @@ import pytest
 REQUIRE_FAKETIME = os.environ.get("PACSNODE_REQUIRE_FAKETIME") == "1"
 ROOT = Path(__file__).parents[2]
 SHIM_SOURCE = Path(__file__).with_name("monotonic_sleep.c")
+PACSNODE = [sys.executable, "-m", "hierarchy.cli"]  # the `pacsnode` console script
 
 
 def libfaketime() -> Path:
@@ -60,10 +61,19 @@ class SteppedClock:
     def serve(self, config: Path, log: Path) -> subprocess.Popen[bytes]:
         """`pacsnode serve` with this clock (its association processes inherit it)."""
         with log.open("ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=ROOT,
-                stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **self.env})
+            return subprocess.Popen([*PACSNODE, "serve", "--config", str(config)], cwd=ROOT,
+                                    stdout=out, stderr=subprocess.STDOUT, env=self._environ())
+
+    def run(self, config: Path, *args: str) -> str:
+        """A `pacsnode` command with this clock (on a machine whose clock was stepped, the CLI
+        sees the step too); its output."""
+        done = subprocess.run([*PACSNODE, *args, "--config", str(config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, env=self._environ())
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def _environ(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
 
     def offset(self) -> float:
         """How far a process started with this clock is from the real one now (seconds): that

@@ -6,6 +6,7 @@ an hour while jobs wait for a destination that is down, or while a batch is on i
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -151,3 +152,49 @@ def test_a_clock_stepped_forward_an_hour_mid_batch_sends_nothing_twice(
             f"{len(dest.received) - 60} instance(s) sent twice")
     finally:
         dest.stop()
+
+
+def hierarchy_node(tmp_path: Path, name: str, heartbeat: float, parent: str = "") -> Path:
+    folder = tmp_path / name
+    control = f"127.0.0.1:{free_port()}"
+    config = folder.with_suffix(".toml")
+    config.write_text(
+        f'[node]\nname = "{name}"\ndata_dir = "{folder}"\nlisten_host = "127.0.0.1"\n'
+        f"[bootstrap_partition]\nae_title = \"{name.upper()}\"\nport = {free_port()}\n"
+        f'[hierarchy]\ncontrol_listen = "{control}"\nheartbeat_seconds = {heartbeat}\n'
+        f'parent = "{parent}"\n')
+    return config
+
+
+def alive(clock: SteppedClock, config: Path, neighbour: str) -> bool:
+    rows = json.loads(clock.run(config, "hierarchy", "neighbours", "--json"))["neighbours"]
+    return bool({r["node_id"]: r["alive"] for r in rows}.get(neighbour))
+
+
+def test_a_step_of_the_clock_changes_no_neighbours_liveness(tmp_path: Path,
+                                                            clock: SteppedClock) -> None:
+    # The child heartbeats once a minute (alive for 3 minutes), the parent advertises 2 s
+    # (the child counts it dead 6 s after its last answer).
+    parent_config = hierarchy_node(tmp_path, "parent", heartbeat=2)
+    parent_control = parent_config.read_text().split('control_listen = "')[1].split('"')[0]
+    child_config = hierarchy_node(tmp_path, "child", heartbeat=60, parent=parent_control)
+    parent = clock.serve(parent_config, tmp_path / "parent.log")
+    child = clock.serve(child_config, tmp_path / "child.log")
+    try:
+        assert wait_for(lambda: alive(clock, parent_config, "child"), timeout=30)
+        # Forward an hour, seconds after the child registered: it is alive for minutes yet.
+        clock.set(HOUR)
+        time.sleep(0.5)
+        assert alive(clock, parent_config, "child"), "a step forward made the child dead"
+        # Back two hours with the parent gone: after its 6 s the child must count it dead,
+        # not alive for the two hours its last answer now lies ahead.
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        clock.set(-HOUR)
+        time.sleep(7)
+        assert not alive(clock, child_config, "parent"), "a step back kept a dead parent alive"
+    finally:
+        for proc in (child, parent):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)

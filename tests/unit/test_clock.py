@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from hierarchy.neighbours import shifted
 from node.clock import StepWatch, clamped
 from node.config import ForwardingSettings
 from node.forwarding.queue import backoff_seconds, longest_wait, wait_groups
@@ -76,3 +77,18 @@ def test_each_attempt_count_has_one_wait_group_with_its_own_backoff(base: float,
         if attempts:
             assert longest_wait(attempts, settings) == backoff_seconds(attempts, base, cap)
     assert len(groups) <= 30  # one statement each, after a step
+
+
+@pytest.mark.parametrize(("seen_ago", "jump", "expected_ago"), [
+    # (seconds before the look, by the clock as it is now; None: left as it is)
+    (3605, 3600, 5),  # seen 5 s before a step forward of an hour: still 5 s ago
+    (3600, 3600, 0),
+    (2, 3600, None),  # seen after the step (a heartbeat since): already right
+    (-3595, -3600, 5),  # seen 5 s before a step back of an hour: "in an hour" -> 5 s ago
+    (3, -3600, None),  # seen after the step back
+    (7200, -3600, None),  # seen long before: already in the past, dead either way
+])
+def test_a_neighbours_last_seen_time_moves_with_a_step_taken_after_it(
+        seen_ago: float, jump: float, expected_ago: float | None) -> None:
+    moved = shifted(NOW - timedelta(seconds=seen_ago), NOW, jump)
+    assert moved == (None if expected_ago is None else NOW - timedelta(seconds=expected_ago))

@@ -46,6 +46,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from node.scp import sop_classes
 from node.scp.affinity import ReceiverPinning
 from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
+from node.scp.timers import monotonic_timers
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +412,7 @@ def prompt(event: evt.Event, pinning: ReceiverPinning) -> None:
         return  # already running (a requestor's DUL starts before it connects)
     dul = assoc.dul
     _add_wake_pair(dul)
+    monotonic_timers(dul)
     dul.__class__ = PromptDUL
     dul._pinning = pinning  # type: ignore[attr-defined]
     assoc._prompt_wake = threading.Event()  # type: ignore[attr-defined]
@@ -456,6 +458,7 @@ def prompt_requestor(event: evt.Event) -> None:
     _add_wake_pair(dul)
     # The loop is pynetdicom's, with no end to hook: the pair is closed with the DUL object.
     weakref.finalize(dul, _close_all, dul._wake_r, dul._wake_w)  # type: ignore[attr-defined]
+    monotonic_timers(dul)
     dul._run_loop_delay = 0
     dul.__class__ = PromptRequestorDUL
     if type(assoc) is Association and not assoc.is_alive():

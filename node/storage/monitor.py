@@ -9,9 +9,10 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -19,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node import activity
+from node.clock import StepWatch
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import NodeMeta, Partition, Study
@@ -29,7 +31,7 @@ from node.storage.space import StorageGuard, Usage, bytes_above, measure
 log = logging.getLogger(__name__)
 
 STATE_KEY = "storage_state"
-_PRUNE_EVERY = timedelta(hours=1)
+_PRUNE_EVERY = 3600.0  # seconds, monotonic (a clock stepped back must not put it off)
 
 
 @dataclass
@@ -94,7 +96,11 @@ class StorageMonitor:
         self._thread: threading.Thread | None = None
         self._purging: set[str] = set()  # filesystems (by path) between high and low
         self._cpu = cpu.sample()
-        self._last_prune: datetime | None = None
+        self._last_prune: float | None = None  # monotonic
+        # A step of the wall clock forward ages every file at once (the sweep goes by their
+        # modification time): after one, no file counts as idle before it could have been.
+        self._clock = StepWatch()
+        self._sweep_from = 0.0  # monotonic
         self._last_purge: PurgeReport | None = None
         self._lock = threading.Lock()  # one check at a time (the thread, or a test's call)
         guard.on_change.append(self._on_storage_change)
@@ -133,9 +139,12 @@ class StorageMonitor:
                 on_fs = [(pid, ae) for pid, ae, folder in partitions if folder in folders]
                 reports.append(self._check_filesystem(path, usage, suspended, on_fs))
             self._prune_activity()
-            swept = files.sweep_incoming(
+            if self._clock.step() > 0:
+                self._sweep_from = time.monotonic() + self.incoming_idle_seconds
+            swept = (files.sweep_incoming(
                 self.root, self.incoming_idle_seconds,
                 settle=functools.partial(reconcile.settle, self.db, self.root))
+                if time.monotonic() >= self._sweep_from else 0)
             if swept:
                 log.warning("removed %d abandoned temporary file(s) from %s", swept,
                             self.root / files.INCOMING)
@@ -258,11 +267,11 @@ class StorageMonitor:
                 detail=f"{removed.size} bytes freed"))
 
     def _prune_activity(self) -> None:
-        now = datetime.now(UTC)
+        now = time.monotonic()
         if self._last_prune is not None and now - self._last_prune < _PRUNE_EVERY:
             return
         self._last_prune = now
-        removed = activity.prune(self.db, self.s.activity_retention_days, now)
+        removed = activity.prune(self.db, self.s.activity_retention_days)
         if removed:
             log.info("activity log: %d entries older than %d days removed", removed,
                      self.s.activity_retention_days)

@@ -14,14 +14,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 
-from node.db.models import ForwardJob, JobState
+from node.db.models import ForwardJob, Instance, JobState
+from tests import hostile
 from tests.clockstep import SteppedClock
 from tests.conftest import DCMTK_BIN, dcmtk_env, free_port, run_cli, wait_for, wait_listening
 from tests.destination import CountingSCP
 from tests.dicomgen import make_instance
+from tests.hostile import RawPeer
 from tests.scu import statuses, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
@@ -198,3 +201,30 @@ def test_a_step_of_the_clock_changes_no_neighbours_liveness(tmp_path: Path,
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
+
+
+def test_a_store_under_way_when_the_clock_steps_forward_is_stored(
+        start_node: Callable[[str], Node], clock: SteppedClock) -> None:
+    # The storage monitor sweeps temporary files idle past network_timeout: by their age on
+    # the wall clock, which a step forward makes an hour older at once.
+    node = start_node("[storage]\ncheck_interval_seconds = 0.3\n")
+    ds = make_instance(size=256)  # 128 KiB: many PDUs of 4 KiB
+    sop = str(ds.SOPInstanceUID)
+    stream = hostile.store_request(hostile.encode(ds), CTImageStorage, sop, 1, max_pdu=4096)
+    with RawPeer(node.port, timeout=20) as peer:
+        answer = peer.associate(hostile.associate_rq(abstract_syntaxes=(CTImageStorage,),
+                                                     max_pdu=4096))
+        assert answer[:1] == b"\x02", f"no A-ASSOCIATE-AC: {answer[:16]!r}"
+        half = len(stream) // 2
+        peer.send(stream[:half])  # the node has a temporary file for it now
+        time.sleep(0.5)
+        clock.set(HOUR)
+        time.sleep(1.5)  # the monitor checks five times meanwhile
+        peer.send(stream[half:])
+        reply = peer.read_pdu()
+        assert not hostile.is_abort(reply), "the node aborted the association"
+        (answer_set,) = hostile.command_sets(reply)
+    assert int(answer_set.Status) == 0, f"C-STORE answered 0x{int(answer_set.Status):04X}"
+    with node.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Instance).where(
+            Instance.sop_instance_uid == sop)) == 1

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.timer import Timer
 
 from hierarchy.neighbours import shifted
 from node.clock import StepWatch, clamped
 from node.config import ForwardingSettings
 from node.forwarding.queue import backoff_seconds, longest_wait, wait_groups
+from node.scp.timers import MonotonicTimer, monotonic_timers
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -92,3 +98,31 @@ def test_a_neighbours_last_seen_time_moves_with_a_step_taken_after_it(
         seen_ago: float, jump: float, expected_ago: float | None) -> None:
     moved = shifted(NOW - timedelta(seconds=seen_ago), NOW, jump)
     assert moved == (None if expected_ago is None else NOW - timedelta(seconds=expected_ago))
+
+
+def test_association_timers_count_monotonic_time_across_a_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's own Timer expires when the wall clock jumps forward, and waits the jump's
+    length when it jumps back; a DUL's timers made monotonic (one already running keeping the
+    time it has left) do neither."""
+    wall = [1_800_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    dul = DULServiceProvider(Association(AE(), "requestor"))
+    dul._idle_timer.timeout = 120
+    dul._idle_timer.start()
+    stock = Timer(120)
+    stock.start()
+    wall[0] += 30
+    monotonic_timers(dul)
+    assert isinstance(dul._idle_timer, MonotonicTimer)
+    assert isinstance(dul.artim_timer, MonotonicTimer)
+    assert dul._idle_timer.remaining == pytest.approx(90, abs=1)  # what it had left
+    wall[0] += 3600  # a step forward
+    assert stock.expired
+    assert not dul._idle_timer.expired and not dul.artim_timer.expired
+    assert dul._idle_timer.remaining == pytest.approx(90, abs=1)
+    wall[0] -= 7200  # and back
+    assert stock.remaining > 3000
+    assert dul._idle_timer.remaining == pytest.approx(90, abs=1)
+    dul._idle_timer.restart()
+    assert dul._idle_timer.remaining == pytest.approx(120, abs=1)

@@ -458,7 +458,6 @@ def prompt_requestor(event: evt.Event) -> None:
     _add_wake_pair(dul)
     # The loop is pynetdicom's, with no end to hook: the pair is closed with the DUL object.
     weakref.finalize(dul, _close_all, dul._wake_r, dul._wake_w)  # type: ignore[attr-defined]
-    monotonic_timers(dul)
     dul._run_loop_delay = 0
     dul.__class__ = PromptRequestorDUL
     if type(assoc) is Association and not assoc.is_alive():

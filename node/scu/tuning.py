@@ -10,6 +10,7 @@ from typing import Any
 from pynetdicom import evt
 
 from node.scp import pdu_guard
+from node.scp.timers import monotonic_timers
 
 
 def tcp_nodelay(event: evt.Event) -> None:
@@ -64,8 +65,14 @@ def responses_for_the_waiter(event: evt.Event) -> None:
 
 # The node's peers on outbound associations are devices it was told about, but what they send
 # back gets the same PDU checks as inbound traffic.
+def monotonic_timers_on_open(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: the association's timers go by the monotonic clock (scp/timers.py)."""
+    monotonic_timers(event.assoc.dul)
+
+
 CONNECTION_HANDLERS = [
     (evt.EVT_CONN_OPEN, tcp_nodelay),
+    (evt.EVT_CONN_OPEN, monotonic_timers_on_open),
     (evt.EVT_CONN_OPEN, responses_for_the_waiter),
     *pdu_guard.HANDLERS,
 ]

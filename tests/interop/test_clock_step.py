@@ -153,6 +153,8 @@ def test_a_clock_stepped_forward_an_hour_mid_batch_sends_nothing_twice(
         assert wait_for(lambda: node.done() == 60, timeout=60)
         assert sorted(dest.received) == sorted(ds.SOPInstanceUID for ds in sent), (
             f"{len(dest.received) - 60} instance(s) sent twice")
+        # The associations (two sender tasks) lived through the step: none timed out.
+        assert dest.associations <= 2, f"{dest.associations} associations for two tasks"
     finally:
         dest.stop()
 

@@ -14,6 +14,7 @@ need=()
 [ -x /bin/ping ] || need+=(iputils-ping)  # `pacsnode device ping` sends ICMP with it
 # libfaketime: a node run with its wall clock stepped (tests/interop/test_clock_step.py)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(libfaketime)
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)  # its 10-line preload (tests/clockstep)
 command -v pg_ctlcluster >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
   || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then

@@ -258,9 +258,14 @@ def writer_pid(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def writer_gone(path: Path, status: os.stat_result) -> bool:
+def writer_gone(path: Path) -> bool:
     """The process that made this temporary file has ended (False when not known): nothing
-    can still be storing from it."""
+    can still be storing from it.
+
+    A live process of the same ID counts as the writer, even one started later with a
+    reused ID: telling them apart would compare its start with the file's time, and a step
+    of the wall clock would make a live writer look gone. Its file is only kept longer.
+    """
     pid = writer_pid(path.name)
     if pid is None or pid == os.getpid():
         return False
@@ -270,21 +275,7 @@ def writer_gone(path: Path, status: os.stat_result) -> bool:
         return True
     except PermissionError:
         return False  # a process of another user: not one of the node's
-    # Alive, or a zombie not reaped yet; a process that started after the file was made is
-    # another one with a reused ID.
-    started = _process_start(pid)
-    return started is not None and started > status.st_mtime
-
-
-def _process_start(pid: int) -> float | None:
-    """When a process started (seconds since the epoch), where /proc tells it."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in
-                    Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None
+    return False  # alive, or a zombie not reaped yet
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def _settle_one(db: Database, root: Path, partitions: list[tuple[int, str]],
         return True
     # Read after the files were seen: a store indexes only after its file is in place.
     indexed = _indexed(db, partitions, uids[2])
-    writers_gone = all(files.writer_gone(each.path, each.status) for each in copies)
+    writers_gone = all(files.writer_gone(each.path) for each in copies)
     ours = {(each.status.st_dev, each.status.st_ino) for each in copies}
     settled = True
     for relpath, seen in placed:

@@ -26,6 +26,7 @@ from sqlalchemy import and_, func, or_, select, update
 from node.config import ForwardingSettings
 from node.db.database import Database
 from node.db.models import Device, ForwardJob, Instance, JobState, utcnow
+from node.forwarding import queue
 from node.forwarding.queue import backoff_seconds
 
 REQUESTED, COMMITTED, FAILED, UNSUPPORTED = "requested", "committed", "failed", "unsupported"
@@ -110,15 +111,12 @@ def claim(db: Database, device_id: int, limit: int, f: ForwardingSettings) -> li
     their outcome is recorded first: a requester that dies gives them back then."""
     now = utcnow()
     with db.transaction() as session:
-        query = (select(ForwardJob.id).where(ForwardJob.device_id == device_id, _due(now, f))
-                 .order_by(ForwardJob.commitment_due_at, ForwardJob.id).limit(limit))
-        if not db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
-        ids = list(session.scalars(query))
+        ids = queue.take(session, select(ForwardJob.id).where(
+            ForwardJob.device_id == device_id, _due(now, f))
+            .order_by(ForwardJob.commitment_due_at, ForwardJob.id).limit(limit),
+            not db.is_sqlite, commitment_due_at=now + timedelta(seconds=f.lease_seconds))
         if not ids:
             return []
-        session.execute(update(ForwardJob).where(ForwardJob.id.in_(ids)).values(
-            commitment_due_at=now + timedelta(seconds=f.lease_seconds)))
         rows = session.execute(
             select(ForwardJob.id, Instance.sop_class_uid, Instance.sop_instance_uid,
                    ForwardJob.commitment_attempts)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from node.clock import STEP_TOLERANCE, latest_plausible
 from node.config import ForwardingSettings
@@ -72,6 +73,19 @@ def due_devices(db: Database, lease_seconds: float) -> dict[int, int]:
         return {device_id: n for device_id, n in rows}
 
 
+def take(session: Session, query: Select[tuple[int]], skip_locked: bool,
+         **values: object) -> list[int]:
+    """The job IDs `query` selects, set to `values` in the caller's transaction; with
+    `skip_locked` (PostgreSQL), rows another transaction holds are passed over, so takers in
+    several processes never take the same job."""
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    ids = list(session.scalars(query))
+    if ids:
+        session.execute(update(ForwardJob).where(ForwardJob.id.in_(ids)).values(**values))
+    return ids
+
+
 def claim(db: Database, device_id: int, limit: int, owner: str, lease_seconds: float,
           storage_root: Path) -> list[Job]:
     """Take up to `limit` due jobs of one device for `owner`.
@@ -81,16 +95,12 @@ def claim(db: Database, device_id: int, limit: int, owner: str, lease_seconds: f
     """
     now = utcnow()
     with db.transaction() as session:
-        query = (select(ForwardJob.id).where(ForwardJob.device_id == device_id,
-                                             _claimable(now, lease_seconds))
-                 .order_by(ForwardJob.id).limit(limit))
-        if not db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
-        ids = list(session.scalars(query))
+        ids = take(session, select(ForwardJob.id).where(
+            ForwardJob.device_id == device_id, _claimable(now, lease_seconds))
+            .order_by(ForwardJob.id).limit(limit), not db.is_sqlite,
+            state=JobState.SENDING, claimed_by=owner, claimed_at=now)
         if not ids:
             return []
-        session.execute(update(ForwardJob).where(ForwardJob.id.in_(ids)).values(
-            state=JobState.SENDING, claimed_by=owner, claimed_at=now))
         rows = session.execute(
             select(ForwardJob.id, ForwardJob.attempts, Instance.path, Instance.sop_class_uid,
                    Instance.sop_instance_uid, Instance.transfer_syntax_uid,

@@ -50,5 +50,14 @@ VENV=${VENV:-.venv}
 "$VENV/bin/pip" install -q -e ".[test]"
 
 "$VENV/bin/ruff" check .
+# The documentation site (mkdocs.yml): a broken link, anchor, snippet or nav entry fails here.
+docs_site=$(mktemp -d)
+if ! docs_log=$(NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --site-dir "$docs_site" 2>&1); then
+  printf '%s\n' "$docs_log" | grep -v '^INFO' >&2
+  rm -rf "$docs_site"
+  echo "mkdocs build --strict failed" >&2
+  exit 1
+fi
+rm -rf "$docs_site"
 # The slowest tests are listed after every run: the whole suite must stay under 15 minutes.
 exec "$VENV/bin/python" -m pytest --durations=15 "$@"

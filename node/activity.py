@@ -1,4 +1,5 @@
-"""The DICOM activity log (seed 004): who did what, when, on which study, and how it went.
+"""The DICOM activity log: who did what, when, on which study, and how it went
+(docs/how-to/activity-log.md).
 
 Rows are aggregated by the code that records them (one per association, per study stored on an
 association, per query or retrieve request, per forwarded batch), never one per instance. The

@@ -1,4 +1,4 @@
-"""Device categories: members share a connection limit (seed 002)."""
+"""Device categories: members share a connection limit (docs/how-to/forwarding.md)."""
 
 from __future__ import annotations
 

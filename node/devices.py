@@ -218,7 +218,7 @@ class IpChange:
 
 
 def refresh_ips(session: Session) -> list[IpChange]:
-    """Re-resolve every device given by host name (seed 002: Refresh IP Addresses)."""
+    """Re-resolve every device given by host name (Refresh IP, docs/how-to/hierarchy.md)."""
     changes = []
     for device in session.scalars(select(Device).order_by(Device.name)):
         host = device.host.strip()

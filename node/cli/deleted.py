@@ -1,4 +1,4 @@
-"""`pacsnode deleted`: studies kept after an administrator deleted them (seed 000)."""
+"""`pacsnode deleted`: studies kept after an administrator deleted them (docs/how-to/storage.md)."""
 
 from __future__ import annotations
 

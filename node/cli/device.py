@@ -1,4 +1,4 @@
-"""`pacsnode device`: the device table (seed 002)."""
+"""`pacsnode device`: the device table (docs/how-to/devices.md)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ Enabled = Annotated[bool | None, typer.Option(
     "--enabled/--disabled", help="Admit its associations and forward to it (default: enabled).")]
 Rule = Annotated[list[str] | None, typer.Option(
     "--rule", help="A coercion rule, e.g. 'prefix AccessionNumber SITEA-' (repeatable, in order;"
-    " replaces the device's rules). See the README for the rule language.")]
+    " replaces the device's rules). The rule language: docs/how-to/coercion.md.")]
 RulesFile = Annotated[Path | None, typer.Option(
     "--rules-file", help="Read the coercion rules from a file, one per line.")]
 ClearRules = Annotated[bool, typer.Option("--clear-rules", help="Remove all coercion rules.")]

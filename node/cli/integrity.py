@@ -1,4 +1,4 @@
-"""`pacsnode integrity`: the Study Integrity Queue (seed 000)."""
+"""`pacsnode integrity`: the Study Integrity Queue (docs/how-to/coercion.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`pacsnode partition`: the node's virtual archives (seed 000)."""
+"""`pacsnode partition`: the node's virtual archives (docs/how-to/partitions.md)."""
 
 from __future__ import annotations
 

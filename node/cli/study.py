@@ -1,4 +1,4 @@
-"""`pacsnode study`: list the studies a node holds and delete them (seed 000 delete management)."""
+"""`pacsnode study`: list the studies a node holds and delete them (docs/how-to/storage.md)."""
 
 from __future__ import annotations
 

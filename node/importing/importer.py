@@ -3,8 +3,8 @@
 Each file is copied into the storage's `.incoming/` folder (the original is never moved or
 changed), as a received data set is written there, and handed to `Ingest.store` with the
 SOP Class and Instance UIDs a sender would have put in its C-STORE request: the same framing
-and UID checks, the coercion rules of the node's Self device (seed 002: "for scanning, create
-and use the Self device"), durability, duplicate policy, integrity queue and forward jobs.
+and UID checks, the coercion rules of the node's Self device (the node itself, for scanning:
+docs/how-to/devices.md), durability, duplicate policy, integrity queue and forward jobs.
 The negotiation a C-STORE passes first is checked too: a file whose SOP class or transfer
 syntax the node accepts no presentation context for is refused. A file counts as stored
 only when Ingest answered success.

@@ -311,9 +311,9 @@ def identifier(pairs: list[tuple[str, Any]], *, implicit_vr: bool = False,
 
     Text values go in already encoded (raw elements, in the answer's transfer syntax), so
     pynetdicom's encoding of the identifier copies them instead of converting each value:
-    building and encoding an answer this way costs well under half as much (README,
-    "Performance"). Values pydicom must convert itself (other VRs, an IS held as text,
-    non-ASCII text in a VR without a character set) are set as pydicom values."""
+    building and encoding an answer this way costs well under half as much
+    (docs/performance/journal.md). Values pydicom must convert itself (other VRs, an IS held as
+    text, non-ASCII text in a VR without a character set) are set as pydicom values."""
     ds = Dataset()
     for keyword, value in pairs:
         _set(ds, keyword, value, implicit_vr, little_endian)
@@ -326,7 +326,7 @@ def encoded_identifier(pairs: list[tuple[str, Any]], *, implicit_vr: bool) -> by
     Endian with or without explicit VRs, or None when one of its values needs pydicom's conversion.
 
     The elements are packed with struct straight from the row's values: building a Dataset
-    and having pydicom write it was most of an answer's CPU (README, "Performance")."""
+    and having pydicom write it was most of an answer's CPU (docs/performance/journal.md)."""
     elements: dict[int, bytes] = {}
     for keyword, value in pairs:
         element = _element(keyword)

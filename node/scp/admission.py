@@ -59,7 +59,7 @@ def decide(
     partition: PartitionPolicy | None, device: DeviceView | None, calling_ae: str,
     called_ae: str, device_checked: bool = True
 ) -> Admission:
-    """Admission of an A-ASSOCIATE-RQ (seed 000: accept any device, auto insert).
+    """Admission of an A-ASSOCIATE-RQ (accept any device, auto insert: docs/how-to/partitions.md).
 
     `device_checked` False: the device table could not be read (the database does not
     answer) and `calling_ae` was not looked up before. A partition that accepts any device
@@ -90,7 +90,7 @@ def decide(
 
 @dataclass(frozen=True)
 class Limits:
-    """Inbound association limits (seed 004: maximum inbound associations); 0: no limit."""
+    """Inbound association limits (docs/how-to/limits.md); 0: no limit."""
 
     node: int
     per_device: int  # the default for devices without a limit of their own

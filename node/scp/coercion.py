@@ -1,7 +1,8 @@
 """Per-device coercion rules: a small language applied to every C-STORE from a device.
 
-One rule per line, applied in order (seed 002); a line starting with `#` is a comment. Arguments
-are separated by spaces; a value with spaces is quoted ("..." or '...'); backslashes are literal.
+One rule per line, applied in order (docs/how-to/coercion.md); a line starting with `#` is a
+comment. Arguments are separated by spaces; a value with spaces is quoted ("..." or '...');
+backslashes are literal.
 
     set <attr> <value>                 set (or create) the element
     prefix <attr> <value>              prepend to a present, non-empty value

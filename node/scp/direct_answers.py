@@ -4,7 +4,7 @@ pynetdicom's DIMSE layer.
 For each pending answer pynetdicom builds a response primitive, encodes its command set with
 pydicom, splits the message into P-DATA primitives, queues them for the DUL thread, wakes it,
 runs its state machine and encodes a PDU: about two thirds of the CPU an answer costs
-(README, "Performance"). `FindAnswers` writes the same bytes itself: the C-FIND-RSP command
+(docs/performance/journal.md). `FindAnswers` writes the same bytes itself: the C-FIND-RSP command
 set encoded with struct (direct_store's encoders) and the identifier, each in one PDV of one
 P-DATA-TF, as pynetdicom sends them.
 

@@ -4,7 +4,7 @@ For every C-STORE pynetdicom builds a P-DATA-TF PDU object and a P-DATA primitiv
 state machine, decodes the command set into a pydicom Dataset, writes the file meta with
 pydicom, hands the message to the association's reactor thread, builds a response primitive,
 encodes it with pydicom into a new PDU and hands it back to the DUL thread to send. That is
-about half of the CPU a small image costs (README, "Performance"), and two thread hand-offs
+about half of the CPU a small image costs (docs/performance/journal.md), and two thread hand-offs
 of latency per image.
 
 `DirectStore` does the same job on the DUL thread: it reads the PDV items of each P-DATA-TF

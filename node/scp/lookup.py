@@ -126,8 +126,8 @@ def device_for(session: Session, partition_id: int, calling_ae: str) -> DeviceVi
 
 
 def self_device(session: Session) -> Device | None:
-    """The node's Self device (seed 002: the server itself, whose coercion rules apply to
-    what it takes in locally); devices.py allows one."""
+    """The node's Self device (docs/how-to/devices.md): the server itself, whose coercion rules
+    apply to what it takes in locally; devices.py allows one."""
     return session.scalars(select(Device).where(Device.device_type == DeviceType.SELF.value)
                            .order_by(Device.id).limit(1)).first()
 
@@ -242,7 +242,8 @@ def _remember(table: dict[_K, _V], key: _K, value: _V) -> None:
 
 
 def auto_insert(db: Database, partition: PartitionPolicy, calling_ae: str, ip: str) -> None:
-    """Add the calling AE to the partition's device table (seed 000: auto insert devices)."""
+    """Add the calling AE to the partition's device table (auto insert devices,
+    docs/how-to/partitions.md)."""
     try:
         with db.transaction() as session:
             if device_for(session, partition.id, calling_ae) is not None:

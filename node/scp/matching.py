@@ -1,4 +1,5 @@
-"""Study matching (seed 000): does a new instance agree with its stored study's demographics?"""
+"""Study matching: does a new instance agree with its stored study's demographics?
+(docs/how-to/coercion.md)"""
 
 from __future__ import annotations
 

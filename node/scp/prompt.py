@@ -3,7 +3,7 @@
 pynetdicom runs each association as two threads that poll: the association reactor sleeps a
 fixed 1 ms between looks at its DIMSE queue, and the DUL thread sleeps 1 ms whenever it found
 nothing to do. Every C-STORE pays these sleeps on the way in and on the way out (about 3 ms
-per small image on one association, see the README's performance section), and every idle
+per small image on one association, see docs/performance/journal.md), and every idle
 association wakes 2000 times a second.
 
 `PromptDUL` waits in `select()` on the peer's socket and on a pipe that `send_pdu` and

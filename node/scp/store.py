@@ -57,7 +57,7 @@ from node.storage.structure import read_header
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses pacsnode answers (documented in the README).
+# C-STORE statuses pacsnode answers (documented in docs/reference/conformance.md).
 SUCCESS = 0x0000
 REFUSED_NOT_AUTHORISED = 0x0124
 DUPLICATE_REJECTED = 0x0111

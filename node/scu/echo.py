@@ -1,4 +1,4 @@
-"""C-ECHO to a device: the DICOM "ping" of the device table (seed 002)."""
+"""C-ECHO to a device: the DICOM "ping" of the device table (docs/how-to/devices.md)."""
 
 from __future__ import annotations
 

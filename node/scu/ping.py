@@ -1,4 +1,4 @@
-"""Ping a device's host (seed 002: "issue a ping command or a DICOM Echo request").
+"""Ping a device's host (`pacsnode device ping`, docs/how-to/devices.md).
 
 An administrator's ping is ICMP echo, as eRAD's is. Sending ICMP takes a raw socket (root or
 CAP_NET_RAW), so the system's `ping` (Debian's iputils-ping, installed with that capability)

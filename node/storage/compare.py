@@ -1,4 +1,5 @@
-"""Compare a duplicate with the stored copy (duplicate policy "compare", seed 000)."""
+"""Compare a duplicate with the stored copy (duplicate policy "compare",
+docs/how-to/partitions.md)."""
 
 from __future__ import annotations
 

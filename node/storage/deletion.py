@@ -7,7 +7,7 @@ manifest written first, so a crash at any moment is undone or finished at the ne
 `recover`: files whose index rows are still there go back, the rest go.
 
 - purge and untracked deletes hold in `<folder>/.trash/<id>/`, removed after the commit;
-- tracked deletes (the partition's delete management, seed 000) hold in
+- tracked deletes (the partition's delete management, docs/how-to/storage.md) hold in
   `<folder>/.deleted/<id>/`, recorded in deleted_studies, from where `restore` puts the study
   back or `discard` removes it for good.
 """

@@ -1,5 +1,5 @@
-"""Delete management (seed 000): study delete, the deleted list with restore and remove,
-partitions deletable only when empty, and deletes a crash interrupted."""
+"""Delete management (docs/how-to/storage.md): study delete, the deleted list with restore and
+remove, partitions deletable only when empty, and deletes a crash interrupted."""
 
 from __future__ import annotations
 

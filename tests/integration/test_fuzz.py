@@ -65,7 +65,8 @@ pytestmark = [pytest.mark.slow,
               # About 30 ms a case here; generous, so long runs on demand are not cut short.
               pytest.mark.timeout(120 + (DATASET_CASES + PDU_CASES) // 10)]
 MAX_PDU = 1 << 20
-# Statuses the node may answer a C-STORE with (README); 0x0110 counts as a crash.
+# Statuses the node may answer a C-STORE with (docs/reference/conformance.md); 0x0110 counts
+# as a crash.
 EXPECTED = {0x0000, 0x0111, 0xA700, 0xA900, 0xC000, 0xC001, 0xC002}
 # pynetdicom's words for an event handler (ours) that raised. Tracebacks pynetdicom logs for
 # a PDU it could not decode or an action its state machine failed (the guard then aborts the

@@ -90,7 +90,7 @@ def test_keywords_may_be_any_iterable() -> None:
     assert [d.keyword for d in result] == ["PatientID"]
 
 
-# The partition's study-matching flags (seed 000), as the model declares them.
+# The partition's study-matching flags (docs/how-to/coercion.md), as the model declares them.
 FLAGS = sorted(c.name for c in Partition.__table__.columns if c.name.startswith("match_"))
 
 

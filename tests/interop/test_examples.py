@@ -140,12 +140,12 @@ def test_the_readme_sends_compressed_files_as_they_are_with_dcmsend(
     for name in [*COMPRESSED, "CT_small.dcm"]:
         shutil.copy(get_testdata_file(name), study / name)
     files = sorted(study.glob("*.dcm"))
-    # What the README warns of: storescu proposes uncompressed syntaxes only.
+    # What docs/tutorials/first-node.md warns of: storescu proposes uncompressed syntaxes only.
     plain = subprocess.run([str(dcmtk / "storescu"), "-aet", "CT1", "-aec", "PACSNODE",
                             "127.0.0.1", str(node.port), str(study / "JPEG-lossy.dcm")],
                            env=dcmtk_env(), capture_output=True, text=True, timeout=60)
     assert plain.returncode != 0 and "unable to convert" in plain.stdout + plain.stderr
-    # What it says to use instead (README, "Using it").
+    # What it says to use instead (the same tutorial, and the README's quick start).
     sent = subprocess.run([str(dcmtk / "dcmsend"), "-aet", "CT1", "-aec", "PACSNODE",
                            "127.0.0.1", str(node.port), *map(str, files)],
                           env=dcmtk_env(), capture_output=True, text=True, timeout=60)

@@ -43,7 +43,7 @@ class Base(DeclarativeBase):
 
 
 class DuplicatePolicy(enum.StrEnum):
-    """What a partition does with a SOP instance it already holds (seed 000)."""
+    """What a partition does with a SOP instance it already holds (docs/how-to/partitions.md)."""
 
     SEND_SUCCESS = "send-success"  # answer success, keep the stored copy, drop the new one
     REJECT = "reject"  # answer a failure status
@@ -76,7 +76,7 @@ class Partition(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ae_title: Mapped[str] = mapped_column(String(16), unique=True)
     port: Mapped[int] = mapped_column(Integer, index=True)  # 0: no plain TCP port
-    # DICOM TLS port (seeds 001, 003); 0: none. A port number is either TCP or TLS.
+    # DICOM TLS port (docs/how-to/tls.md); 0: none. A port number is either TCP or TLS.
     tls_port: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Inbound associations to this partition at once; 0: only the node's limit applies.
     max_associations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -94,7 +94,7 @@ class Partition(Base):
     match_accession_number: Mapped[bool] = mapped_column(Boolean, default=True)
     match_issuer_of_patient_id: Mapped[bool] = mapped_column(Boolean, default=True)
     track_deleted_studies: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Query/retrieve (seed 001); NULL: the node default from the settings file.
+    # Query/retrieve (docs/reference/query-retrieve.md); NULL: the node default from the settings file.
     case_sensitive_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     empty_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     query_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -104,7 +104,7 @@ class Partition(Base):
 
 
 class Category(Base):
-    """Devices of one category share a connection limit (seed 002)."""
+    """Devices of one category share a connection limit (docs/how-to/devices.md)."""
 
     __tablename__ = "categories"
 
@@ -151,7 +151,7 @@ class Device(Base):
     # Sender tasks (associations) at once: one could not keep up with a fast modality's CT
     # burst into the node (bench/forward.py), two do.
     max_outbound_tasks: Mapped[int] = mapped_column(Integer, default=2)
-    # Associations the device may hold open to this node at once (seed 004); 0: the node's
+    # Associations the device may hold open to this node at once (docs/how-to/limits.md); 0: the node's
     # [dicom] max_associations_per_device.
     max_inbound_associations: Mapped[int] = mapped_column(Integer, default=0,
                                                           server_default="0")
@@ -244,7 +244,7 @@ class Study(Base):
     study_description_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
     # Demographics as the first instance of the study carried them: the study answers queries
-    # with them, and study matching compares every later instance against them (seed 000).
+    # with them, and study matching compares every later instance against them (docs/how-to/coercion.md).
     patient_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
     patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
@@ -382,7 +382,7 @@ class ForwardJob(Base):
 
 
 class IntegrityItem(Base):
-    """A record that needs a person: the Study Integrity Queue of seed 000."""
+    """A record that needs a person: the study integrity queue (docs/how-to/coercion.md)."""
 
     __tablename__ = "integrity_items"
 
@@ -495,7 +495,7 @@ class DirectoryPartition(Base):
 
 
 class DeletedStudy(Base):
-    """A study deleted by an administrator while its partition tracks deletes (seed 000).
+    """A study deleted by an administrator while its partition tracks deletes (docs/how-to/storage.md).
 
     Its files were moved, not removed, to `folder` (relative to the storage root), from where
     it can be restored.
@@ -521,7 +521,7 @@ class DeletedStudy(Base):
 
 
 class Activity(Base):
-    """The DICOM activity log (seed 004): associations, stores, queries, retrieves, forwards.
+    """The DICOM activity log (docs/how-to/activity-log.md): associations, stores, queries, retrieves, forwards.
 
     Written in batches off the hot path and removed after storage.activity_retention_days.
     """

@@ -94,7 +94,8 @@ class Partition(Base):
     match_accession_number: Mapped[bool] = mapped_column(Boolean, default=True)
     match_issuer_of_patient_id: Mapped[bool] = mapped_column(Boolean, default=True)
     track_deleted_studies: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Query/retrieve (docs/reference/query-retrieve.md); NULL: the node default from the settings file.
+    # Query/retrieve (docs/reference/query-retrieve.md); NULL: the node default from the
+    # settings file.
     case_sensitive_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     empty_matching: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     query_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -151,8 +152,8 @@ class Device(Base):
     # Sender tasks (associations) at once: one could not keep up with a fast modality's CT
     # burst into the node (bench/forward.py), two do.
     max_outbound_tasks: Mapped[int] = mapped_column(Integer, default=2)
-    # Associations the device may hold open to this node at once (docs/how-to/limits.md); 0: the node's
-    # [dicom] max_associations_per_device.
+    # Associations the device may hold open to this node at once (docs/how-to/limits.md);
+    # 0: the node's [dicom] max_associations_per_device.
     max_inbound_associations: Mapped[int] = mapped_column(Integer, default=0,
                                                           server_default="0")
     category_id: Mapped[int | None] = mapped_column(
@@ -244,7 +245,8 @@ class Study(Base):
     study_description_key: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
     # Demographics as the first instance of the study carried them: the study answers queries
-    # with them, and study matching compares every later instance against them (docs/how-to/coercion.md).
+    # with them, and study matching compares every later instance against them
+    # (docs/how-to/coercion.md).
     patient_name: Mapped[str] = mapped_column(String(PN_WIDTH), default="")
     patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(String(TEXT_WIDTH), default="")
@@ -495,7 +497,9 @@ class DirectoryPartition(Base):
 
 
 class DeletedStudy(Base):
-    """A study deleted by an administrator while its partition tracks deletes (docs/how-to/storage.md).
+    """A study deleted by an administrator while its partition tracks deletes.
+
+    See docs/how-to/storage.md.
 
     Its files were moved, not removed, to `folder` (relative to the storage root), from where
     it can be restored.
@@ -521,7 +525,9 @@ class DeletedStudy(Base):
 
 
 class Activity(Base):
-    """The DICOM activity log (docs/how-to/activity-log.md): associations, stores, queries, retrieves, forwards.
+    """The DICOM activity log: associations, stores, queries, retrieves, forwards.
+
+    See docs/how-to/activity-log.md.
 
     Written in batches off the hot path and removed after storage.activity_retention_days.
     """

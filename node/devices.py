@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session
 from node import replication
 from node.config import resolve_transfer_syntax
 from node.db.models import Category, Device, DeviceType
-from node.forwarding.routing import RuleError
-from node.forwarding.routing import parse_rules as parse_forward_rules
 from node.hostnames import is_ip, resolve_ip
 from node.partitions import AdminError, check_ae_title, check_port
 from node.partitions import get as get_partition
-from node.scp.coercion import CoercionError, parse_rules
+from node.policy.coercion import CoercionError, parse_rules
+from node.policy.routing import RuleError
+from node.policy.routing import parse_rules as parse_forward_rules
 
 EDITABLE = (
     "name", "ae_title", "host", "port", "tls_port", "device_type", "enabled", "partition",

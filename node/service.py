@@ -23,11 +23,11 @@ from node.db.database import Database
 from node.db.models import Partition
 from node.forwarding.service import Forwarder
 from node.notify import Notifier
+from node.policy.admission import Limits
+from node.policy.handshake import ConnectionLimits
 from node.redact import redact_url
-from node.scp.admission import Limits
 from node.scp.commitment import StorageCommitment
 from node.scp.gate import Connections
-from node.scp.handshake import ConnectionLimits
 from node.scp.processes import AssociationProcesses
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import AssociationRegistry

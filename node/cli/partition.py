@@ -26,8 +26,8 @@ from node.cli.common import (
     transaction,
 )
 from node.db.models import Partition
+from node.policy.matching import MATCH_FIELDS
 from node.ports import bind_reason, probe
-from node.scp.matching import MATCH_FIELDS
 
 app = typer.Typer(help="Partitions: AE title + port virtual archives.", no_args_is_help=True)
 

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from node import activity
 from node.cli.common import ConfigOption, JsonOption, database, fail, print_json, table
 from node.db.models import Partition, Study
+from node.policy.purge import Candidate
 from node.storage import deletion, purge
 
 app = typer.Typer(help="Studies held by this node: list, delete.", no_args_is_help=True)
@@ -51,7 +52,7 @@ def list_(
             "yes" if r["stored_elsewhere"] else "no"] for r in rows])
 
 
-def _as_dict(study: Study, partition: str, candidate: purge.Candidate) -> dict[str, Any]:
+def _as_dict(study: Study, partition: str, candidate: Candidate) -> dict[str, Any]:
     return {"partition": partition, "study_instance_uid": study.study_instance_uid,
             "patient_id": study.patient_id, "patient_name": study.patient_name,
             "study_date": study.study_date, "accession_number": study.accession_number,

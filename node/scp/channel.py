@@ -22,7 +22,7 @@ import socket
 import threading
 from typing import Any
 
-from node.scp.admission import DeviceView, PartitionPolicy
+from node.policy.admission import DeviceView, PartitionPolicy
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
 from node.activity import ActivityLog, Event
-from node.scp.handshake import (
+from node.policy.handshake import (
     REJECT_PROTOCOL_VERSION,
     ConnectionLimits,
     Refusals,

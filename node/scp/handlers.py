@@ -20,9 +20,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.activity import ActivityLog, Event
 from node.db.database import Database
-from node.scp import admission, lookup
+from node.policy import admission
+from node.policy.contexts import requestor_first
+from node.scp import lookup
 from node.scp.commitment import StorageCommitment
-from node.scp.contexts import requestor_first
 from node.scp.direct_store import DirectStore, StoreRequest
 from node.scp.pdu_guard import discard_partial_dataset
 from node.scp.prompt import PromptDUL

@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session
 
 from node.db.database import Database
 from node.db.models import Device, DeviceType, DirectoryNode, DirectoryPartition, Partition
-from node.forwarding.routing import ROUTED_TYPES, Route
-from node.forwarding.routing import parse_rules as parse_forward_rules
 from node.hostnames import resolve_ip
-from node.scp.admission import DeviceView, PartitionPolicy
-from node.scp.coercion import CoercionError, Rule, parse_rules
-from node.scp.matching import MATCH_FIELDS
+from node.policy.admission import DeviceView, PartitionPolicy
+from node.policy.coercion import CoercionError, Rule, parse_rules
+from node.policy.matching import MATCH_FIELDS
+from node.policy.routing import AUTO_ROUTED_TYPE, ROUTED_TYPES, Route
+from node.policy.routing import parse_rules as parse_forward_rules
 from node.scp.store import Peer
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def directory_device(session: Session, ae_title: str) -> Device | None:
 def routes_for(session: Session, partition_id: int) -> tuple[tuple[Route, ...], dict[int, bool]]:
     """The partition's forwarding destinations, and each one's send-updates override."""
     devices = session.scalars(select(Device).where(
-        Device.device_type.in_([t.value for t in (*ROUTED_TYPES, DeviceType.VIEWER)]),
+        Device.device_type.in_([*sorted(ROUTED_TYPES), AUTO_ROUTED_TYPE]),
         or_(Device.partition_id == partition_id, Device.partition_id.is_(None)),
     )).all()
     routes = tuple(Route(d.id, d.device_type, d.partition_id, d.enabled, d.forward,

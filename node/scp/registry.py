@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from node.scp.admission import DeviceView, Limits, OpenAssociations, PartitionPolicy, over_limit
+from node.policy.admission import DeviceView, Limits, OpenAssociations, PartitionPolicy, over_limit
 
 Sender = tuple[str, object]
 

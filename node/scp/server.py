@@ -35,13 +35,13 @@ from node.implementation import (
     identify,
     implementation_version_name,
 )
+from node.policy.handshake import listen_backlog
 from node.ports import bind_reason
 from node.scp import pdu_guard, prompt
 from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.scp.commitment import StorageCommitment
 from node.scp.gate import Connections, HandshakeGate
 from node.scp.handlers import ScpHandlers
-from node.scp.handshake import listen_backlog
 from node.scp.listener import (
     AdoptingAssociationServer,
     Dispatcher,

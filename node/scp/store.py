@@ -43,10 +43,10 @@ from node.db.models import (
     IntegrityKind,
     JobState,
 )
-from node.forwarding.routing import Received, Route, destinations
-from node.scp.admission import DeviceView, PartitionPolicy
-from node.scp.coercion import Rule, apply_rules
-from node.scp.matching import Difference, demographic_differences, patient_differences
+from node.policy.admission import DeviceView, PartitionPolicy
+from node.policy.coercion import Rule, apply_rules
+from node.policy.matching import Difference, demographic_differences, patient_differences
+from node.policy.routing import Received, Route, destinations
 from node.scp.sop_classes import has_no_study
 from node.storage import compare, files
 from node.storage.header_scan import scan_header

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.scp.matching import Difference
+from node.policy.matching import Difference
 
 # File meta (group 0002) describes the transfer, not the object: never a difference.
 _SHOWN = 64

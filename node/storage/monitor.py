@@ -25,6 +25,8 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import NodeMeta, Partition, Study
 from node.notify import Notifier
+from node.policy.purge import Candidate
+from node.policy.purge import choose as choose_purge
 from node.storage import cpu, deletion, files, purge, reconcile
 from node.storage.space import StorageGuard, Usage, bytes_above, measure
 
@@ -225,7 +227,7 @@ class StorageMonitor:
             with self.db.session() as session:
                 held = session.scalar(select(func.count()).select_from(Study)
                                       .where(Study.partition_id.in_(partition_ids))) or 0
-                batch = purge.choose(
+                batch = choose_purge(
                     purge.candidates(session, partition_ids, self.s.purge_order,
                                      self.s.archive_device_types),
                     bytes_needed=needed, batch_size=self.s.purge_batch_size,
@@ -251,7 +253,7 @@ class StorageMonitor:
                     stopped or "low watermark reached")
         return stopped
 
-    def _still_purgeable(self, candidate: purge.Candidate) -> Callable[[Session], bool]:
+    def _still_purgeable(self, candidate: Candidate) -> Callable[[Session], bool]:
         def check(session: Session) -> bool:
             [now] = purge.describe(session, [(candidate.study_pk, candidate.study_instance_uid,
                                               candidate.partition_id)],

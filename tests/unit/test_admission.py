@@ -1,4 +1,4 @@
-"""Unit tests for association admission (node/scp/admission.py)."""
+"""Unit tests for association admission (node/policy/admission.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from node.scp.admission import (
+from node.policy.admission import (
     Admission,
     DeviceView,
     PartitionPolicy,

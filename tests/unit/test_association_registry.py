@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from node.scp.admission import DeviceView, Limits, PartitionPolicy
+from node.policy.admission import DeviceView, Limits, PartitionPolicy
 from node.scp.channel import Channel, RemoteAdmissions
 from node.scp.registry import AssociationRegistry
 from tests.conftest import wait_for

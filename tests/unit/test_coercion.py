@@ -1,4 +1,4 @@
-"""Unit tests for the per-device coercion language (node/scp/coercion.py)."""
+"""Unit tests for the per-device coercion language (node/policy/coercion.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from node.scp.coercion import CoercionError, Rule, apply_rules, parse_rules
+from node.policy.coercion import CoercionError, Rule, apply_rules, parse_rules
 
 
 def _dataset(**values: str) -> Dataset:

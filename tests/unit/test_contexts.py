@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.scp.contexts import requestor_first
+from node.policy.contexts import requestor_first
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -7,8 +7,7 @@ import struct
 
 import pytest
 
-from node.scp.gate import Connections, undecodable
-from node.scp.handshake import (
+from node.policy.handshake import (
     REJECT_PROTOCOL_VERSION,
     ConnectionLimits,
     Refusals,
@@ -17,6 +16,7 @@ from node.scp.handshake import (
     refuse_connection,
     unsupported_version,
 )
+from node.scp.gate import Connections, undecodable
 from tests import hostile
 
 RQ = hostile.associate_rq(abstract_syntaxes=("1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"))

@@ -1,4 +1,4 @@
-"""Unit tests for study demographic matching (node/scp/matching.py)."""
+"""Unit tests for study demographic matching (node/policy/matching.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from node.db.indexer import InstanceAttributes
 from node.db.models import Partition
+from node.policy.matching import Difference, demographic_differences
 from node.scp.lookup import policy_of
-from node.scp.matching import Difference, demographic_differences
 
 
 def test_identical_values_give_no_difference() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.storage.purge import SCAN_LIMIT, Candidate, choose
+from node.policy.purge import SCAN_LIMIT, Candidate, choose
 from node.storage.space import Usage, bytes_above, is_critical
 
 MB = 1_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.forwarding.queue import backoff_seconds
-from node.forwarding.routing import Received, Route, RuleError, destinations, parse_rules
+from node.policy.routing import Received, Route, RuleError, destinations, parse_rules
 
 CT = Received(partition_id=1, modality="CT", calling_ae="CT1",
               sop_class="1.2.840.10008.5.1.4.1.1.2")
@@ -45,3 +45,14 @@ def test_bad_rules_are_refused_with_the_line(text: str, message: str) -> None:
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff_seconds(n, 10, 60) for n in range(1, 6)] == [10, 20, 40, 60, 60]
     assert backoff_seconds(0, 10, 60) == 10
+
+
+def test_routed_device_types_are_the_schema_s() -> None:
+    # policy/routing.py names the types as strings so that it imports no schema; they must
+    # stay DeviceType's values (a renamed type would route nothing).
+    from node.db.models import DeviceType
+    from node.policy.routing import AUTO_ROUTED_TYPE, ROUTED_TYPES
+
+    assert {*ROUTED_TYPES, AUTO_ROUTED_TYPE} <= {t.value for t in DeviceType}
+    assert {DeviceType.PARENT, DeviceType.BACKUP_TARGET} == ROUTED_TYPES
+    assert AUTO_ROUTED_TYPE == DeviceType.VIEWER

@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from node.db.models import DeviceType
-
 RULE_KEYS = {"modality": "modality", "calling-ae": "calling_ae", "sop-class": "sop_class"}
-ROUTED_TYPES = frozenset({DeviceType.PARENT, DeviceType.BACKUP_TARGET})
+# Values of db.models.DeviceType (a StrEnum, equal to these strings): the decision needs no
+# schema import (tests/unit/test_routing.py checks they are DeviceType's).
+ROUTED_TYPES = frozenset({"PARENT", "BACKUP_TARGET"})
+AUTO_ROUTED_TYPE = "VIEWER"
 
 
 class RuleError(ValueError):
@@ -81,7 +82,7 @@ def destinations(routes: Iterable[Route], received: Received) -> list[int]:
             continue
         if route.device_type in ROUTED_TYPES:
             selected = all(_holds(rule, received) for rule in route.rules)
-        elif route.device_type == DeviceType.VIEWER:
+        elif route.device_type == AUTO_ROUTED_TYPE:
             selected = bool(route.rules) and all(_holds(r, received) for r in route.rules)
         else:
             selected = False

@@ -97,7 +97,7 @@ class DicomSettings:
     # once keeps their receiving threads on a CPU of its own (scp/affinity.py).
     cpu_affinity: bool = True
     # Accept storage of a SOP class neither pydicom nor pynetdicom knows (a vendor's private
-    # class, one newer than the libraries) when a sender proposes it (scp/sop_classes.py).
+    # class, one newer than the libraries) when a sender proposes it (sop_classes.py).
     accept_unknown_sop_classes: bool = True
 
     def processes(self) -> int:

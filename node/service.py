@@ -22,6 +22,7 @@ from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
 from node.forwarding.service import Forwarder
+from node.ingest.pipeline import Ingest
 from node.notify import Notifier
 from node.policy.admission import Limits
 from node.policy.handshake import ConnectionLimits
@@ -32,7 +33,6 @@ from node.scp.processes import AssociationProcesses
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import AssociationRegistry
 from node.scp.server import DicomServer, configure_pynetdicom
-from node.scp.store import Ingest
 from node.server_process import tune_process
 from node.storage import deletion, files, reconcile, storagelock
 from node.storage.monitor import StorageMonitor

@@ -46,7 +46,7 @@ def import_(paths: Paths, partition: PartitionOption = None, as_json: JsonOption
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         fail(f"no such file or folder: {', '.join(missing)}")
-    with database(config) as (settings, db), _quiet("node.scp.store"):
+    with database(config) as (settings, db), _quiet("node.ingest.pipeline"):
         configure_pynetdicom()  # pydicom reads and writes as the node does
         try:
             importer = Importer(settings, db, partition)

@@ -33,12 +33,12 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
 from node.importing.sources import Kind, Sniffed, sniff
+from node.ingest import lookup
+from node.ingest.pipeline import CANNOT_PARSE, INVALID_UID, Ingest, Peer
 from node.partitions import AdminError
-from node.scp import lookup
 from node.scp.direct_store import file_meta
 from node.scp.server import supported_contexts
-from node.scp.sop_classes import unknown_storage_classes
-from node.scp.store import CANNOT_PARSE, INVALID_UID, Ingest, Peer
+from node.sop_classes import unknown_storage_classes
 from node.storage import files
 from node.storage.space import StorageGuard
 

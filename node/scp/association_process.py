@@ -19,13 +19,13 @@ from node import permissions
 from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
+from node.ingest.pipeline import Ingest
 from node.logs import configure_logging
 from node.scp.channel import Channel, RemoteAdmissions
 from node.scp.commitment import StorageCommitment
 from node.scp.listener import Listen
 from node.scp.qr import QueryRetrieve
 from node.scp.server import DicomServer, configure_pynetdicom
-from node.scp.store import Ingest
 from node.server_process import tune_process
 from node.storage import files
 from node.storage.space import StorageGuard

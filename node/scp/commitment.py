@@ -23,8 +23,8 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import ForwardJob, Instance, utcnow
 from node.implementation import identify
-from node.scp import lookup
-from node.scp.store import Peer
+from node.ingest import lookup
+from node.ingest.pipeline import Peer
 from node.scu.tuning import CONNECTION_HANDLERS
 from node.tls import endpoint
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node import sop_classes
 from node.implementation import IMPLEMENTATION_CLASS_UID, implementation_version_name
-from node.scp import sop_classes
 from node.storage import files
 from node.storage.dirsync import DirectorySyncs
 

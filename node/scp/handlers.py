@@ -20,17 +20,17 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.activity import ActivityLog, Event
 from node.db.database import Database
+from node.ingest import lookup
+from node.ingest.pipeline import PROCESSING_FAILURE, Ingest, Outcome, Peer
 from node.policy import admission
 from node.policy.contexts import requestor_first
-from node.scp import lookup
 from node.scp.commitment import StorageCommitment
 from node.scp.direct_store import DirectStore, StoreRequest
 from node.scp.pdu_guard import discard_partial_dataset
 from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
-from node.scp.sop_classes import unknown_storage_classes
-from node.scp.store import PROCESSING_FAILURE, Ingest, Outcome, Peer
+from node.sop_classes import unknown_storage_classes
 from node.storage.dirsync import DirectorySyncs
 from node.storage.files import DeferredSync, ReceivedFile
 
@@ -290,7 +290,7 @@ class ScpHandlers:
         context = self._contexts.get(key)
         if context is None:
             context = build_context(abstract, syntaxes)
-            # A SOP class the node does not know is taken as storage (scp/sop_classes.py).
+            # A SOP class the node does not know is taken as storage (sop_classes.py).
             roles = self.supported.get(abstract, self._storage)
             context.scu_role = roles.scu_role
             context.scp_role = roles.scp_role

@@ -43,7 +43,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from node.scp import sop_classes
+from node import sop_classes
 from node.scp.affinity import ReceiverPinning
 from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
 from node.scp.timers import monotonic_timers
@@ -317,7 +317,7 @@ class PromptAssociation(Association):
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         # pynetdicom serves C-STORE only for the storage classes it lists and aborts for the
-        # others; the node accepted their contexts as storage too (scp/sop_classes.py), so
+        # others; the node accepted their contexts as storage too (sop_classes.py), so
         # they are served as storage. (The direct receiver takes almost every C-STORE; this
         # is for the few it leaves to pynetdicom, e.g. from a peer with a tiny maximum PDU.)
         context = self._accepted_cx.get(context_id)

@@ -21,6 +21,8 @@ from node.activity import ActivityLog, Event
 from node.config import QuerySettings, Settings
 from node.db.database import Database
 from node.db.models import Device, Instance, Study, utcnow
+from node.ingest import lookup
+from node.ingest.pipeline import Peer
 from node.query.conditions import Match, Query, QueryError, parse_identifier
 from node.query.index import (
     MatchSettings,
@@ -29,11 +31,9 @@ from node.query.index import (
     identifier,
     statement,
 )
-from node.scp import lookup
 from node.scp.direct_answers import FindAnswers, RetrieveAnswers
 from node.scp.direct_send import Sent, answers_sent, released_in_the_background
 from node.scp.prompt import prompt_requestor
-from node.scp.store import Peer
 from node.scu.contexts import sub_operation_contexts
 from node.scu.failure import AssociationFailure
 from node.scu.send import StoreSender

@@ -35,6 +35,7 @@ from node.implementation import (
     identify,
     implementation_version_name,
 )
+from node.ingest.pipeline import Ingest
 from node.policy.handshake import listen_backlog
 from node.ports import bind_reason
 from node.scp import pdu_guard, prompt
@@ -50,8 +51,7 @@ from node.scp.listener import (
 )
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
-from node.scp.sop_classes import STORAGE_SOP_CLASSES
-from node.scp.store import Ingest
+from node.sop_classes import STORAGE_SOP_CLASSES
 from node.tls import TlsError, server_context
 
 log = logging.getLogger(__name__)

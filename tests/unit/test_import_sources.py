@@ -27,7 +27,7 @@ from node.importing.sources import (
     sniff,
     valid_component,
 )
-from node.scp.store import INVALID_UID
+from node.ingest.pipeline import INVALID_UID
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent  # type: ignore[arg-type]
 DICOMDIR = TEST_FILES / "dicomdirtests" / "DICOMDIR"

@@ -6,8 +6,8 @@ import pytest
 
 from node.db.indexer import InstanceAttributes
 from node.db.models import Partition
+from node.ingest.lookup import policy_of
 from node.policy.matching import Difference, demographic_differences
-from node.scp.lookup import policy_of
 
 
 def test_identical_values_give_no_difference() -> None:

@@ -1,4 +1,4 @@
-"""Which SOP classes the node takes as storage (node/scp/sop_classes.py)."""
+"""Which SOP classes the node takes as storage (node/sop_classes.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pynetdicom.service_class import (
 )
 from pynetdicom.sop_class import uid_to_service_class
 
-from node.scp.sop_classes import (
+from node.sop_classes import (
     STORAGE_SOP_CLASSES,
     has_no_study,
     is_stored,

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 from node.db.database import Database
 from node.db.models import Device, DeviceType, DirectoryNode, DirectoryPartition, Partition
 from node.hostnames import resolve_ip
+from node.ingest.pipeline import Peer
 from node.policy.admission import DeviceView, PartitionPolicy
 from node.policy.coercion import CoercionError, Rule, parse_rules
 from node.policy.matching import MATCH_FIELDS
 from node.policy.routing import AUTO_ROUTED_TYPE, ROUTED_TYPES, Route
 from node.policy.routing import parse_rules as parse_forward_rules
-from node.scp.store import Peer
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from node.policy.admission import DeviceView, PartitionPolicy
 from node.policy.coercion import Rule, apply_rules
 from node.policy.matching import Difference, demographic_differences, patient_differences
 from node.policy.routing import Received, Route, destinations
-from node.scp.sop_classes import has_no_study
+from node.sop_classes import has_no_study
 from node.storage import compare, files
 from node.storage.header_scan import scan_header
 from node.storage.paths import instance_relpath, is_harmless_uid, is_valid_uid

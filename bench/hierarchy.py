@@ -22,7 +22,7 @@ measure this process rather than the product. Once the tree has started, its obj
 frozen out of the garbage collector's full passes (gc.freeze(); --no-gc-freeze to keep them):
 127 nodes' heaps in one process make each full pass stop every thread for about half a
 second, which a node in its own process does not see. With --processes each node's process
-is tuned as `pacsnode serve` tunes its own (node.server_process). Every node's process then
+is tuned as `pacsnode serve` tunes its own (node.processes.tuning). Every node's process then
 holds its own copy of the code: about 100 MB each, 13 GB for 127.
 A benchmark, not a test: it prints figures and never fails on them.
 
@@ -76,7 +76,7 @@ from node.db.models import (  # noqa: E402
     DirectoryNode,
     ReplicatedDevice,
 )
-from node.server_process import tune_process  # noqa: E402
+from node.processes.tuning import tune_process  # noqa: E402
 from node.service import ensure_bootstrap_partition, open_database  # noqa: E402
 
 DEVICE = "BENCHDEV"

@@ -94,7 +94,7 @@ class DicomSettings:
     # Orthanc's rate, with one per core ahead of it; bench/ingest.py).
     association_processes: int = 0
     # With one association process per CPU: a process serving two or more associations at
-    # once keeps their receiving threads on a CPU of its own (scp/affinity.py).
+    # once keeps their receiving threads on a CPU of its own (affinity.py).
     cpu_affinity: bool = True
     # Accept storage of a SOP class neither pydicom nor pynetdicom knows (a vendor's private
     # class, one newer than the libraries) when a sender proposes it (sop_classes.py).

@@ -15,25 +15,22 @@ from typing import Protocol
 
 from sqlalchemy import select
 
-from node import permissions, replication, tls
+from node import permissions, replication, serving, tls
 from node.activity import ActivityLog
 from node.config import Settings
 from node.db import migrate
 from node.db.database import Database
 from node.db.models import Partition
 from node.forwarding.service import Forwarder
-from node.ingest.pipeline import Ingest
 from node.notify import Notifier
 from node.policy.admission import Limits
 from node.policy.handshake import ConnectionLimits
+from node.processes.supervisor import AssociationProcesses
+from node.processes.tuning import tune_process
 from node.redact import redact_url
-from node.scp.commitment import StorageCommitment
 from node.scp.gate import Connections
-from node.scp.processes import AssociationProcesses
-from node.scp.qr import QueryRetrieve
 from node.scp.registry import AssociationRegistry
-from node.scp.server import DicomServer, configure_pynetdicom
-from node.server_process import tune_process
+from node.scp.server import DicomServer
 from node.storage import deletion, files, reconcile, storagelock
 from node.storage.monitor import StorageMonitor
 from node.storage.space import StorageGuard
@@ -123,16 +120,11 @@ class Node:
             log.warning("removed %d incomplete temporary file(s) from %s", swept,
                         storage / files.INCOMING)
         self.guard = StorageGuard(storage, settings.storage.critical_watermark)
-        # pynetdicom streams each incoming dataset to a temporary file; on the storage
-        # filesystem, putting it into the archive is a link, not a copy.
-        files.use_incoming_for_temporary_files(storage)
-        configure_pynetdicom()
+        serving.prepare_process(storage)
         self.activity = ActivityLog(self.db, settings.storage.activity_log)
         self.activity.start()
         self.forwarder = Forwarder(self.db, settings, storage, owner=settings.node.name,
                                    activity=self.activity)
-        ingest = Ingest(self.db, storage, settings.forwarding.send_updates,
-                        on_queued=self.forwarder.wake, guard=self.guard)
         d = settings.dicom
         registry = AssociationRegistry(
             Limits(d.maximum_associations, d.max_associations_per_device))
@@ -143,12 +135,9 @@ class Node:
                                                   d.processes() - 1,
                                                   inherit=(self._storage_lock,),
                                                   connections=connections)
-        self.server = DicomServer(settings, self.db, ingest,
-                                  QueryRetrieve(self.db, settings, storage, self.activity),
-                                  StorageCommitment(self.settings, self.db, storage,
-                                                    self.activity),
-                                  self.activity, admissions=registry,
-                                  dispatcher=self.processes, connections=connections)
+        self.server = serving.dicom_server(
+            settings, self.db, self.activity, guard=self.guard, on_queued=self.forwarder.wake,
+            admissions=registry, dispatcher=self.processes, connections=connections)
         if self.processes is not None:
             # Before the listeners open, so the first connections are spread too.
             self.processes.start()

@@ -44,7 +44,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from node import sop_classes
-from node.scp.affinity import ReceiverPinning
+from node.affinity import ReceiverPinning
 from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
 from node.scp.timers import monotonic_timers
 

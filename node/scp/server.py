@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.activity import ActivityLog
+from node.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
@@ -39,7 +40,6 @@ from node.ingest.pipeline import Ingest
 from node.policy.handshake import listen_backlog
 from node.ports import bind_reason
 from node.scp import pdu_guard, prompt
-from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.scp.commitment import StorageCommitment
 from node.scp.gate import Connections, HandshakeGate
 from node.scp.handlers import ScpHandlers

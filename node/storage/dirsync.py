@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from node.scp.affinity import unpin_current_thread
+from node.affinity import unpin_current_thread
 from node.storage import files
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class DirectorySyncs:
 
     def _run(self) -> None:
         # Started by the first store's thread, whose CPUs it inherited: that thread may be
-        # kept on one CPU (scp/affinity.py), this one need not be.
+        # kept on one CPU (affinity.py), this one need not be.
         unpin_current_thread()
         while True:
             with self._changed:

@@ -16,8 +16,8 @@ import pytest
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
+from node.affinity import PROCESS_CPUS
 from node.db.models import Instance
-from node.scp.affinity import PROCESS_CPUS
 from node.scp.prompt import PromptDUL
 from tests.conftest import RunningNode, dcmtk_env, stored_files, wait_for
 from tests.destination import CountingSCP

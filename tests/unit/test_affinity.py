@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from node.scp.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu, unpin_current_thread
+from node.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu, unpin_current_thread
 
 TWO_CPUS = pytest.mark.skipif(len(PROCESS_CPUS) < 2,
                               reason="pinning is seen only with two CPUs or more")

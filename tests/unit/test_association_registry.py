@@ -7,7 +7,7 @@ import socket
 import threading
 
 from node.policy.admission import DeviceView, Limits, PartitionPolicy
-from node.scp.channel import Channel, RemoteAdmissions
+from node.processes.channel import Channel, RemoteAdmissions
 from node.scp.registry import AssociationRegistry
 from tests.conftest import wait_for
 
@@ -69,7 +69,7 @@ def test_an_association_process_is_admitted_by_the_main_process_registry() -> No
     remote = RemoteAdmissions(other_side)
     threading.Thread(target=answer_from, args=(main_side, registry, 1), daemon=True).start()
 
-    def read_answers() -> None:  # as association_process.serve does
+    def read_answers() -> None:  # as processes/association.serve does
         while (received := other_side.receive()) is not None:
             message, _ = received
             if message[0] == "admitted":

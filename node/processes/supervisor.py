@@ -23,7 +23,7 @@ from pathlib import Path
 
 import node
 from node.config import Settings
-from node.scp.channel import Channel
+from node.processes.channel import Channel
 from node.scp.gate import Connections
 from node.scp.listener import Listen
 from node.scp.registry import AssociationRegistry
@@ -192,7 +192,7 @@ class AssociationProcesses:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
             process.popen = subprocess.Popen(
-                [sys.executable, "-m", "node.scp.association_process", str(theirs.fileno())],
+                [sys.executable, "-m", "node.processes.association", str(theirs.fileno())],
                 pass_fds=[theirs.fileno(), *self.inherit], env=env)
         except OSError as exc:
             log.error("cannot start association process %d: %s", process.number, exc)

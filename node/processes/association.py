@@ -1,7 +1,7 @@
 """An association process other than the node's main one (`dicom.association_processes`).
 
-Started by the main process (`processes.AssociationProcesses`) as
-`python -m node.scp.association_process FD`, FD being its end of the channel. It serves the
+Started by the main process (`supervisor.AssociationProcesses`) as
+`python -m node.processes.association FD`, FD being its end of the channel. It serves the
 connections the main process hands it, with the node's settings, database and storage, and
 asks the main process to admit each association and to wake forwarding. It stops when told
 to, or when the main process is gone (its channel closes).
@@ -15,19 +15,14 @@ import signal
 import socket
 import sys
 
-from node import permissions
+from node import permissions, serving
 from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
-from node.ingest.pipeline import Ingest
 from node.logs import configure_logging
-from node.scp.channel import Channel, RemoteAdmissions
-from node.scp.commitment import StorageCommitment
+from node.processes.channel import Channel, RemoteAdmissions
+from node.processes.tuning import tune_process
 from node.scp.listener import Listen
-from node.scp.qr import QueryRetrieve
-from node.scp.server import DicomServer, configure_pynetdicom
-from node.server_process import tune_process
-from node.storage import files
 from node.storage.space import StorageGuard
 
 log = logging.getLogger(__name__)
@@ -50,8 +45,7 @@ class _Served:
 
 def serve(channel: Channel, settings: Settings, number: int) -> None:
     storage = settings.storage_dir
-    files.use_incoming_for_temporary_files(storage)
-    configure_pynetdicom()
+    serving.prepare_process(storage)
     db = Database(settings.database_url,
                   connect_timeout=settings.node.database_connect_timeout,
                   timeout=settings.node.database_timeout)
@@ -64,13 +58,10 @@ def serve(channel: Channel, settings: Settings, number: int) -> None:
 
     admissions = RemoteAdmissions(channel)
     served = _Served(channel)
-    ingest = Ingest(db, storage, settings.forwarding.send_updates, on_queued=queued,
-                    guard=StorageGuard(storage, settings.storage.critical_watermark))
-    server = DicomServer(settings, db, ingest,
-                         QueryRetrieve(db, settings, storage, activity),
-                         StorageCommitment(settings, db, storage, activity), activity,
-                         admissions=admissions, dispatcher=served,
-                         process_number=number)
+    server = serving.dicom_server(
+        settings, db, activity,
+        guard=StorageGuard(storage, settings.storage.critical_watermark), on_queued=queued,
+        admissions=admissions, dispatcher=served, process_number=number)
     tune_process()
     channel.send("ready")
     grace = settings.node.shutdown_grace_seconds

@@ -12,15 +12,18 @@ device reports it committed (or turns out not to do commitment at all: `unsuppor
   `retry_base_seconds` doubling up to `retry_max_seconds`, without end;
 - reported failed: at the time set when it was asked.
 `queue retry`, `queue commit` and switching commitment on for a device make it due now.
-The N-EVENT-REPORT itself is recorded by node.scp.commitment.record_report.
+The N-EVENT-REPORT itself is recorded by record_report.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from pydicom.dataset import Dataset
+from pynetdicom import evt
 from sqlalchemy import and_, func, or_, select, update
 
 from node.config import ForwardingSettings
@@ -28,6 +31,11 @@ from node.db.database import Database
 from node.db.models import Device, ForwardJob, Instance, JobState, utcnow
 from node.forwarding import queue
 from node.forwarding.queue import backoff_seconds
+
+log = logging.getLogger(__name__)
+
+# The Storage Commitment Push Model SOP Instance every request and report names (PS3.4 J.3).
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 REQUESTED, COMMITTED, FAILED, UNSUPPORTED = "requested", "committed", "failed", "unsupported"
 REQUESTING = "requesting"  # the N-ACTION is on its way (or the association being opened)
@@ -148,3 +156,58 @@ def record(db: Database, owed: Sequence[Owed], transaction: str,
             session.execute(update(ForwardJob).where(
                 ForwardJob.id.in_(ids), mine, ForwardJob.commitment == REQUESTING)
                 .values(commitment=outcome.commitment, last_error=outcome.error[:2000]))
+
+
+def record_report(db: Database, report: Dataset) -> tuple[int, int]:
+    """Mark forward jobs of the report's transaction committed or failed; returns the counts.
+
+    Committed jobs are owed nothing more; failed ones are asked again when their request set
+    (the schedule above), with the reason in their last error.
+    """
+    transaction = str(report.get("TransactionUID", ""))
+    committed = [str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])]
+    failed: dict[str, list[str]] = {}
+    for item in report.get("FailedSOPSequence", []):
+        reason = item.get("FailureReason")
+        why = ("the destination reported it not committed"
+               + (f" (failure reason 0x{int(reason):04X})" if reason is not None else ""))
+        failed.setdefault(why, []).append(str(item.ReferencedSOPInstanceUID))
+    changes = [(committed, {"commitment": "committed", "committed_at": utcnow(),
+                            "commitment_due_at": None, "last_error": ""}),
+               *((uids, {"commitment": "failed", "committed_at": None, "last_error": why})
+                 for why, uids in failed.items())]
+    with db.transaction() as session:
+        for uids, values in changes:
+            if not uids:
+                continue
+            session.execute(
+                update(ForwardJob)
+                .where(ForwardJob.commitment_uid == transaction,
+                       ForwardJob.instance_pk.in_(select(Instance.id).where(
+                           Instance.sop_instance_uid.in_(uids))))
+                .values(**values))
+    return len(committed), sum(len(uids) for uids in failed.values())
+
+
+def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:
+    """EVT_N_EVENT_REPORT handler, on the node's SCP or on a forwarding association."""
+    committed, failed = record_report(db, event.event_information)
+    log.info("storage commitment report: %d committed, %d failed", committed, failed)
+    return 0x0000, None
+
+
+def reference(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def request_dataset(transaction: str, refs: list[tuple[str, str]]) -> Dataset:
+    """The N-ACTION information of a commitment request for `refs` (class, instance)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction
+    ds.ReferencedSOPSequence = [reference(c, s) for c, s in refs]
+    return ds

@@ -15,9 +15,9 @@ from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from node.forwarding.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.forwarding.queue import Job
 from node.implementation import identify
-from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.scp.prompt import prompt_requestor
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
 from node.scu.send import StoreSender

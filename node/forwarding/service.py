@@ -21,8 +21,8 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import Category, Device, Partition
 from node.forwarding import commitment, queue
+from node.forwarding.commitment import on_report
 from node.forwarding.sender import Connection, Result, Target
-from node.scp.commitment import on_report
 from node.tls import endpoint
 
 log = logging.getLogger(__name__)

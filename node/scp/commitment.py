@@ -4,7 +4,7 @@ As SCP: an N-ACTION names instances; each one is checked in the index and on dis
 is answered at once, and the result follows in an N-EVENT-REPORT on a new association to the
 requesting device (found in the device table by its AE title).
 As SCU (forwarding): the N-EVENT-REPORT a destination sends back, on any association, marks
-each forward job committed or failed.
+each forward job committed or failed (forwarding/commitment.py records it).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from node.activity import ActivityLog, Event
 from node.config import Settings
 from node.db.database import Database
-from node.db.models import ForwardJob, Instance, utcnow
+from node.db.models import Instance
+from node.forwarding.commitment import WELL_KNOWN_INSTANCE, on_report, reference
 from node.implementation import identify
 from node.ingest import lookup
 from node.ingest.pipeline import Peer
@@ -30,46 +31,7 @@ from node.tls import endpoint
 
 log = logging.getLogger(__name__)
 
-WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 NO_SUCH_OBJECT_INSTANCE = 0x0112
-
-
-def record_report(db: Database, report: Dataset) -> tuple[int, int]:
-    """Mark forward jobs of the report's transaction committed or failed; returns the counts.
-
-    Committed jobs are owed nothing more; failed ones are asked again when their request set
-    (node.forwarding.commitment), with the reason in their last error.
-    """
-    transaction = str(report.get("TransactionUID", ""))
-    committed = [str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])]
-    failed: dict[str, list[str]] = {}
-    for item in report.get("FailedSOPSequence", []):
-        reason = item.get("FailureReason")
-        why = ("the destination reported it not committed"
-               + (f" (failure reason 0x{int(reason):04X})" if reason is not None else ""))
-        failed.setdefault(why, []).append(str(item.ReferencedSOPInstanceUID))
-    changes = [(committed, {"commitment": "committed", "committed_at": utcnow(),
-                            "commitment_due_at": None, "last_error": ""}),
-               *((uids, {"commitment": "failed", "committed_at": None, "last_error": why})
-                 for why, uids in failed.items())]
-    with db.transaction() as session:
-        for uids, values in changes:
-            if not uids:
-                continue
-            session.execute(
-                update(ForwardJob)
-                .where(ForwardJob.commitment_uid == transaction,
-                       ForwardJob.instance_pk.in_(select(Instance.id).where(
-                           Instance.sop_instance_uid.in_(uids))))
-                .values(**values))
-    return len(committed), sum(len(uids) for uids in failed.values())
-
-
-def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:
-    """EVT_N_EVENT_REPORT handler, on the node's SCP or on a forwarding association."""
-    committed, failed = record_report(db, event.event_information)
-    log.info("storage commitment report: %d committed, %d failed", committed, failed)
-    return 0x0000, None
 
 
 class StorageCommitment:
@@ -122,9 +84,10 @@ class StorageCommitment:
             return
         report = Dataset()
         report.TransactionUID = transaction
-        report.ReferencedSOPSequence = [_ref(c, s) for c, s in ok]
+        report.ReferencedSOPSequence = [reference(c, s) for c, s in ok]
         if missing:
-            report.FailedSOPSequence = [_ref(c, s, NO_SUCH_OBJECT_INSTANCE) for c, s in missing]
+            report.FailedSOPSequence = [reference(c, s, NO_SUCH_OBJECT_INSTANCE)
+                                        for c, s in missing]
         ae = identify(AE(ae_title=peer.partition.ae_title))
         ae.add_requested_context(StorageCommitmentPushModel)
         where = target[1]
@@ -146,20 +109,3 @@ class StorageCommitment:
 
     def on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
         return on_report(self.db, event)
-
-
-def _ref(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class
-    item.ReferencedSOPInstanceUID = sop_instance
-    if reason is not None:
-        item.FailureReason = reason
-    return item
-
-
-def request_dataset(transaction: str, refs: list[tuple[str, str]]) -> Dataset:
-    """The N-ACTION information of a commitment request for `refs` (class, instance)."""
-    ds = Dataset()
-    ds.TransactionUID = transaction
-    ds.ReferencedSOPSequence = [_ref(c, s) for c, s in refs]
-    return ds

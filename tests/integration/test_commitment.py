@@ -20,7 +20,7 @@ from node.db.database import Database
 from node.db.models import Device, ForwardJob, Study, utcnow
 from node.forwarding import commitment
 from node.forwarding.admin import stored_elsewhere
-from node.scp.commitment import WELL_KNOWN_INSTANCE, request_dataset
+from node.forwarding.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from tests.conftest import (
     RunningNode,
     free_port,

@@ -37,8 +37,7 @@ from node.ingest import lookup
 from node.ingest.pipeline import CANNOT_PARSE, INVALID_UID, Ingest, Peer
 from node.partitions import AdminError
 from node.scp.direct_store import file_meta
-from node.scp.server import supported_contexts
-from node.sop_classes import unknown_storage_classes
+from node.sop_classes import supported_contexts, unknown_storage_classes
 from node.storage import files
 from node.storage.space import StorageGuard
 
@@ -146,7 +145,7 @@ def choose_partition(session: Session, ae_title: str | None) -> Partition:
 
 def storage_syntaxes(settings: Settings) -> dict[str, frozenset[str]]:
     """Storage SOP class -> the transfer syntaxes a C-STORE of it is accepted in: the
-    presentation contexts the node's listeners offer (server.supported_contexts makes the
+    presentation contexts the node's listeners offer (sop_classes.supported_contexts makes the
     storage ones, and only those, with the SCP role alone, for C-GET requestors)."""
     return {str(cx.abstract_syntax): frozenset(map(str, cx.transfer_syntax))
             for cx in supported_contexts(tuple(settings.accepted_transfer_syntaxes))

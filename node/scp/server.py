@@ -12,17 +12,6 @@ from pathlib import Path
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages, dsutils
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StorageCommitmentPushModel,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -51,20 +40,10 @@ from node.scp.listener import (
 )
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
-from node.sop_classes import STORAGE_SOP_CLASSES
+from node.sop_classes import supported_contexts
 from node.tls import TlsError, server_context
 
 log = logging.getLogger(__name__)
-
-QR_MODELS = (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelMove,
-    PatientRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelGet,
-)
-
 
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings the C-STORE hot path relies on."""
@@ -89,27 +68,6 @@ def configure_pynetdicom() -> None:
     dimse_messages.create_file_meta = functools.partial(
         dsutils.create_file_meta, implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
         implementation_version=implementation_version_name())
-
-
-@functools.cache
-def supported_contexts(syntaxes: tuple[str, ...]) -> tuple[PresentationContext, ...]:
-    """The node's presentation contexts, built once per process for a list of syntaxes.
-
-    pynetdicom checks every transfer syntax of a context as it is added: 0.06-0.17 s for the
-    216 contexts of ~40 syntaxes, paid by every node and association process start otherwise. The
-    contexts are only read once built (listener.SharedContexts shares them the same way).
-    """
-    ae = AE()
-    ae.add_supported_context(Verification, syntaxes)
-    for model in QR_MODELS:
-        ae.add_supported_context(model, syntaxes)
-    # Both roles: requests come in as N-ACTION; reports for our own requests may come in as
-    # N-EVENT-REPORT from a destination acting as SCP on its association.
-    ae.add_supported_context(StorageCommitmentPushModel, syntaxes, scu_role=True, scp_role=True)
-    for sop_class in STORAGE_SOP_CLASSES:
-        # scp_role: a C-GET requestor proposes to be the storage SCP on its own association.
-        ae.add_supported_context(sop_class, syntaxes, scu_role=False, scp_role=True)
-    return tuple(ae.supported_contexts)
 
 
 def build_ae(settings: Settings) -> AE:

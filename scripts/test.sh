@@ -50,6 +50,7 @@ VENV=${VENV:-.venv}
 "$VENV/bin/pip" install -q -e ".[test]"
 
 "$VENV/bin/ruff" check .
+"$VENV/bin/lint-imports" --no-cache  # the import contract in pyproject.toml
 # The documentation site (mkdocs.yml): a broken link, anchor, snippet or nav entry fails here.
 docs_site=$(mktemp -d)
 if ! docs_log=$(NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --site-dir "$docs_site" 2>&1); then

@@ -1,0 +1,47 @@
+"""The import contract in pyproject.toml (issue 26): layers that hold, policy that does no I/O,
+node never importing hierarchy. scripts/test.sh runs `lint-imports` too; this runs the same
+check, so `pytest` alone catches an import that breaks a layer."""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import node
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "pyproject.toml"
+
+
+def test_the_import_contracts_are_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlinter.cli import lint_imports
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the contract names its root packages; the tree under test is this one
+    try:
+        code = lint_imports(config_filename=str(CONFIG), no_cache=True, no_logo=True)
+    finally:
+        os.chdir(cwd)
+    assert code == 0, capsys.readouterr().out
+
+
+def _layered_names() -> set[str]:
+    contract = next(c for c in tomllib.loads(CONFIG.read_text())["tool"]["importlinter"]
+                    ["contracts"] if c["id"] == "node-layers")
+    names: set[str] = set()
+    for layer in contract["layers"]:
+        for part in layer.replace(":", "|").split("|"):
+            names.add(part.strip().strip("()"))
+    return names
+
+
+def test_every_module_of_node_is_in_a_layer() -> None:
+    # A module left out of the layers is checked against nothing: a new package or top-level
+    # module must be given its place in pyproject.toml's node-layers contract.
+    present = {m.name for m in pkgutil.iter_modules(node.__path__)}
+    missing = present - _layered_names()
+    assert not missing, f"not in a layer of pyproject.toml's node-layers contract: {missing}"

@@ -235,14 +235,13 @@ def _uid_name(uid: str) -> tuple[str, bool]:
 
 def conformance_fragment() -> str:
     from node.config import Settings
-    from node.scp.server import supported_contexts
-    from node.scp.sop_classes import STORAGE_SOP_CLASSES
+    from node.sop_classes import STORAGE_SOP_CLASSES, supported_contexts
 
     syntaxes = tuple(Settings().dicom.transfer_syntaxes)
     storage = set(STORAGE_SOP_CLASSES)
     contexts = supported_contexts(syntaxes)
     lines = [GENERATED_NOTE.format(
-        source="the node's presentation contexts (scp/server.py, scp/sop_classes.py) and the "
+        source="the node's presentation contexts (sop_classes.py) and the "
                "default settings")]
     lines.append("### Services other than storage\n")
     lines.append("| SOP class | UID | roles the node accepts |\n|---|---|---|")

@@ -2,6 +2,11 @@
 
 `pacsnode serve` with no file runs the embedded default: SQLite and storage under
 ./pacsnode-data, one partition PACSNODE on port 11112 accepting any device.
+
+Every key is declared once below with `setting(default, text, ...)` (node/config_schema.py):
+its type and value checks, `pacsnode config example` and docs/reference/settings.md come from
+that declaration. Rules that relate several keys (TLS files, storage watermarks, hierarchy
+addresses) are the named functions after the declarations.
 """
 
 from __future__ import annotations
@@ -12,14 +17,24 @@ import logging
 import os
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes, ImplicitVRLittleEndian
 
+from node.config_schema import check_type, check_value, described, setting, spec_of
+
 ENV_CONFIG = "PACSNODE_CONFIG"
 MAX_ASSOCIATION_PROCESSES = 64
+# The device table's types (DeviceType in node/db/models.py, less SELF), written out here so
+# that reading settings does not import the database models (tests/unit/test_config_schema.py
+# keeps the two equal).
+DEVICE_TYPES = ("DICOM", "PARENT", "CHILD", "BACKUP_SOURCE", "BACKUP_TARGET", "MEDIA_CREATOR",
+                "VIEWER", "WEB_SERVICE")
+_SECONDS: dict[str, Any] = {"unit": "seconds", "positive": True}
+_PORT: dict[str, Any] = {"minimum": 1, "maximum": 65535}
 
 
 class ConfigError(ValueError):
@@ -43,62 +58,98 @@ def _default_transfer_syntaxes() -> list[str]:
 
 @dataclass
 class NodeSettings:
-    name: str = "pacsnode"
-    data_dir: str = "./pacsnode-data"
-    database_url: str = ""  # empty: sqlite:///<data_dir>/pacsnode.db
-    storage_dir: str = ""  # empty: <data_dir>/storage
-    listen_host: str = "0.0.0.0"
-    partition_poll_seconds: float = 2.0
-    shutdown_grace_seconds: float = 10.0
-    log_level: str = "INFO"
+    """The node itself: its name, where its data lives, its database."""
+
+    name: str = setting("pacsnode", "The node's name, shown in logs.")
+    data_dir: str = setting(
+        "./pacsnode-data", "Where the SQLite database and the storage live by default.")
+    database_url: str = setting(
+        "", "SQLAlchemy URL of the index database; PostgreSQL: `postgresql+psycopg://...`.",
+        shown_default="SQLite `<data_dir>/pacsnode.db`")
+    storage_dir: str = setting(
+        "", "The repository root (temporary files in `.incoming/` inside it).",
+        shown_default="`<data_dir>/storage`")
+    listen_host: str = setting("0.0.0.0", "Address the DICOM listeners bind to.")
+    partition_poll_seconds: float = setting(
+        2.0, "How often listeners are matched to the partition table.", **_SECONDS)
+    shutdown_grace_seconds: float = setting(
+        10.0, "How long running associations may finish at shutdown.", unit="seconds",
+        minimum=0)
+    log_level: str = setting(
+        "INFO", "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     # A database that stalls (a frozen or unreachable PostgreSQL server, another process
-    # holding SQLite's write lock) must not stall the node: seconds to open a connection, and
-    # the longest a serving process waits for one database operation or write transaction
-    # (statement, lock, commit). Beyond it a C-STORE is answered 0x0110 and a C-FIND 0xC000;
-    # peers' own DIMSE timeouts are commonly 30-60 s, so the answer comes before they give up.
-    database_connect_timeout: float = 5.0
-    database_timeout: float = 10.0
+    # holding SQLite's write lock) must not stall the node; peers' own DIMSE timeouts are
+    # commonly 30-60 s, so the answer comes before they give up.
+    database_connect_timeout: float = setting(
+        5.0, "Seconds to open a database connection (PostgreSQL: at least 2, libpq's"
+        " shortest).", **_SECONDS)
+    database_timeout: float = setting(
+        10.0, "The longest a serving node waits for one database operation or write"
+        " transaction (statement, lock, commit): then a C-STORE is answered 0x0110 with"
+        " nothing stored and a C-FIND 0xC000; associations are admitted from the partitions"
+        " and devices last looked up.", **_SECONDS)
 
 
 @dataclass
 class DicomSettings:
-    transfer_syntaxes: list[str] = field(default_factory=_default_transfer_syntaxes)
-    # "requestor": in each presentation context accept the requestor's first proposed syntax
-    # that is in transfer_syntaxes (data arrives as the sender holds it); "node": the order of
-    # transfer_syntaxes decides (the "preferred transfer syntax" of seed 001).
-    transfer_syntax_preference: str = "requestor"
-    enforce_default_transfer_syntax: bool = False
-    max_pdu_size: int = 1_048_576
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 120.0
-    connection_timeout: float = 10.0
-    send_implementation_version_name: bool = True
-    maximum_associations: int = 64  # inbound, over all partitions (seed 004)
-    # Inbound associations one calling device (AE title) may hold at once; a device's own
-    # max_inbound_associations overrides it; 0: no limit below maximum_associations.
-    max_associations_per_device: int = 16
-    # A connection must complete its A-ASSOCIATE-RQ (or TLS handshake) this soon, else it is
-    # closed (as dcm4che's request timeout does); until then it holds no association slot.
-    handshake_timeout: float = 5.0
-    # Connections one peer address may hold at once, in handshake or associated; beyond it a
-    # new one is closed at once, so one host cannot fill the node. 0: no limit.
-    max_connections_per_address: int = 32
-    # Connections still in their handshake (no complete A-ASSOCIATE-RQ yet) over the whole
-    # node; beyond it a new one is closed at once. 0: no limit.
-    max_handshakes: int = 256
-    # Processes that serve inbound associations, the node's main one included: one Python
-    # process runs its Python code on one core at a time, so on a machine with more cores,
-    # associations spread over several receive faster together. 0: one per CPU core (the
-    # default: with one process, 64x64 images over four associations came in at 0.73x
-    # Orthanc's rate, with one per core ahead of it; bench/ingest.py).
-    association_processes: int = 0
-    # With one association process per CPU: a process serving two or more associations at
-    # once keeps their receiving threads on a CPU of its own (affinity.py).
-    cpu_affinity: bool = True
-    # Accept storage of a SOP class neither pydicom nor pynetdicom knows (a vendor's private
-    # class, one newer than the libraries) when a sender proposes it (sop_classes.py).
-    accept_unknown_sop_classes: bool = True
+    """The DICOM listeners and the associations the node accepts and requests."""
+
+    transfer_syntaxes: list[str] = field(default_factory=_default_transfer_syntaxes,
+                                         metadata=described(
+        "Accepted transfer syntaxes, UIDs or pydicom keywords such as"
+        " `ExplicitVRLittleEndian`.", non_empty=True,
+        shown_default="uncompressed, then every syntax pydicom knows"))
+    transfer_syntax_preference: str = setting(
+        "requestor", "`requestor`: in each proposed presentation context accept the"
+        " requestor's first syntax that is in `transfer_syntaxes` (data arrives as the sender"
+        " holds it); `node`: the order of `transfer_syntaxes` decides (the preferred transfer"
+        " syntax).", choices=("requestor", "node"))
+    enforce_default_transfer_syntax: bool = setting(
+        False, "Accept only Implicit VR Little Endian.")
+    max_pdu_size: int = setting(
+        1_048_576, "Maximum PDU the node receives; never unlimited (0 would let a peer make the"
+        " node buffer arbitrarily large PDUs).", unit="bytes", minimum=4096)
+    acse_timeout: float = setting(30.0, "Seconds to wait for association messages.",
+                                  **_SECONDS)
+    dimse_timeout: float = setting(60.0, "Seconds to wait for DIMSE messages.", **_SECONDS)
+    network_timeout: float = setting(
+        120.0, "Idle seconds before an association is closed.", **_SECONDS)
+    connection_timeout: float = setting(
+        10.0, "Seconds to open outbound connections (`device echo`, forwarding).", **_SECONDS)
+    send_implementation_version_name: bool = setting(
+        True, "Send the implementation version name (`PACSNODE_<version>`) in the"
+        " A-ASSOCIATE-AC; `false` leaves it out, for peers that mishandle it.")
+    maximum_associations: int = setting(
+        64, "Concurrent inbound associations over all partitions; beyond it a transient"
+        " reject.", minimum=1)
+    max_associations_per_device: int = setting(
+        16, "Inbound associations one calling device (AE title) may hold at once.",
+        minimum=1, zero="no limit below maximum_associations", cli="device --max-inbound")
+    handshake_timeout: float = setting(
+        5.0, "Seconds a new connection has to complete its A-ASSOCIATE-RQ (or TLS"
+        " handshake), else it is closed (as dcm4che's request timeout does); until then it"
+        " holds no association slot.", **_SECONDS)
+    max_connections_per_address: int = setting(
+        32, "Connections one peer IP address may hold at once, in handshake or associated;"
+        " beyond it a new one is closed at once, so one host cannot fill the node.",
+        minimum=1, zero="no limit")
+    max_handshakes: int = setting(
+        256, "Connections still in their handshake (no complete A-ASSOCIATE-RQ yet) over the"
+        " whole node; beyond it a new one is closed at once.", minimum=1, zero="no limit")
+    # One Python process runs its Python code on one core at a time: with one process,
+    # 64x64 images over four associations came in at 0.73x Orthanc's rate, with one per core
+    # ahead of it (bench/ingest.py).
+    association_processes: int = setting(
+        0, "Processes that serve inbound associations, the node's main one included; on a"
+        " machine with more cores, associations spread over several receive faster together.",
+        minimum=1, maximum=MAX_ASSOCIATION_PROCESSES, zero="one per CPU core")
+    cpu_affinity: bool = setting(
+        True, "With one association process per CPU: a process serving two or more"
+        " associations at once keeps their receiving threads on a CPU of its own.")
+    accept_unknown_sop_classes: bool = setting(
+        True, "Accept storage of a SOP class neither pydicom nor pynetdicom knows (a vendor's"
+        " private class, one newer than the libraries) when a sender proposes it; `false`: no"
+        " presentation context for them.")
 
     def processes(self) -> int:
         """How many processes serve associations (association_processes, 0 resolved)."""
@@ -109,124 +160,188 @@ class DicomSettings:
 
 @dataclass
 class TlsSettings:
-    """DICOM TLS (seeds 001, 003): a partition's TLS port, and associations the node opens to
-    devices that have a TLS port. Files are PEM; relative paths are relative to this file."""
+    """DICOM TLS: a partition's TLS port, and associations the node opens to devices that have
+    a TLS port. Files are PEM; relative paths are relative to the settings file."""
 
-    cert: str = ""  # the node's certificate (server identity; client identity by default)
-    key: str = ""  # its private key
-    ca: str = ""  # CA bundle: verifies client certificates and the devices' server certificates
-    verify_client: str = "optional"  # "required", "optional" (verified when sent) or "none"
-    min_version: str = "1.2"  # "1.2" or "1.3"
-    client_cert: str = ""  # certificate for outbound associations; empty: cert
-    client_key: str = ""  # empty: key
-    verify_server: bool = True  # check a device's certificate against ca and its host name
+    cert: str = setting(
+        "", "The node's certificate: server identity, and client identity by default.",
+        shown_default="none")
+    key: str = setting("", "Its private key (given with `cert`).", shown_default="none")
+    ca: str = setting(
+        "", "CA bundle: verifies client certificates and the devices' server certificates.",
+        shown_default="none")
+    verify_client: str = setting(
+        "optional", "Client certificates: `required`, `optional` (verified when sent) or"
+        " `none`; `required` and `optional` need `ca`.",
+        choices=("required", "optional", "none"))
+    min_version: str = setting("1.2", "Lowest TLS version accepted.", choices=("1.2", "1.3"))
+    client_cert: str = setting("", "Certificate for outbound associations.",
+                               shown_default="`cert`")
+    client_key: str = setting("", "Its private key.", shown_default="`key`")
+    verify_server: bool = setting(
+        True, "Check a device's certificate against `ca` and its host name.")
 
 
 @dataclass
 class QuerySettings:
-    """Node defaults for query/retrieve (seed 001); a partition may override each."""
+    """Node defaults for query/retrieve; a partition may override each."""
 
-    case_sensitive: bool = False  # off: smith* matches SMITH^JOHN
-    empty_matching: bool = False  # on: an empty value matches any non-empty key
-    limit: int = 0  # more matches than this: the request ends with status 0xA700; 0: no limit
+    case_sensitive: bool = setting(
+        False, "Case-sensitive C-FIND matching; off: `smith*` matches `SMITH^JOHN`.",
+        cli="partition --case-sensitive")
+    empty_matching: bool = setting(
+        False, "An empty value in the index matches any non-empty query key.",
+        cli="partition --empty-matching")
+    limit: int = setting(
+        0, "Most C-FIND matches or retrieved instances; more end the request with status"
+        " 0xA700.", minimum=1, zero="no limit", cli="partition --query-limit")
 
 
 @dataclass
 class ForwardingSettings:
     """The forwarding queue and its senders (defaults; a device may override some)."""
 
-    workers: int = 4  # sender tasks running at once, over all destinations
-    poll_seconds: float = 1.0  # how often the queue is checked when idle
-    batch_size: int = 50  # jobs one sender task claims at a time
-    retry_base_seconds: float = 10.0  # first retry delay; doubles per attempt
-    retry_max_seconds: float = 3600.0  # the longest delay between attempts
-    max_attempts: int = 20  # then the job is marked failed
-    lease_seconds: float = 600.0  # a crashed sender's claimed jobs are taken back after this
-    heartbeat: bool = True  # keep associations open between transmissions (seed 001)
-    heartbeat_interval: float = 30.0  # C-ECHO on an idle association this often
-    heartbeat_idle_seconds: float = 300.0  # release an association idle this long
-    remove_private_tags: bool = False  # seed 001 system default, per-device override
-    send_updates: bool = True  # forward new instances of studies already forwarded
-    # The longest a storage commitment report is awaited before commitment is asked again
-    # (a report that never comes is retried, not forgotten).
-    commitment_timeout: float = 600.0
+    workers: int = setting(4, "Sender tasks running at once, over all destinations.",
+                           minimum=1)
+    poll_seconds: float = setting(
+        1.0, "How often the queue is checked when nothing new arrived.", **_SECONDS)
+    batch_size: int = setting(
+        50, "Jobs one sender task claims and sends on one association.", minimum=1)
+    retry_base_seconds: float = setting(
+        10.0, "First retry delay; it doubles per failed attempt.", **_SECONDS)
+    retry_max_seconds: float = setting(3600.0, "The longest delay between attempts.",
+                                       **_SECONDS)
+    max_attempts: int = setting(20, "Attempts, then the job is marked failed.", minimum=1)
+    lease_seconds: float = setting(
+        600.0, "Jobs claimed by a sender that died go back to the queue after this.",
+        **_SECONDS)
+    heartbeat: bool = setting(
+        True, "Keep associations open between transmissions.", cli="device --heartbeat")
+    heartbeat_interval: float = setting(
+        30.0, "C-ECHO on an idle association this often.", **_SECONDS)
+    heartbeat_idle_seconds: float = setting(
+        300.0, "Release an association without transmissions this long.", **_SECONDS)
+    remove_private_tags: bool = setting(
+        False, "Remove private tags when forwarding.", cli="device --remove-private-tags")
+    send_updates: bool = setting(
+        True, "Forward new instances of studies already forwarded.",
+        cli="device --send-updates")
+    commitment_timeout: float = setting(
+        600.0, "The longest a storage commitment report is awaited before commitment is asked"
+        " again (or the retry delay, when longer): a report that never comes is retried, not"
+        " forgotten.", **_SECONDS)
 
 
 @dataclass
 class StorageSettings:
-    """Disk watermarks, auto-purge and the activity log (seed 004).
+    """Disk watermarks, auto-purge and the activity log.
 
     Watermarks are percentages of the filesystem in use (as `df` shows it), checked for every
     filesystem that holds the storage root or a partition's folder.
     """
 
-    high_watermark: float = 90.0  # above: purge studies stored elsewhere ...
-    low_watermark: float = 80.0  # ... until usage is back at or below this
-    critical_watermark: float = 95.0  # at or above: C-STORE answers 0xA700 (suspended)
-    check_interval_seconds: float = 30.0  # how often disk usage is checked (and purge runs)
-    auto_purge: bool = True
-    purge_order: str = "received"  # "received": oldest received first; "accessed": least
-    # recently received or retrieved first
-    purge_batch_size: int = 10  # studies deleted per batch, then usage is measured again
-    protected_studies: int = 0  # purging stops when a filesystem holds this many studies
-    cpu_idle_threshold: float = 0.0  # purge only while the CPU is at least this % idle
-    # A study counts as stored elsewhere when every instance reached a device of these types
-    # (and was committed there, where the device asks for storage commitment).
-    archive_device_types: list[str] = field(
-        default_factory=lambda: ["PARENT", "BACKUP_TARGET"])
-    activity_log: bool = True  # record DICOM activity in the database
-    activity_retention_days: int = 30  # then removed; 0: kept forever
+    high_watermark: float = setting(
+        90.0, "Above this, auto-purge deletes studies stored elsewhere ...", unit="%",
+        positive=True, maximum=100)
+    low_watermark: float = setting(
+        80.0, "... until usage is back at or below this.", unit="%", positive=True,
+        maximum=100)
+    critical_watermark: float = setting(
+        95.0, "At or above this, C-STORE is suspended (answered 0xA700) until space is freed.",
+        unit="%", positive=True, maximum=100)
+    check_interval_seconds: float = setting(
+        30.0, "How often disk usage is checked and purging runs.", **_SECONDS)
+    auto_purge: bool = setting(True, "`false`: never purge (suspension still applies).")
+    purge_order: str = setting(
+        "received", "`received`: oldest received first; `accessed`: least recently received"
+        " or retrieved first.", choices=("received", "accessed"))
+    purge_batch_size: int = setting(
+        10, "Studies deleted per batch, then usage is measured again.", minimum=1)
+    protected_studies: int = setting(
+        0, "Purging stops when a filesystem holds this many studies.", minimum=0)
+    cpu_idle_threshold: float = setting(
+        0.0, "Purge only while the CPU is at least this % idle (0: always).", unit="%",
+        minimum=0, maximum=100)
+    archive_device_types: list[str] = field(default_factory=lambda: ["PARENT", "BACKUP_TARGET"],
+                                            metadata=described(
+        "Device types that count as stored elsewhere: a study is, when every instance reached"
+        " a device of these types (and was committed there, where the device asks for storage"
+        " commitment). Any case.", choices=DEVICE_TYPES, non_empty=True))
+    activity_log: bool = setting(True, "Record DICOM activity in the database"
+                                 " (`pacsnode activity`).")
+    activity_retention_days: int = setting(
+        30, "Activity older than this many days is removed.", unit="days", minimum=1,
+        zero="kept forever")
 
 
 @dataclass
 class NotifySettings:
     """E-mail when storage is suspended or resumes (an error is always logged)."""
 
-    email_to: str = ""  # comma-separated addresses; empty: no e-mail
-    email_from: str = ""  # empty: pacsnode@<host name>
-    smtp_host: str = ""
-    smtp_port: int = 25
-    smtp_starttls: bool = False
-    smtp_user: str = ""
-    smtp_password: str = ""
-    smtp_timeout: float = 10.0
+    email_to: str = setting("", "Comma-separated addresses; empty: no e-mail.")
+    email_from: str = setting("", "Sender address.", shown_default="`pacsnode@<host name>`")
+    smtp_host: str = setting("", "The mail server (needed with `email_to`).")
+    smtp_port: int = setting(25, "Its port.", **_PORT)
+    smtp_starttls: bool = setting(False, "STARTTLS before logging in.")
+    smtp_user: str = setting("", "Log in as this user when given.")
+    smtp_password: str = setting("", "Its password.")
+    smtp_timeout: float = setting(10.0, "Seconds per mail server operation.", **_SECONDS)
 
 
 @dataclass
 class HierarchySettings:
     """This node's place in the tree and its gRPC control plane (served by `pacsnode serve`)."""
 
-    enabled: bool = True  # serve the control plane
-    node_id: str = ""  # unique in the tree; empty: node.name
-    site: str = ""  # the site's human name, shown in the DotCom directory
-    # Without TLS certificates the control plane only listens on a loopback address, unless
-    # allow_insecure_remote is set.
-    control_listen: str = "127.0.0.1:50051"
-    advertise_address: str = ""  # how other nodes reach this one; empty: control_listen
-    dicom_host: str = ""  # host other nodes use for this node's partitions; empty: advertised
-    allow_insecure_remote: bool = False
-    parent: str = ""  # the parent's control address host:port; empty: this node is a root
-    parent_ae_title: str = ""  # partition of the parent to forward to; empty: its first
-    parent_dicom_host: str = ""  # empty: the host the parent advertises
-    heartbeat_seconds: float = 10.0  # child -> parent; 3 missed: unreachable
-    sync_seconds: float = 2.0  # how often device changes are pushed to neighbours
-    rpc_timeout: float = 5.0  # one call to a neighbour
-    recollect_timeout: float = 20.0  # recollect / status / refresh-ip over the whole tree
-    tls_cert: str = ""  # PEM certificate of this node (server and client identity)
-    tls_key: str = ""  # its PEM private key
-    tls_ca: str = ""  # PEM CA bundle that signs every node's certificate
-    tls_server_name: str = ""  # expected name in peers' certificates; empty: their host
+    enabled: bool = setting(True, "Serve the control plane.")
+    node_id: str = setting(
+        "", "Unique in the tree: 1-64 letters, digits, `.`, `_` or `-`.",
+        shown_default="`node.name`")
+    site: str = setting("", "The site's human name, shown in the DotCom directory.")
+    control_listen: str = setting(
+        "127.0.0.1:50051", "gRPC listen address `host:port`. Without TLS certificates the"
+        " control plane only listens on a loopback address, unless `allow_insecure_remote`"
+        " is set.")
+    advertise_address: str = setting(
+        "", "How other nodes reach this one (`host:port`).",
+        shown_default="`control_listen` (a wildcard host: the machine's name)")
+    dicom_host: str = setting("", "Host other nodes use for this node's partitions.",
+                              shown_default="the advertised host")
+    allow_insecure_remote: bool = setting(
+        False, "Allow a non-loopback `control_listen` without TLS.")
+    parent: str = setting(
+        "", "The parent's control address `host:port`; empty: this node is a root.")
+    parent_ae_title: str = setting("", "Partition of the parent to forward to.",
+                                   shown_default="the parent's first enabled partition")
+    parent_dicom_host: str = setting("", "Host of the `PARENT` device.",
+                                     shown_default="the host the parent advertises")
+    heartbeat_seconds: float = setting(
+        10.0, "Child to parent heartbeat; three missed: not alive.", **_SECONDS)
+    sync_seconds: float = setting(
+        2.0, "How often device changes are pushed again to a neighbour that has not taken"
+        " them (new changes go at once).", **_SECONDS)
+    rpc_timeout: float = setting(5.0, "One call to a neighbour.", **_SECONDS)
+    recollect_timeout: float = setting(
+        20.0, "Recollect, status and refresh-IP over the whole tree.", **_SECONDS)
+    tls_cert: str = setting(
+        "", "PEM certificate of this node (its node id as CN or a SAN), server and client"
+        " identity; `tls_cert`, `tls_key` and `tls_ca` go together.", shown_default="none")
+    tls_key: str = setting("", "Its PEM private key.", shown_default="none")
+    tls_ca: str = setting("", "PEM CA bundle that signs every node's certificate.",
+                          shown_default="none")
+    tls_server_name: str = setting("", "Expected name in peers' certificates.",
+                                   shown_default="the peer's host")
 
 
 @dataclass
 class BootstrapPartition:
     """Created when the database holds no partition at all (first start)."""
 
-    ae_title: str = "PACSNODE"
-    port: int = 11112
-    tls_port: int = 0  # 0: no TLS port (needs [tls] cert and key)
-    folder: str = "PACSNODE"
-    description: str = "Default partition"
+    ae_title: str = setting("PACSNODE", "The partition's AE title.")
+    port: int = setting(11112, "Its port (not a privileged port).", zero="none", **_PORT)
+    tls_port: int = setting(0, "Its DICOM TLS port (needs `[tls]` cert and key).",
+                            zero="none", **_PORT)
+    folder: str = setting("PACSNODE", "Its folder in the storage.")
+    description: str = setting("Default partition", "Its description.")
 
 
 @dataclass
@@ -288,92 +403,45 @@ def _resolve(value: str, source: Path | None) -> Path:
     return path.absolute()
 
 
-_SECTIONS: dict[str, type] = {
-    "node": NodeSettings,
-    "dicom": DicomSettings,
-    "query": QuerySettings,
-    "forwarding": ForwardingSettings,
-    "bootstrap_partition": BootstrapPartition,
-    "hierarchy": HierarchySettings,
-    "storage": StorageSettings,
-    "notify": NotifySettings,
-    "tls": TlsSettings,
-}
+# Section name -> its dataclass, in the order of Settings (and of the reference).
+SECTIONS: dict[str, type] = {f.name: typing.cast(type, f.default_factory)
+                             for f in dataclasses.fields(Settings) if f.name != "source"}
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    default = cls()
+    kinds = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"unknown setting {name}.{key} (known: {', '.join(sorted(fields))})")
-        expected = type(getattr(default, key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(
-                f"{name}.{key} must be {expected.__name__}, got {type(value).__name__}"
-            )
-        values[key] = value
+        if key not in known:
+            raise ConfigError(f"unknown setting {name}.{key} (known: {', '.join(sorted(known))})")
+        try:
+            values[key] = check_type(f"{name}.{key}", kinds[key], value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return cls(**values)
 
 
 def validate(settings: Settings) -> None:
-    d = settings.dicom
-    if d.max_pdu_size < 4096:
-        # 0 would mean "unlimited": a peer could make us buffer arbitrarily large PDUs.
-        raise ConfigError("dicom.max_pdu_size must be at least 4096 bytes")
-    for key in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout",
-                "handshake_timeout"):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"dicom.{key} must be positive")
-    if d.maximum_associations < 1:
-        raise ConfigError("dicom.maximum_associations must be at least 1")
-    if not 0 <= d.association_processes <= MAX_ASSOCIATION_PROCESSES:
-        raise ConfigError("dicom.association_processes must be 0 (one per CPU core) or 1-"
-                          f"{MAX_ASSOCIATION_PROCESSES}")
-    for key in ("max_associations_per_device", "max_connections_per_address",
-                "max_handshakes"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"dicom.{key} must be 0 (no limit) or positive")
-    if d.transfer_syntax_preference not in ("requestor", "node"):
-        raise ConfigError("dicom.transfer_syntax_preference must be 'requestor' or 'node'")
-    if not d.transfer_syntaxes:
-        raise ConfigError("dicom.transfer_syntaxes must name at least one transfer syntax")
-    known = {str(uid) for uid in AllTransferSyntaxes}
-    for i, uid in enumerate(d.transfer_syntaxes):
-        if not isinstance(uid, str):
-            raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a string")
-        resolved = resolve_transfer_syntax(uid)
-        if resolved not in known:
-            raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a known transfer syntax")
-        d.transfer_syntaxes[i] = resolved
-    f = settings.forwarding
-    if f.workers < 1 or f.batch_size < 1 or f.max_attempts < 1:
-        raise ConfigError("forwarding.workers, batch_size and max_attempts must be at least 1")
-    for key in ("poll_seconds", "retry_base_seconds", "retry_max_seconds", "lease_seconds",
-                "heartbeat_interval", "heartbeat_idle_seconds", "commitment_timeout"):
-        if getattr(f, key) <= 0:
-            raise ConfigError(f"forwarding.{key} must be positive")
-    if settings.query.limit < 0:
-        raise ConfigError("query.limit must be 0 (no limit) or positive")
-    b = settings.bootstrap_partition
-    if not (0 <= b.port < 65536 and 0 <= b.tls_port < 65536) or not (b.port or b.tls_port):
-        raise ConfigError("bootstrap_partition.port and tls_port must be between 0 (off) and"
-                          " 65535, and at least one of them set")
-    if b.port and b.port == b.tls_port:
-        raise ConfigError("bootstrap_partition.port and tls_port must differ")
-    if b.tls_port and not settings.tls.cert:
-        raise ConfigError("bootstrap_partition.tls_port needs [tls] cert and key")
-    for key in ("partition_poll_seconds", "database_connect_timeout", "database_timeout"):
-        if getattr(settings.node, key) <= 0:
-            raise ConfigError(f"node.{key} must be positive")
+    """Normalise what has several spellings, then check every key against its declaration
+    and the rules that relate several keys; the first problem is a ConfigError."""
     settings.node.log_level = _log_level(settings.node.log_level)
+    _resolve_transfer_syntaxes(settings.dicom)
+    s = settings.storage
+    s.archive_device_types = [str(t).upper() for t in s.archive_device_types]
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        for item in dataclasses.fields(section):
+            try:
+                check_value(f"{name}.{item.name}", spec_of(item), getattr(section, item.name))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    _validate_bootstrap_ports(settings)
     _validate_hierarchy(settings)
-    _validate_storage(settings)
+    _validate_watermarks(settings.storage)
+    _validate_notify(settings.notify)
     _validate_tls(settings)
 
 
@@ -387,6 +455,29 @@ def _log_level(value: str) -> str:
                       f" {', '.join(levels)}")
 
 
+def _resolve_transfer_syntaxes(d: DicomSettings) -> None:
+    """Keywords and names become UIDs; a UID pydicom does not know is refused."""
+    known = {str(uid) for uid in AllTransferSyntaxes}
+    for i, uid in enumerate(d.transfer_syntaxes):
+        if not isinstance(uid, str):
+            raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a string")
+        resolved = resolve_transfer_syntax(uid)
+        if resolved not in known:
+            raise ConfigError(f"dicom.transfer_syntaxes: {uid!r} is not a known transfer syntax")
+        d.transfer_syntaxes[i] = resolved
+
+
+def _validate_bootstrap_ports(settings: Settings) -> None:
+    b = settings.bootstrap_partition
+    if not (b.port or b.tls_port):
+        raise ConfigError("bootstrap_partition.port and tls_port are both 0 (off): set at least"
+                          " one of them")
+    if b.port and b.port == b.tls_port:
+        raise ConfigError("bootstrap_partition.port and tls_port must differ")
+    if b.tls_port and not settings.tls.cert:
+        raise ConfigError("bootstrap_partition.tls_port needs [tls] cert and key")
+
+
 def _validate_tls(settings: Settings) -> None:
     t = settings.tls
     if bool(t.cert) != bool(t.key):
@@ -398,48 +489,21 @@ def _validate_tls(settings: Settings) -> None:
             path = settings.dicom_tls_file(key)
             if path is None or not path.is_file():
                 raise ConfigError(f"tls.{key}: {path} does not exist")
-    if t.verify_client not in ("required", "optional", "none"):
-        raise ConfigError("tls.verify_client must be 'required', 'optional' or 'none'")
     if t.verify_client != "none" and t.cert and not t.ca:
         raise ConfigError(f"tls.verify_client = {t.verify_client!r} needs tls.ca (the CA that"
                           " signs client certificates), or set it to 'none'")
-    if t.min_version not in ("1.2", "1.3"):
-        raise ConfigError("tls.min_version must be '1.2' or '1.3'")
 
 
-def _validate_storage(settings: Settings) -> None:
-    s = settings.storage
-    for key in ("low_watermark", "high_watermark", "critical_watermark"):
-        if not 0 < getattr(s, key) <= 100:
-            raise ConfigError(f"storage.{key} must be a percentage of the disk in use, 0-100")
+def _validate_watermarks(s: StorageSettings) -> None:
     if not s.low_watermark <= s.high_watermark <= s.critical_watermark:
         raise ConfigError("storage watermarks must satisfy low_watermark <= high_watermark <= "
                           f"critical_watermark (got {s.low_watermark}, {s.high_watermark}, "
                           f"{s.critical_watermark})")
-    if s.check_interval_seconds <= 0:
-        raise ConfigError("storage.check_interval_seconds must be positive")
-    if s.purge_order not in ("received", "accessed"):
-        raise ConfigError("storage.purge_order must be 'received' or 'accessed'")
-    if s.purge_batch_size < 1:
-        raise ConfigError("storage.purge_batch_size must be at least 1")
-    if s.protected_studies < 0 or s.activity_retention_days < 0:
-        raise ConfigError("storage.protected_studies and activity_retention_days must not be"
-                          " negative")
-    if not 0 <= s.cpu_idle_threshold <= 100:
-        raise ConfigError("storage.cpu_idle_threshold must be a percentage, 0-100")
-    known = {"DICOM", "PARENT", "CHILD", "BACKUP_SOURCE", "BACKUP_TARGET", "MEDIA_CREATOR",
-             "VIEWER", "WEB_SERVICE"}
-    types = [str(t).upper() for t in s.archive_device_types]
-    unknown = [t for t in types if t not in known]
-    if unknown or not types:
-        raise ConfigError(f"storage.archive_device_types must name device types from "
-                          f"{', '.join(sorted(known))} (got {s.archive_device_types!r})")
-    s.archive_device_types = types
-    n = settings.notify
+
+
+def _validate_notify(n: NotifySettings) -> None:
     if n.email_to and not n.smtp_host:
         raise ConfigError("notify.email_to needs notify.smtp_host")
-    if not 0 < n.smtp_port < 65536 or n.smtp_timeout <= 0:
-        raise ConfigError("notify.smtp_port must be 1-65535 and smtp_timeout positive")
 
 
 def split_address(value: str, key: str) -> tuple[str, int]:
@@ -470,9 +534,6 @@ def _validate_hierarchy(settings: Settings) -> None:
         split_address(h.advertise_address, "hierarchy.advertise_address")
     if h.parent:
         split_address(h.parent, "hierarchy.parent")
-    for key in ("heartbeat_seconds", "sync_seconds", "rpc_timeout", "recollect_timeout"):
-        if getattr(h, key) <= 0:
-            raise ConfigError(f"hierarchy.{key} must be positive")
     tls = [k for k in ("tls_cert", "tls_key", "tls_ca") if getattr(h, k)]
     if tls and len(tls) != 3:
         raise ConfigError("hierarchy.tls_cert, tls_key and tls_ca must be given together")
@@ -513,9 +574,9 @@ def load(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"settings file {file} is not valid TOML: {exc}") from exc
     sections: dict[str, Any] = {}
     for name, value in raw.items():
-        if name not in _SECTIONS:
-            raise ConfigError(f"unknown section [{name}] (known: {', '.join(sorted(_SECTIONS))})")
-        sections[name] = _section(name, _SECTIONS[name], value)
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(sorted(SECTIONS))})")
+        sections[name] = _section(name, SECTIONS[name], value)
     settings = Settings(**sections, source=file.absolute())
     validate(settings)
     return settings

@@ -124,7 +124,8 @@ class DicomSettings:
         " reject.", minimum=1)
     max_associations_per_device: int = setting(
         16, "Inbound associations one calling device (AE title) may hold at once.",
-        minimum=1, zero="no limit below maximum_associations", cli="device --max-inbound")
+        minimum=1, zero="no limit below maximum_associations",
+        cli="device add|edit --max-inbound")
     handshake_timeout: float = setting(
         5.0, "Seconds a new connection has to complete its A-ASSOCIATE-RQ (or TLS"
         " handshake), else it is closed (as dcm4che's request timeout does); until then it"
@@ -188,13 +189,13 @@ class QuerySettings:
 
     case_sensitive: bool = setting(
         False, "Case-sensitive C-FIND matching; off: `smith*` matches `SMITH^JOHN`.",
-        cli="partition --case-sensitive")
+        cli="partition add|edit --case-sensitive")
     empty_matching: bool = setting(
         False, "An empty value in the index matches any non-empty query key.",
-        cli="partition --empty-matching")
+        cli="partition add|edit --empty-matching")
     limit: int = setting(
         0, "Most C-FIND matches or retrieved instances; more end the request with status"
-        " 0xA700.", minimum=1, zero="no limit", cli="partition --query-limit")
+        " 0xA700.", minimum=1, zero="no limit", cli="partition add|edit --query-limit")
 
 
 @dataclass
@@ -216,16 +217,18 @@ class ForwardingSettings:
         600.0, "Jobs claimed by a sender that died go back to the queue after this.",
         **_SECONDS)
     heartbeat: bool = setting(
-        True, "Keep associations open between transmissions.", cli="device --heartbeat")
+        True, "Keep associations open between transmissions.",
+        cli="device add|edit --heartbeat")
     heartbeat_interval: float = setting(
         30.0, "C-ECHO on an idle association this often.", **_SECONDS)
     heartbeat_idle_seconds: float = setting(
         300.0, "Release an association without transmissions this long.", **_SECONDS)
     remove_private_tags: bool = setting(
-        False, "Remove private tags when forwarding.", cli="device --remove-private-tags")
+        False, "Remove private tags when forwarding.",
+        cli="device add|edit --remove-private-tags")
     send_updates: bool = setting(
         True, "Forward new instances of studies already forwarded.",
-        cli="device --send-updates")
+        cli="device add|edit --send-updates")
     commitment_timeout: float = setting(
         600.0, "The longest a storage commitment report is awaited before commitment is asked"
         " again (or the retry delay, when longer): a report that never comes is retried, not"
@@ -284,7 +287,7 @@ class NotifySettings:
     smtp_port: int = setting(25, "Its port.", **_PORT)
     smtp_starttls: bool = setting(False, "STARTTLS before logging in.")
     smtp_user: str = setting("", "Log in as this user when given.")
-    smtp_password: str = setting("", "Its password.")
+    smtp_password: str = setting("", "Its password.", secret=True)
     smtp_timeout: float = setting(10.0, "Seconds per mail server operation.", **_SECONDS)
 
 
@@ -318,7 +321,7 @@ class HierarchySettings:
         10.0, "Child to parent heartbeat; three missed: not alive.", **_SECONDS)
     sync_seconds: float = setting(
         2.0, "How often device changes are pushed again to a neighbour that has not taken"
-        " them (new changes go at once).", **_SECONDS)
+        " them (new changes go at once; CLI changes within 0.2 s).", **_SECONDS)
     rpc_timeout: float = setting(5.0, "One call to a neighbour.", **_SECONDS)
     recollect_timeout: float = setting(
         20.0, "Recollect, status and refresh-IP over the whole tree.", **_SECONDS)
@@ -408,7 +411,8 @@ SECTIONS: dict[str, type] = {f.name: typing.cast(type, f.default_factory)
                              for f in dataclasses.fields(Settings) if f.name != "source"}
 
 
-def _section(name: str, cls: type, raw: Any) -> Any:
+def read_section(name: str, cls: type, raw: Any) -> Any:
+    """A section of a settings file, its keys known and of their types (no other check)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table")
     kinds = typing.get_type_hints(cls)
@@ -576,7 +580,7 @@ def load(path: str | Path | None = None) -> Settings:
     for name, value in raw.items():
         if name not in SECTIONS:
             raise ConfigError(f"unknown section [{name}] (known: {', '.join(sorted(SECTIONS))})")
-        sections[name] = _section(name, SECTIONS[name], value)
+        sections[name] = read_section(name, SECTIONS[name], value)
     settings = Settings(**sections, source=file.absolute())
     validate(settings)
     return settings

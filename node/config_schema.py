@@ -26,8 +26,9 @@ class Spec:
     positive: bool = False  # above 0 (timeouts, intervals)
     zero: str = ""  # 0 is allowed besides the range, and means this
     non_empty: bool = False  # a list needs at least one item
-    cli: str = ""  # the per-partition or per-device option that overrides the key
+    cli: str = ""  # the command option that overrides the key for one partition or device
     shown_default: str = ""  # the default in words, where the value alone does not say it
+    secret: bool = False  # masked wherever settings are printed
 
 
 def setting(default: Any, text: str, **spec: Any) -> Any:

@@ -10,6 +10,7 @@ import typer
 from node.cli import (
     activity,
     category,
+    configuration,
     db,
     deleted,
     device,
@@ -65,6 +66,7 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
     app.command("import")(importing.import_)
     app.command("status")(status.status)
     app.command("refresh-ip")(refresh_ip_command)
+    app.add_typer(configuration.app, name="config")
     return app
 
 

@@ -87,7 +87,7 @@ class NodeSettings:
         10.0, "The longest a serving node waits for one database operation or write"
         " transaction (statement, lock, commit): then a C-STORE is answered 0x0110 with"
         " nothing stored and a C-FIND 0xC000; associations are admitted from the partitions"
-        " and devices last looked up.", **_SECONDS)
+        " and devices last looked up.", see=("Database", "how-to/postgresql.md"), **_SECONDS)
 
 
 @dataclass
@@ -143,10 +143,12 @@ class DicomSettings:
     association_processes: int = setting(
         0, "Processes that serve inbound associations, the node's main one included; on a"
         " machine with more cores, associations spread over several receive faster together.",
-        minimum=1, maximum=MAX_ASSOCIATION_PROCESSES, zero="one per CPU core")
+        minimum=1, maximum=MAX_ASSOCIATION_PROCESSES, zero="one per CPU core",
+        see=("Association processes", "how-to/processes.md"))
     cpu_affinity: bool = setting(
         True, "With one association process per CPU: a process serving two or more"
-        " associations at once keeps their receiving threads on a CPU of its own.")
+        " associations at once keeps their receiving threads on a CPU of its own.",
+        see=("Association processes", "how-to/processes.md"))
     accept_unknown_sop_classes: bool = setting(
         True, "Accept storage of a SOP class neither pydicom nor pynetdicom knows (a vendor's"
         " private class, one newer than the libraries) when a sender proposes it; `false`: no"
@@ -166,7 +168,7 @@ class TlsSettings:
 
     cert: str = setting(
         "", "The node's certificate: server identity, and client identity by default.",
-        shown_default="none")
+        shown_default="none", see=("DICOM TLS", "how-to/tls.md"))
     key: str = setting("", "Its private key (given with `cert`).", shown_default="none")
     ca: str = setting(
         "", "CA bundle: verifies client certificates and the devices' server certificates.",

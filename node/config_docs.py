@@ -58,6 +58,13 @@ def _notes(spec: Spec) -> list[str]:
     return notes
 
 
+def _see(spec: Spec, markdown: bool) -> list[str]:
+    title, page = spec.see
+    if not page:
+        return []
+    return [f"See [{title}](../{page})." if markdown else f"See docs/{page}."]
+
+
 def _comment(text: str, indent: str = "") -> list[str]:
     return textwrap.wrap(text, WIDTH - len(indent) - 2, initial_indent=f"{indent}# ",
                          subsequent_indent=f"{indent}# ", break_on_hyphens=False)
@@ -83,7 +90,7 @@ def example_toml() -> str:
     for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]", *_comment(inspect.cleandoc(cls.__doc__ or ""))]
         for name, _kind, default, spec in keys(cls):
-            lines += ["", *_comment(" ".join([spec.text, *_notes(spec)])),
+            lines += ["", *_comment(" ".join([spec.text, *_notes(spec), *_see(spec, False)])),
                       *_toml_key(name, default)]
     return "\n".join(lines) + "\n"
 
@@ -129,7 +136,7 @@ def reference_markdown() -> str:
                   "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, kind, default, spec in keys(cls):
             notes = [n for n in _notes(spec) if not n.startswith("Default:")]
-            meaning = " ".join([spec.text, *notes])
+            meaning = " ".join([spec.text, *notes, *_see(spec, True)])
             lines.append(f"| `{section}.{name}` | {describe_type(kind)} |"
                          f" {_cell(_shown_default(default, spec))} | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ class Spec:
     cli: str = ""  # the command option that overrides the key for one partition or device
     shown_default: str = ""  # the default in words, where the value alone does not say it
     secret: bool = False  # masked wherever settings are printed
+    see: tuple[str, str] = ("", "")  # (title, page under docs/) that explains the key in use
 
 
 def setting(default: Any, text: str, **spec: Any) -> Any:

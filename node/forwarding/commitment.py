@@ -31,6 +31,7 @@ from node.db.database import Database
 from node.db.models import Device, ForwardJob, Instance, JobState, utcnow
 from node.forwarding import queue
 from node.forwarding.queue import backoff_seconds
+from node.statuses import SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def on_report(db: Database, event: evt.Event) -> tuple[int, Dataset | None]:
     """EVT_N_EVENT_REPORT handler, on the node's SCP or on a forwarding association."""
     committed, failed = record_report(db, event.event_information)
     log.info("storage commitment report: %d committed, %d failed", committed, failed)
-    return 0x0000, None
+    return SUCCESS, None
 
 
 def reference(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:

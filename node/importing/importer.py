@@ -34,15 +34,15 @@ from node.db.database import Database
 from node.db.models import Partition
 from node.importing.sources import Kind, Sniffed, sniff
 from node.ingest import lookup
-from node.ingest.pipeline import CANNOT_PARSE, INVALID_UID, Ingest, Peer
+from node.ingest.pipeline import Ingest, Peer
 from node.partitions import AdminError
 from node.scp.direct_store import file_meta
 from node.sop_classes import supported_contexts, unknown_storage_classes
+from node.statuses import CANNOT_PARSE, INVALID_UID, SOP_CLASS_NOT_SUPPORTED
 from node.storage import files
 from node.storage.space import StorageGuard
 
 ADDRESS = "import"  # where imported instances come from, in logs and the activity log
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # the C-STORE status for a SOP class the SCP does not take
 
 _numbers = itertools.count()
 

@@ -48,6 +48,17 @@ from node.policy.coercion import Rule, apply_rules
 from node.policy.matching import Difference, demographic_differences, patient_differences
 from node.policy.routing import Received, Route, destinations
 from node.sop_classes import has_no_study
+from node.statuses import (
+    CANNOT_PARSE,
+    DUPLICATE_REJECTED,
+    INVALID_UID,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    REFUSED_NOT_AUTHORISED,
+    SOP_CLASS_MISMATCH,
+    SOP_INSTANCE_MISMATCH,
+    SUCCESS,
+)
 from node.storage import compare, files
 from node.storage.header_scan import scan_header
 from node.storage.paths import instance_relpath, is_harmless_uid, is_valid_uid
@@ -57,16 +68,6 @@ from node.storage.structure import read_header
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses pacsnode answers (documented in docs/reference/conformance.md).
-SUCCESS = 0x0000
-REFUSED_NOT_AUTHORISED = 0x0124
-DUPLICATE_REJECTED = 0x0111
-PROCESSING_FAILURE = 0x0110
-OUT_OF_RESOURCES = 0xA700
-SOP_CLASS_MISMATCH = 0xA900
-CANNOT_PARSE = 0xC000
-INVALID_UID = 0xC001
-SOP_INSTANCE_MISMATCH = 0xC002
 _NO_STUDY_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID")
 
 _INDEX_ATTEMPTS = 3

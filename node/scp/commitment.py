@@ -27,11 +27,11 @@ from node.implementation import identify
 from node.ingest import lookup
 from node.ingest.pipeline import Peer
 from node.scu.tuning import CONNECTION_HANDLERS
+from node.statuses import NO_SUCH_ACTION, NO_SUCH_OBJECT_INSTANCE, SUCCESS
 from node.tls import endpoint
 
 log = logging.getLogger(__name__)
 
-NO_SUCH_OBJECT_INSTANCE = 0x0112
 
 
 class StorageCommitment:
@@ -47,7 +47,7 @@ class StorageCommitment:
         request = event.action_information
         transaction = str(request.get("TransactionUID", ""))
         if event.action_type != 1 or not transaction:
-            return 0x0123, None  # no such action / missing transaction
+            return NO_SUCH_ACTION, None  # or a missing transaction UID
         refs = [(str(r.ReferencedSOPClassUID), str(r.ReferencedSOPInstanceUID))
                 for r in request.get("ReferencedSOPSequence", [])]
         with self.db.session() as session:
@@ -68,7 +68,7 @@ class StorageCommitment:
                 detail=f"transaction {transaction}: {len(ok)} held, {len(missing)} not"))
         threading.Thread(target=self._report, args=(peer, transaction, ok, missing),
                          name="commitment-report", daemon=True).start()
-        return 0x0000, None
+        return SUCCESS, None
 
     def _report(self, peer: Peer, transaction: str, ok: list[tuple[str, str]],
                 missing: list[tuple[str, str]]) -> None:

@@ -40,11 +40,11 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 
 from node.scp.direct_store import command_pdu, implicit_element, padded_uid, pdv_pdu
+from node.statuses import PENDING
 
 C_FIND_RSP = 0x8020
 C_GET_RSP = 0x8010
 C_MOVE_RSP = 0x8021
-PENDING = 0xFF00
 NO_DATA_SET = 0x0101
 # CommandDataSetType of a response that has an identifier (any value but 0x0101).
 _DATA_SET_PRESENT = 0x0001

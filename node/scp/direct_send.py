@@ -57,6 +57,7 @@ from node.scp.direct_store import (
 )
 from node.scp.pdu_guard import GuardedAssociationSocket
 from node.scp.prompt import _WaitsForWork
+from node.statuses import SUCCESS
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
@@ -399,7 +400,7 @@ class Sent(Dataset):
         return _STORED if status == 0 else cls(sop_instance, status)
 
 
-_STORED = Sent("", 0x0000)
+_STORED = Sent("", SUCCESS)
 _STATUSES: dict[int, Dataset] = {}  # a status Dataset per code, made once (only read)
 
 

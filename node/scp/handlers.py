@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.activity import ActivityLog, Event
 from node.db.database import Database
 from node.ingest import lookup
-from node.ingest.pipeline import PROCESSING_FAILURE, Ingest, Outcome, Peer
+from node.ingest.pipeline import Ingest, Outcome, Peer
 from node.policy import admission
 from node.policy.contexts import requestor_first
 from node.scp.commitment import StorageCommitment
@@ -31,6 +31,7 @@ from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
 from node.sop_classes import unknown_storage_classes
+from node.statuses import PROCESSING_FAILURE, SUCCESS
 from node.storage.dirsync import DirectorySyncs
 from node.storage.files import DeferredSync, ReceivedFile
 
@@ -310,7 +311,7 @@ class ScpHandlers:
         usage = self._used(event.assoc)
         if usage is not None:
             usage.echoes += 1
-        return 0x0000
+        return SUCCESS
 
     def on_store(self, event: evt.Event) -> Dataset:
         """A C-STORE that pynetdicom decoded (the direct receiver passed it on)."""

@@ -38,21 +38,22 @@ from node.scu.contexts import sub_operation_contexts
 from node.scu.failure import AssociationFailure
 from node.scu.send import StoreSender
 from node.scu.tuning import CONNECTION_HANDLERS
+from node.statuses import (
+    ALL_SUB_OPERATIONS_FAILED,
+    CANCELLED,
+    FAILED,
+    LIMIT_EXCEEDED,
+    NO_MATCH_KEY,
+    PENDING,
+    REFUSED_NOT_AUTHORISED,
+    SUB_OPERATIONS_FAILED,
+    UNABLE_TO_PROCESS,
+)
 from node.tls import endpoint
 
 log = logging.getLogger(__name__)
 
-PENDING = 0xFF00
-CANCELLED = 0xFE00
-REFUSED_NOT_AUTHORISED = 0x0124
-LIMIT_EXCEEDED = 0xA700  # Refused: out of resources (more matches than the partition's limit)
-UNABLE_TO_PROCESS = 0xC000
-NO_MATCH_KEY = 0xC001  # a retrieve without any unique key would fetch the whole partition
 MAX_SUBOPERATIONS = 65535  # the response counters are US
-SUB_OPERATIONS_FAILED = 0xB000  # warning: one or more sub-operations failed
-ALL_SUB_OPERATIONS_FAILED = 0xA702
-# A sub-operation that failed here (no file, no context, no decoder), as pynetdicom counts it.
-FAILED = 0x0110
 
 
 def status(code: int, comment: str = "") -> Dataset:
@@ -396,7 +397,7 @@ class QueryRetrieve:
                 report.count = 0
                 report.end("failed", "move destination unknown")
                 self._record("move", peer, report)
-                yield None, None  # 0xA801 move destination unknown
+                yield None, None  # pynetdicom answers MOVE_DESTINATION_UNKNOWN (0xA801)
                 return
             where = endpoint(self.settings, host=device.host, ip=device.ip,
                              port=device.port, tls_port=device.tls_port)

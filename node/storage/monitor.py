@@ -27,6 +27,7 @@ from node.db.models import NodeMeta, Partition, Study
 from node.notify import Notifier
 from node.policy.purge import Candidate
 from node.policy.purge import choose as choose_purge
+from node.statuses import OUT_OF_RESOURCES
 from node.storage import cpu, deletion, files, purge, reconcile
 from node.storage.space import StorageGuard, Usage, bytes_above, measure
 
@@ -293,8 +294,8 @@ class StorageMonitor:
         figures = (f"{path} is {usage.percent_used:.1f}% full ({usage.available} bytes free;"
                    f" critical watermark {self.s.critical_watermark:g}%)")
         if suspended:
-            log.error("storage suspended: C-STORE answers 0xA700 (out of resources) until"
-                      " space is freed: %s", figures)
+            log.error("storage suspended: C-STORE answers 0x%04X (out of resources) until"
+                      " space is freed: %s", OUT_OF_RESOURCES, figures)
             subject, body = "storage suspended", (
                 f"The storage SCP is suspended: {figures}.\nQueries and retrieves keep working;"
                 " storage resumes by itself when space is available again.")

@@ -13,10 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.importing.importer import (
-    SOP_CLASS_NOT_SUPPORTED,
-    negotiation_refusal,
-)
+from node.importing.importer import negotiation_refusal
 from node.importing.sources import (
     Kind,
     Sniffed,
@@ -27,7 +24,7 @@ from node.importing.sources import (
     sniff,
     valid_component,
 )
-from node.ingest.pipeline import INVALID_UID
+from node.statuses import INVALID_UID, SOP_CLASS_NOT_SUPPORTED
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent  # type: ignore[arg-type]
 DICOMDIR = TEST_FILES / "dicomdirtests" / "DICOMDIR"

@@ -7,6 +7,12 @@
   docs/_generated/conformance.md       the SOP classes the node accepts (its presentation-context
                                        registry) and the transfer syntaxes of the default settings,
                                        included into docs/reference/conformance.md
+  docs/_generated/statuses.md          every status the node answers and when, per service, from
+                                       node/statuses.py (ANSWERS), included into the conformance
+                                       statement and the query/retrieve reference
+  docs/_generated/modules.md           every module of node/ and hierarchy/ with the first
+                                       paragraph of its docstring, by package, included into
+                                       docs/explanation/architecture.md
 
 Usage: python scripts/gen_docs.py [--check]
   --check  write nothing; exit 1 naming each page that is not what the code generates now
@@ -270,10 +276,80 @@ def conformance_fragment() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# --- statuses ----------------------------------------------------------------------------------
+
+def statuses_fragment() -> str:
+    from node.statuses import ANSWERS
+
+    services = list(dict.fromkeys(answer.service for answer in ANSWERS))
+    lines = [GENERATED_NOTE.format(source="node/statuses.py (ANSWERS)")]
+    for service in services:
+        lines.append(f"#### {service}\n")
+        lines.append("| status | meaning | when the node sends it |\n|---|---|---|")
+        for answer in ANSWERS:
+            if answer.service == service:
+                lines.append(f"| 0x{answer.code:04X} | {_status_meaning(service, answer.code)} "
+                             f"| {_cell(answer.when)} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _status_meaning(service: str, code: int) -> str:
+    """The standard's name of a code for a service, as pynetdicom's status tables give it."""
+    from pynetdicom import status
+
+    tables = {
+        "C-ECHO": status.VERIFICATION_SERVICE_CLASS_STATUS,
+        "C-STORE": status.STORAGE_SERVICE_CLASS_STATUS,
+        "C-FIND": status.QR_FIND_SERVICE_CLASS_STATUS,
+        "C-MOVE": status.QR_MOVE_SERVICE_CLASS_STATUS,
+        "C-GET": status.QR_GET_SERVICE_CLASS_STATUS,
+    }
+    table = {**status.GENERAL_STATUS, **tables.get(service, {})}
+    if code in table:
+        category, text = table[code]
+        return _cell(f"{category}: {text}" if text else category)
+    return "(outside the standard's list for this service)"
+
+
+# --- the module map ----------------------------------------------------------------------------
+
+def _first_paragraph(path: Path) -> str:
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    return _cell(doc.split("\n\n")[0])
+
+
+def modules_fragment() -> str:
+    lines = [GENERATED_NOTE.format(source="each module's docstring")]
+    for top in ("node", "hierarchy"):
+        packages: dict[str, list[Path]] = {}
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if "rpc" in path.relative_to(ROOT).parts:  # generated from protos/
+                continue
+            packages.setdefault(str(path.parent.relative_to(ROOT)), []).append(path)
+        for package, paths in packages.items():
+            lines.append(f"#### `{package}/`\n")
+            init = ROOT / package / "__init__.py"
+            if init in paths:
+                lines.append(_first_paragraph(init) + "\n")
+            lines.append("| module | what it does |\n|---|---|")
+            for path in paths:
+                if path.name != "__init__.py":
+                    lines.append(f"| `{path.name}` | {_first_paragraph(path)} |")
+            lines.append("")
+    lines.append("The `hierarchy/rpc/` modules are generated from `protos/` by "
+                 "`scripts/generate_protos.py`.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "docs/reference/cli.md": cli_page,
     "docs/reference/grpc.md": grpc_page,
     "docs/_generated/conformance.md": conformance_fragment,
+    "docs/_generated/statuses.md": statuses_fragment,
+    "docs/_generated/modules.md": modules_fragment,
 }
 
 

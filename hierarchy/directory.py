@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from hierarchy.rpc import control_pb2 as pb
 from node.db.models import DirectoryNode, DirectoryPartition, utcnow
-from node.replication import insert_rows, table
+from node.db.tables import table
+from node.replication import insert_rows
 
 EXPORT_NAME = "dotcom.json"
 

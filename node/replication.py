@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import BigInteger, String, Table, bindparam, func, select
 from sqlalchemy import cast as cast_
@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 
 from node.db.database import Database
 from node.db.models import (
-    Base,
     Category,
     Device,
     DeviceChange,
@@ -33,6 +32,7 @@ from node.db.models import (
     ReplicatedDevice,
     utcnow,
 )
+from node.db.tables import table
 from node.hostnames import resolve_ip
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,6 @@ def _log(session: Session, records: Sequence[Record], received_from: str,
                         changed)
     insert_rows(session, held_rows, [row for row in rows if row["name"] not in held_names])
     return first
-
-
-def table(model: type[Base]) -> Table:
-    """A model's table, for plain Core statements: bulk writes through the ORM cost several
-    times as much, and these run on every node for every change."""
-    return cast(Table, model.__table__)
 
 
 # Bound values per INSERT statement: well inside SQLite's limit (32766 since 3.32) and

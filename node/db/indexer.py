@@ -24,6 +24,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.prepared import Prepared
+from node.db.tables import table
 from node.dicomtext import element_text, fold, name_groups
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
@@ -138,8 +139,7 @@ class StoredInstance:
 # connection's DBAPI cursor (prepared.py). The ORM's unit of work cost about 4 ms per instance
 # here, SQLAlchemy's Core execution another 0.3 ms.
 _patients, _studies, _series, _instances, _names = (
-    Patient.__table__, Study.__table__, Series.__table__, Instance.__table__,
-    PersonName.__table__)
+    table(Patient), table(Study), table(Series), table(Instance), table(PersonName))
 # Table name -> the columns that have a key column.
 _KEYED = {table.name: tuple(c.name[: -len(KEY_SUFFIX)] for c in table.c
                             if c.name.endswith(KEY_SUFFIX))

@@ -56,9 +56,11 @@ def run(engine: Engine, step: Callable[[Config], None]) -> None:
     with timeouts.unlimited(), engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
         driver = connection.connection.driver_connection if sqlite else None
-        enforced = bool(driver.execute("PRAGMA foreign_keys").fetchone()[0]) if driver else False
-        if enforced:
-            driver.execute("PRAGMA foreign_keys=OFF")
+        # SQLite's connection, when it enforces foreign keys (off while the migration runs).
+        enforcing = (driver if driver is not None
+                     and driver.execute("PRAGMA foreign_keys").fetchone()[0] else None)
+        if enforcing is not None:
+            enforcing.execute("PRAGMA foreign_keys=OFF")
         try:
             with connection.begin():
                 if connection.dialect.name == "postgresql":
@@ -71,8 +73,8 @@ def run(engine: Engine, step: Callable[[Config], None]) -> None:
                     if broken:
                         raise RuntimeError(f"the migration left broken references: {broken}")
         finally:
-            if enforced:
-                driver.execute("PRAGMA foreign_keys=ON")
+            if enforcing is not None:
+                enforcing.execute("PRAGMA foreign_keys=ON")
 
 
 def current_revision(engine: Engine) -> str | None:

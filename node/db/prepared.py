@@ -24,14 +24,17 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql.dml import Insert, UpdateBase
+from sqlalchemy.sql.expression import Select
+
+# What can be prepared: Core statements (a Select, or an Insert, Update or Delete).
+Statement = Select[Any] | UpdateBase
 
 
 class Prepared:
     """`statement` (its parameters all bindparams) for every dialect it is run on."""
 
-    def __init__(self, statement: Executable, *, returns_id: bool = False) -> None:
+    def __init__(self, statement: Statement, *, returns_id: bool = False) -> None:
         """`returns_id`: an INSERT whose `run` returns the new row's primary key."""
         self.statement = statement
         self.returns_id = returns_id
@@ -56,12 +59,14 @@ class Prepared:
         if not self.returns_id:
             return cursor
         if compiled.returning:
-            return cursor.fetchone()[0]
+            row = cursor.fetchone()
+            assert row is not None  # INSERT ... RETURNING returns the row it inserted
+            return row[0]
         return cursor.lastrowid
 
 
 class _Compiled:
-    def __init__(self, statement: Executable, dialect: Dialect, returns_id: bool) -> None:
+    def __init__(self, statement: Statement, dialect: Dialect, returns_id: bool) -> None:
         self.returning = False
         if returns_id:
             assert isinstance(statement, Insert)

@@ -456,7 +456,7 @@ def _log_level(value: str) -> str:
     known = logging.getLevelNamesMapping()
     if value.strip().upper() in known:
         return value.strip().upper()
-    levels = sorted({logging.getLevelName(n) for n in known.values() if n}, key=known.get)
+    levels = sorted({logging.getLevelName(n) for n in known.values() if n}, key=known.__getitem__)
     raise ConfigError(f"node.log_level {value!r} is not a log level: use one of"
                       f" {', '.join(levels)}")
 

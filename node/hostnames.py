@@ -15,7 +15,7 @@ def resolve(host: str) -> tuple[str, str]:
     except ValueError:
         pass
     try:
-        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0], ""
+        return str(socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]), ""
     except OSError as exc:
         return "", exc.strerror or str(exc)
     except UnicodeError:

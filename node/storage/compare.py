@@ -38,7 +38,7 @@ def _element_differences(stored: Dataset, received: Dataset) -> list[Difference]
         if a is not None and b is not None and a.value == b.value:
             continue
         element = a if a is not None else b
-        keyword = element.keyword or str(element.tag)  # type: ignore[union-attr]
+        keyword = element.keyword or str(element.tag)
         out.append(Difference(
             keyword,
             _short(a.value) if a is not None else "(absent)",

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, distinct, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, distinct, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from node.db.models import Device, ForwardJob, Instance, JobState, Series, Study
 from node.policy.purge import Candidate
@@ -19,7 +19,7 @@ _CHUNK = 200  # candidate studies read per query, in purge order
 _OPEN_STATES = (JobState.PENDING, JobState.SENDING, JobState.FAILED)
 
 
-def _order_column(order: str) -> object:
+def _order_column(order: str) -> InstrumentedAttribute[datetime]:
     return Study.accessed_at if order == "accessed" else Study.received_at
 
 
@@ -74,7 +74,7 @@ def describe(session: Session, studies: Sequence[tuple[int, str, int]],
             for pk, uid, pid in studies]
 
 
-def _committed_where_asked() -> object:
+def _committed_where_asked() -> ColumnElement[bool]:
     # A device that asks for commitment: the job must be committed there, or the device turned
     # out not to support commitment. Otherwise a done job is enough, whatever a request made
     # while the device still asked for commitment left (nothing asks it again).

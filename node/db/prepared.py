@@ -28,7 +28,7 @@ from sqlalchemy.sql.dml import Insert, UpdateBase
 from sqlalchemy.sql.expression import Select
 
 # What can be prepared: Core statements (a Select, or an Insert, Update or Delete).
-Statement = Select[Any] | UpdateBase
+Statement = Select | UpdateBase
 
 
 class Prepared:

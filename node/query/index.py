@@ -15,6 +15,7 @@ from pydicom.tag import BaseTag, Tag
 from sqlalchemy import Boolean, ColumnElement, Select, and_, func, or_, select, true
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm.util import AliasedClass
 from sqlalchemy.sql.functions import FunctionElement
 
 from node.db.indexer import NAME_COMPONENT_COLUMNS
@@ -95,7 +96,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     "SOPClassUID": Attribute("IMAGE", Instance.sop_class_uid),
     "InstanceNumber": Attribute("IMAGE", Instance.instance_number),
 }
-_ENTITIES = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+_ENTITIES: dict[str, type[Patient | Study | Series | Instance]] = {
+    "PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
 
 
 def column_at(attribute: Attribute, level: str) -> InstrumentedAttribute[Any]:
@@ -116,11 +118,11 @@ def _compare(column: Any, value: str, wildcard: bool, as_range: bool) -> ColumnE
     """`column` equals `value`, or matches it as a DICOM wildcard pattern; a pattern that is
     a prefix and `*` as a range when `as_range` (an index serves it on SQLite)."""
     if not wildcard:
-        return column == value  # type: ignore[no-any-return]
+        return column == value
     prefix = value[:-1]
     if as_range and value.endswith("*") and prefix and "*" not in prefix and "?" not in prefix:
         return and_(column >= prefix, column < prefix[:-1] + _next_character(prefix[-1]))
-    return column.like(like_pattern(value), escape="\\")  # type: ignore[no-any-return]
+    return column.like(like_pattern(value), escape="\\")
 
 
 def _next_character(ch: str) -> str:
@@ -223,16 +225,16 @@ _UID_KEYS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"
 _VRS = {keyword: dictionary_VR(keyword) for keyword in ATTRIBUTES}
 
 
-def _matched_on(keyword: str, level: str) -> type[Any]:
+def _matched_on(keyword: str, level: str) -> type[Any] | AliasedClass[Any]:
     """The entity whose rows a condition on `keyword` constrains in a query at `level`."""
     attribute = ATTRIBUTES[keyword]
     if attribute.name:
         return Study if RANK[level] >= RANK["STUDY"] else Patient
-    return column_at(attribute, level).class_  # type: ignore[no-any-return]
+    return column_at(attribute, level).class_
 
 
 def statement(query: Query, partition_id: int, settings: MatchSettings,
-              level: str | None = None) -> Select[Any]:
+              level: str | None = None) -> Select:
     """SELECT of the rows at `level` (default: the query's) that match every condition.
 
     Keys below the query's level are not matched (hierarchical model); keys above it are, so a

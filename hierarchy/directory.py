@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from hierarchy.rpc import control_pb2 as pb
 from node.db.models import DirectoryNode, DirectoryPartition, utcnow
-from node.db.tables import table
+from node.db.tables import rowcount, table
 from node.replication import insert_rows
 
 EXPORT_NAME = "dotcom.json"
@@ -51,9 +51,10 @@ def store(session: Session, entries: list[pb.DirectoryEntry], root_id: str,
     collected = collected or utcnow()
     seen = {e.node.node_id: e for e in entries}
     nodes, partitions = table(DirectoryNode), table(DirectoryPartition)
-    left_out = session.execute(nodes.update().where(nodes.c.node_id.not_in(seen)).values(
+    unreached = nodes.update().where(nodes.c.node_id.not_in(seen)).values(
         reachable=False, error=f"not reached by the recollect from {root_id}",
-        collected_at=collected)).rowcount  # type: ignore[attr-defined]
+        collected_at=collected)
+    left_out = rowcount(session.execute(unreached))
     # Replaced rather than updated, in as few statements as possible: in a busy process each
     # one waits its turn for the GIL.
     session.execute(partitions.delete().where(partitions.c.node_id.in_(seen)))

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from hierarchy.rpc import control_pb2 as pb
 from node.config import Settings
 from node.db.models import Device, DeviceType, Neighbour, utcnow
+from node.db.tables import rowcount
 from node.hostnames import resolve_ip
 
 PARENT = "parent"
@@ -200,7 +201,7 @@ def seen(session: Session, node_id: str, queue_depth: int | None = None,
         query = query.where(Neighbour.role == role)
     result = session.execute(query.values(**values).execution_options(
         synchronize_session=False))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(rowcount(result))
 
 
 def seen_all(session: Session, node_ids: list[str]) -> None:

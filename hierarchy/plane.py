@@ -31,6 +31,7 @@ from node.clock import StepWatch
 from node.config import Settings, split_address
 from node.db.database import Database
 from node.db.models import Neighbour
+from node.db.tables import rowcount
 from node.forwarding import admin
 from node.ports import bind_reason, probe
 
@@ -355,7 +356,7 @@ class ControlPlane:
                     Neighbour.node_id == push.target.node_id,
                     Neighbour.cursor == push.target.cursor).values(cursor=push.upto)
                     .execution_options(synchronize_session=False))
-                moved += result.rowcount  # type: ignore[attr-defined]
+                moved += rowcount(result)
         return moved
 
     def _targets(self, session: Session) -> list[Target]:

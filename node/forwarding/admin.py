@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import distinct, func, select, update
+from sqlalchemy import ColumnElement, distinct, func, select, update
 from sqlalchemy.orm import Session
 
 from node.db.models import Device, ForwardJob, Instance, JobState, Study, utcnow
+from node.db.tables import rowcount
 from node.forwarding.commitment import COMMITTED, SETTLED
 from node.partitions import AdminError
 from node.storage import purge
@@ -64,10 +65,10 @@ def as_dict(job: ForwardJob, device: str, sop: str) -> dict[str, Any]:
 
 
 def _select_jobs(session: Session, ids: list[int], device: str | None, states: list[str]
-                 ) -> Any:
+                 ) -> list[ColumnElement[bool]]:
     if not ids and device is None:
         raise AdminError("give job ids or --device")
-    where = [ForwardJob.state.in_(states)]
+    where: list[ColumnElement[bool]] = [ForwardJob.state.in_(states)]
     if ids:
         where.append(ForwardJob.id.in_(ids))
     device_id = _device_id(session, device)
@@ -87,7 +88,7 @@ def retry(session: Session, ids: list[int], device: str | None) -> tuple[int, in
         state=JobState.PENDING, attempts=0, next_attempt_at=utcnow(), last_error=""))
     owed = _select_jobs(session, ids, device, [JobState.DONE])
     asked = _ask_commitment(session, [*owed, ForwardJob.commitment.notin_(SETTLED)])
-    return result.rowcount or 0, asked[0]
+    return rowcount(result) or 0, asked[0]
 
 
 def ask_commitment(session: Session, device: str, study: str | None = None
@@ -117,13 +118,13 @@ def _ask_commitment(session: Session, where: list[Any]) -> tuple[int, int]:
                              .where(*where)) or 0
     result = session.execute(update(ForwardJob).where(*where).values(
         commitment_due_at=utcnow(), commitment_attempts=0))
-    return result.rowcount or 0, studies
+    return rowcount(result) or 0, studies
 
 
 def cancel(session: Session, ids: list[int], device: str | None) -> int:
     where = _select_jobs(session, ids, device, [JobState.PENDING, JobState.FAILED])
     result = session.execute(update(ForwardJob).where(*where).values(state=JobState.CANCELLED))
-    return result.rowcount or 0
+    return rowcount(result) or 0
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 
 from node.config import ForwardingSettings
 from node.db.database import Database
@@ -96,7 +96,7 @@ class Owed:
     attempts: int  # requests made since the last reset
 
 
-def _due(now: datetime, f: ForwardingSettings) -> object:
+def _due(now: datetime, f: ForwardingSettings) -> ColumnElement[bool]:
     first, last = due_window(now, f)
     return and_(ForwardJob.state == JobState.DONE, ForwardJob.commitment.notin_(SETTLED),
                 or_(ForwardJob.commitment_due_at <= first, ForwardJob.commitment_due_at > last))

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.clock import STEP_TOLERANCE, latest_plausible
 from node.config import ForwardingSettings
 from node.db.database import Database
 from node.db.models import ForwardJob, Instance, JobState, utcnow
+from node.db.tables import rowcount
 
 
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
@@ -54,7 +55,7 @@ class Job:
     study_instance_uid: str = ""
 
 
-def _claimable(now: datetime, lease_seconds: float) -> object:
+def _claimable(now: datetime, lease_seconds: float) -> ColumnElement[bool]:
     # Due pending jobs, and jobs a crashed sender claimed longer ago than the lease.
     return or_(
         and_(ForwardJob.state == JobState.PENDING, ForwardJob.next_attempt_at <= now),
@@ -73,7 +74,7 @@ def due_devices(db: Database, lease_seconds: float) -> dict[int, int]:
         return {device_id: n for device_id, n in rows}
 
 
-def take(session: Session, query: Select[tuple[int]], skip_locked: bool,
+def take(session: Session, query: Select[int], skip_locked: bool,
          **values: object) -> list[int]:
     """The job IDs `query` selects, set to `values` in the caller's transaction; with
     `skip_locked` (PostgreSQL), rows another transaction holds are passed over, so takers in
@@ -162,7 +163,7 @@ def clamp_due_times(db: Database, settings: ForwardingSettings) -> int:
                 ForwardJob.state == JobState.PENDING, attempts,
                 ForwardJob.next_attempt_at > latest_plausible(now, wait))
                 .values(next_attempt_at=now + timedelta(seconds=wait)))
-            moved += result.rowcount or 0
+            moved += rowcount(result) or 0
         session.execute(update(ForwardJob).where(
             ForwardJob.state == JobState.SENDING,
             ForwardJob.claimed_at > now + timedelta(seconds=STEP_TOLERANCE))
@@ -178,7 +179,7 @@ def renew_claims(db: Database, owner: str) -> int:
             update(ForwardJob).where(ForwardJob.state == JobState.SENDING,
                                      ForwardJob.claimed_by == owner)
             .values(claimed_at=utcnow()))
-        return result.rowcount or 0
+        return rowcount(result) or 0
 
 
 def release_claims(db: Database, owner: str) -> int:
@@ -188,7 +189,7 @@ def release_claims(db: Database, owner: str) -> int:
             update(ForwardJob).where(ForwardJob.state == JobState.SENDING,
                                      ForwardJob.claimed_by == owner)
             .values(state=JobState.PENDING, claimed_by="", claimed_at=None))
-        return result.rowcount or 0
+        return rowcount(result) or 0
 
 
 def release_jobs(db: Database, job_ids: list[int]) -> None:

@@ -111,10 +111,13 @@ class Connection:
         handlers: list[Any] = [*CONNECTION_HANDLERS, (evt.EVT_CONN_OPEN, prompt_requestor)]
         if self.on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self.on_report))
-        roles = ([build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]
-                 if t.storage_commitment else [])
+        # (The list is written in the call, where mypy infers the element type pynetdicom's
+        # invariant list[...] parameter asks for.)
         assoc = ae.associate(t.address, t.port, ae_title=t.ae_title, contexts=contexts,
-                             max_pdu=t.max_pdu, evt_handlers=handlers, ext_neg=roles,
+                             max_pdu=t.max_pdu, evt_handlers=handlers,
+                             ext_neg=([build_role(StorageCommitmentPushModel, scu_role=True,
+                                                  scp_role=True)]
+                                      if t.storage_commitment else []),
                              tls_args=t.tls_args)
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "no answer or aborted"

@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from node.cli.common import (
     ConfigOption,
@@ -19,6 +19,7 @@ from node.cli.common import (
     table,
     transaction,
 )
+from node.db.database import Database
 from node.forwarding import admin
 from node.partitions import AdminError
 
@@ -130,13 +131,13 @@ def stats(
           [[r.device, *(r.counts.get(s, 0) for s in admin.STATES)] for r in rows])
 
 
-def _follow(db: object) -> None:
+def _follow(db: Database) -> None:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[detail]}"), console=out) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
         try:
             while True:
-                with db.session() as session:  # type: ignore[attr-defined]
+                with db.session() as session:
                     rows = admin.stats(session)
                 for r in rows:
                     finished = r.total - r.waiting

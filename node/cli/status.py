@@ -55,7 +55,7 @@ def status(as_json: JsonOption = False, config: ConfigOption = None) -> None:
         state = load_state(session)
     s = settings.storage
     reported = {f.path: asdict(f) for f in state.filesystems} if state else {}
-    data = {
+    data: dict[str, Any] = {
         "node": settings.node.name,
         "storage_root": str(settings.storage_dir),
         "watermarks": {"low": s.low_watermark, "high": s.high_watermark,

@@ -178,7 +178,7 @@ class StoreSender:
         if current.file is not None:
             current.file.close()
         self._give_back()  # pynetdicom's DUL sends this one
-        sent: Dataset | Path = item.path
+        sent: Dataset | str | Path = item.path
         if context_id is None or self.transform is not None:
             decoded = self._decode(item, syntax)
             if isinstance(decoded, Outcome):

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.events import EventHandlerType
 
 from node.scp import pdu_guard
 from node.scp.timers import monotonic_timers
@@ -70,7 +71,7 @@ def monotonic_timers_on_open(event: evt.Event) -> None:
     monotonic_timers(event.assoc.dul)
 
 
-CONNECTION_HANDLERS = [
+CONNECTION_HANDLERS: list[EventHandlerType] = [
     (evt.EVT_CONN_OPEN, tcp_nodelay),
     (evt.EVT_CONN_OPEN, monotonic_timers_on_open),
     (evt.EVT_CONN_OPEN, responses_for_the_waiter),

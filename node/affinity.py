@@ -65,21 +65,22 @@ class ReceiverPinning:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Around a DUL thread's run."""
-        if self.cpu is None:
+        cpu = self.cpu
+        if cpu is None:
             yield
             return
         tid = threading.get_native_id()
         with self._lock:
             self._threads.add(tid)
-            self._apply(joined=tid)
+            self._apply(cpu, joined=tid)
         try:
             yield
         finally:
             with self._lock:
                 self._threads.discard(tid)
-                self._apply(joined=None)
+                self._apply(cpu, joined=None)
 
-    def _apply(self, joined: int | None) -> None:
+    def _apply(self, cpu: int, joined: int | None) -> None:
         # Under the lock: every thread in _threads is alive (each leaves before it ends).
         pin = len(self._threads) >= 2
         if pin != self._pinned:
@@ -89,7 +90,7 @@ class ReceiverPinning:
             targets = (joined,)
         else:
             return
-        cpus = {self.cpu} if pin else PROCESS_CPUS
+        cpus = {cpu} if pin else PROCESS_CPUS
         for tid in targets:
             try:
                 os.sched_setaffinity(tid, cpus)

@@ -81,7 +81,8 @@ class RemoteAdmissions:
     def admit(self, partition: PartitionPolicy, device: DeviceView | None,
               calling_ae: str) -> tuple[int | None, str | None]:
         request = next(self._requests)
-        done, answer = threading.Event(), []
+        done = threading.Event()
+        answer: list[Any] = []
         with self._lock:
             if self._closed:
                 return None, GONE

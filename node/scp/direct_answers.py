@@ -160,6 +160,7 @@ class RetrieveAnswers:
         if (threading.get_ident() != self.thread or not isinstance(primitive, C_GET | C_MOVE)
                 or primitive.Status != PENDING or primitive.Identifier is not None
                 or primitive.MessageIDBeingRespondedTo is None
+                or primitive.AffectedSOPClassUID is None
                 or (self.tls and not getattr(self.dul, "lent", False))):
             self.send_msg(primitive, context_id)
             return

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import ssl
 import struct
 import threading
@@ -223,12 +224,14 @@ class Wire:
     """C-STORE requests of stored files over one association whose socket it has borrowed
     (`open`); used by one thread at a time, until `close`."""
 
-    def __init__(self, assoc: Any, dul: _WaitsForWork, timeout: float) -> None:
+    def __init__(self, assoc: Any, dul: _WaitsForWork, sock: GuardedAssociationSocket,
+                 raw: socket.socket, timeout: float) -> None:
         self.assoc = assoc
         self.dul = dul
-        self.socket = dul.socket  # pdu_guard's: its reads check each PDU's length
-        self.raw = dul.socket.socket
-        self.tls = isinstance(self.raw, ssl.SSLSocket)
+        self.socket = sock  # pdu_guard's: its reads check each PDU's length
+        self.raw = raw
+        self.tls_socket = self.raw if isinstance(self.raw, ssl.SSLSocket) else None
+        self.tls = self.tls_socket is not None
         self.timeout = timeout  # seconds for a response (the DIMSE timeout)
         peer = (assoc.acceptor if assoc.is_requestor else assoc.requestor).maximum_length
         self.fragment = min(int(peer) - 6, CHUNK) if peer else CHUNK
@@ -241,16 +244,17 @@ class Wire:
     def open(cls, assoc: Any, grant_timeout: float = 5.0) -> Wire | None:
         """Borrow the association's socket, or None where pynetdicom must send."""
         dul = assoc.dul
-        sock = getattr(dul.socket, "socket", None)
+        guarded = dul.socket
+        sock = getattr(guarded, "socket", None)
         peer = (assoc.acceptor if assoc.is_requestor else assoc.requestor).maximum_length
         if (not isinstance(dul, _WaitsForWork) or sock is None
-                or not isinstance(dul.socket, GuardedAssociationSocket)
+                or not isinstance(guarded, GuardedAssociationSocket)
                 or not assoc.is_established or (peer and peer < _MIN_PEER_PDU)):
             return None
         if not dul.lend(grant_timeout):
             return None
         timeout = assoc.dimse_timeout
-        wire = cls(assoc, dul, float(timeout) if timeout else 0.0)
+        wire = cls(assoc, dul, guarded, sock, float(timeout) if timeout else 0.0)
         dul.borrower = wire
         return wire
 
@@ -358,7 +362,8 @@ class Wire:
 
     def _read_pdu(self, deadline: float | None) -> tuple[int, bytes]:
         # (select() cannot see bytes already read ahead, or decrypted and buffered by SSL)
-        if not self.socket.read_ahead and not (self.tls and self.raw.pending()):
+        if not self.socket.read_ahead and not (self.tls_socket is not None
+                                               and self.tls_socket.pending()):
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 ready = select.select([self.raw], [], [], wait)[0]

@@ -107,7 +107,7 @@ def pdv_items(body: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, 
         offset += 4 + length
 
 
-def command_elements(data: bytes | memoryview) -> dict[int, bytes]:
+def command_elements(data: bytes | bytearray | memoryview) -> dict[int, bytes]:
     """A command set (Implicit VR Little Endian, group 0000) as element number -> value."""
     view = memoryview(data)
     elements: dict[int, bytes] = {}

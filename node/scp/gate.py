@@ -107,7 +107,7 @@ class Connections:
             return self._handshaking.total(), self._serving.total()
 
     @staticmethod
-    def _drop(counter: Counter, key: object) -> None:  # type: ignore[type-arg]
+    def _drop(counter: Counter, key: object) -> None:
         if counter[key] <= 1:
             counter.pop(key, None)
         else:

@@ -9,11 +9,13 @@ from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,6 +42,21 @@ log = logging.getLogger(__name__)
 
 def _peer_address(assoc: Association) -> tuple[str, int]:
     return assoc.requestor.address, assoc.requestor.port
+
+
+def _request(assoc: Association) -> A_ASSOCIATE:
+    """The peer's A-ASSOCIATE-RQ (received before any handler that asks for it runs)."""
+    primitive = assoc.requestor.primitive
+    assert primitive is not None
+    return primitive
+
+
+class _Parties(TypedDict):
+    """Who an association's activity rows name."""
+    partition: str
+    calling_ae: str
+    called_ae: str
+    peer: str
 
 
 # Contexts in requestor order kept for reuse (see ScpHandlers._context).
@@ -154,7 +171,7 @@ class ScpHandlers:
     def on_requested(self, event: evt.Event, port: int, tls: bool) -> None:
         assoc = event.assoc
         assoc.acse_timeout = assoc.ae.acse_timeout  # (shortened until now: listener.py)
-        primitive = assoc.requestor.primitive
+        primitive = _request(assoc)
         called = primitive.called_ae_title.strip()
         calling = primitive.calling_ae_title.strip()
         ip, peer_port = _peer_address(assoc)
@@ -183,9 +200,10 @@ class ScpHandlers:
         if self.requestor_order is not None:
             requested = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
                          for cx in proposed]
+            order: ChainMap[str, list[str]] = ChainMap(self.requestor_order, added)
             assoc.acceptor.supported_contexts = [
                 self._context(abstract, syntaxes) for abstract, syntaxes
-                in requestor_first(requested, ChainMap(self.requestor_order, added))
+                in requestor_first(requested, order)
             ]
         elif added:
             assoc.acceptor.supported_contexts = [
@@ -203,8 +221,8 @@ class ScpHandlers:
             tokens = [self._tokens.pop(gone) for gone in dead if gone in self._tokens]
         for gone in dead:
             _discard_partial_dataset(gone)
-        for token in tokens:
-            self.admissions.release(token)
+        for held in tokens:
+            self.admissions.release(held)
         token, too_many = self.admissions.admit(partition, device, calling)
         if token is not None:
             with self._lock:
@@ -254,7 +272,7 @@ class ScpHandlers:
                    f"(pynetdicom's limit {assoc.ae.maximum_associations})")
         else:
             why = "rejected by pynetdicom's own negotiation (e.g. user identity)"
-        primitive = assoc.requestor.primitive
+        primitive = _request(assoc)
         called = primitive.called_ae_title.strip()
         calling = primitive.calling_ae_title.strip()
         ip, peer_port = _peer_address(assoc)
@@ -267,7 +285,7 @@ class ScpHandlers:
     def _refuse(self, assoc: Association, decision: admission.Admission, port: int,
                 tls: bool, partition: admission.PartitionPolicy | None) -> None:
         assert decision.reason is not None
-        primitive = assoc.requestor.primitive
+        primitive = _request(assoc)
         called = primitive.called_ae_title.strip()
         calling = primitive.calling_ae_title.strip()
         ip, peer_port = _peer_address(assoc)
@@ -316,6 +334,7 @@ class ScpHandlers:
     def on_store(self, event: evt.Event) -> Dataset:
         """A C-STORE that pynetdicom decoded (the direct receiver passed it on)."""
         request = event.request
+        assert isinstance(request, C_STORE)
         outcome = self._store(event.assoc, str(request.AffectedSOPClassUID),
                               str(request.AffectedSOPInstanceUID), Path(event.dataset_path))
         rsp = Dataset()
@@ -431,8 +450,8 @@ class ScpHandlers:
 
     def _record_association(self, assoc: Association, peer: Peer, usage: Usage) -> None:
         """One row for the association, one per study it stored into."""
-        who = {"partition": peer.partition.ae_title, "calling_ae": peer.calling_ae,
-               "called_ae": usage.called_ae, "peer": peer.address}
+        who: _Parties = {"partition": peer.partition.ae_title, "calling_ae": peer.calling_ae,
+                         "called_ae": usage.called_ae, "peer": peer.address}
         for study, (ok, failed) in usage.studies.items():
             self._record(Event(
                 "store", **who, study_instance_uid=study, count=ok, failed=failed,

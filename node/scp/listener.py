@@ -157,7 +157,9 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
                     if self._closing:
                         break
                     if any(key.fileobj is self for key, _ in ready):
-                        self._handle_request_noblock()
+                        # socketserver's own step per connection (accept, verify, process);
+                        # typeshed does not declare this private method.
+                        self._handle_request_noblock()  # type: ignore[attr-defined]
                     self.service_actions()
         finally:
             self._served.set()
@@ -200,7 +202,9 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
                          daemon=True).start()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        handler = self.RequestHandlerClass(request, client_address, self)
+        # typeshed types RequestHandlerClass's server as Self, which mypy does not bind on
+        # an attribute of Callable type (python/mypy: "Self in Callable attribute").
+        handler = self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
         if (self.dispatcher is not None or self.connections is not None) \
                 and isinstance(handler, _RememberingRequestHandler) and handler.assoc is not None:
             # The dispatcher and the connection counts count connections until they end, not
@@ -353,8 +357,10 @@ def _screen_socket(sock: socket.socket) -> tuple[bytes, str] | None:
 def _subject(sock: ssl.SSLSocket) -> str:
     """The client certificate's common name, when one was sent and verified."""
     cert = sock.getpeercert()
+    # Relative distinguished names, each of (attribute, value) pairs (indexed, not unpacked:
+    # typeshed types the field as any certificate field's value, a str among them).
     for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
+        for attribute in rdn:
+            if attribute[0] == "commonName":
+                return str(attribute[1])
     return ""

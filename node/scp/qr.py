@@ -81,6 +81,15 @@ def match_settings(peer: Peer, defaults: QuerySettings, dialect: str) -> MatchSe
     )
 
 
+def _message_id(event: evt.Event) -> int:
+    """The request's Message ID. pynetdicom serves only requests with every required
+    parameter (is_valid_request; it ignores the others), so it and a C-MOVE's Move
+    Destination are set."""
+    message_id = event.request.MessageID
+    assert message_id is not None
+    return message_id
+
+
 class Stored(NamedTuple):
     """A matching instance (a tuple: made a thousand at a time from the index's rows)."""
 
@@ -237,7 +246,9 @@ class QueryRetrieve:
             Instance.transfer_syntax_uid, Study.id, Study.study_instance_uid)
         root = str(self.root)
         with self.db.session() as session:
-            return [Stored(f"{root}/{path}", *rest) for path, *rest in session.execute(stmt)]
+            return [Stored(f"{root}/{path}", sop_class, sop, syntax, study_pk, study_uid)
+                    for path, sop_class, sop, syntax, study_pk, study_uid
+                    in session.execute(stmt)]
 
     def _resolve(self, event: evt.Event, peer: Peer, verb: str, report: Report
                  ) -> tuple[list[Stored] | None, Dataset | None]:
@@ -337,7 +348,7 @@ class QueryRetrieve:
                     return
                 yield item
 
-        request_id = int(event.request.MessageID)
+        request_id = _message_id(event)
         answers = RetrieveAnswers.for_event(event)
         sent = 0
         with contextlib.ExitStack() as stack:
@@ -383,7 +394,9 @@ class QueryRetrieve:
             yield final, identifier
 
     def move(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
-        destination_ae = event.move_destination.strip()
+        destination = event.move_destination
+        assert destination is not None  # (see _message_id)
+        destination_ae = destination.strip()
         report = Report(detail=f"to {destination_ae}:")
         instances, failure = self._resolve(event, peer, "C-MOVE", report)
         with self.db.session() as session:
@@ -413,9 +426,9 @@ class QueryRetrieve:
             return
         assert instances is not None
         delivered: list[Stored] = []
-        failure = AssociationFailure()
+        unreached = AssociationFailure()
         opened: list[Any] = []  # the sub-operations' association, once pynetdicom opens it
-        kwargs["evt_handlers"] = [*kwargs["evt_handlers"], *failure.handlers(),
+        kwargs["evt_handlers"] = [*kwargs["evt_handlers"], *unreached.handlers(),
                                   (evt.EVT_CONN_OPEN, _opened, [opened])]
         try:
             yield address, port, kwargs
@@ -426,10 +439,10 @@ class QueryRetrieve:
             released_in_the_background(store_assoc)
             yield from self._sub_operations(
                 event, store_assoc, destination_ae, instances, delivered, report,
-                originator=(peer.calling_ae, int(event.request.MessageID)))
+                originator=(peer.calling_ae, _message_id(event)))
         finally:
             self._retrieved("move", peer, report, delivered,
-                            f"{destination_ae} at {address}:{port}: {failure.reason()}")
+                            f"{destination_ae} at {address}:{port}: {unreached.reason()}")
 
     def get(self, event: evt.Event, peer: Peer) -> Iterator[Any]:
         report = Report()

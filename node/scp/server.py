@@ -88,7 +88,8 @@ def build_ae(settings: Settings) -> AE:
     identify(ae, version_name=d.send_implementation_version_name)
     # pynetdicom's own supported-contexts dict, filled from the process's one built list.
     ae._supported_contexts = {cx.abstract_syntax: cx for cx in
-                              supported_contexts(tuple(settings.accepted_transfer_syntaxes))}
+                              supported_contexts(tuple(settings.accepted_transfer_syntaxes))
+                              if cx.abstract_syntax is not None}  # (each has one)
     return ae
 
 
@@ -206,6 +207,7 @@ class DicomServer:
             gate=self.gate, connections=self.connections, backlog=self.backlog,
             handshake_timeout=self.settings.dicom.handshake_timeout,
         )
+        assert isinstance(server, ScreeningAssociationServer)  # an instance of server_class
         server.dispatcher = self.dispatcher
         return server
 

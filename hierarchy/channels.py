@@ -41,7 +41,7 @@ def open_channel(settings: Settings, address: str) -> grpc.Channel:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(settings, "tls_ca"), private_key=_read(settings, "tls_key"),
         certificate_chain=_read(settings, "tls_cert"))
-    options = list(CHANNEL_OPTIONS)
+    options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
     if settings.hierarchy.tls_server_name:
         options.append(("grpc.ssl_target_name_override", settings.hierarchy.tls_server_name))
     return grpc.secure_channel(address, credentials, options=options)

@@ -48,7 +48,7 @@ def collect_from(stub: rpc.ControlStub, request: pb.CollectSubtreeRequest, timeo
         for batch in stub.CollectSubtreeBatches(request, timeout=timeout):
             yield list(batch.entries)
     except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
             raise
         for entry in stub.CollectSubtree(request, timeout=timeout):
             yield [entry]
@@ -166,8 +166,10 @@ class ControlServicer(rpc.ControlServicer):
                               info=json.dumps({"node_id": key}))
             return failed(n, reason)
 
-        calls = [Call(node_id, lambda timeout, a=address: ask(self.peers.stub(a), timeout))
-                 for node_id, address in children.items()]
+        def asking(address: str) -> Callable[[float], Iterator[T]]:
+            return lambda timeout: ask(self.peers.stub(address), timeout)
+
+        calls = [Call(node_id, asking(address)) for node_id, address in children.items()]
         return self._noting(fan_out_batches(calls, remaining, on_failure, answered.append,
                                             spawn=self._workers.submit), answered, errors)
 

@@ -8,13 +8,14 @@ whole walk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import grpc
 
@@ -88,7 +89,7 @@ def fan_out_batches(calls: Sequence[Call[T]], remaining: float,
             inbox.put((call.key, "error", str(exc)))
 
     for call in calls:
-        spawn(lambda call=call: run(call))  # type: ignore[misc]
+        spawn(functools.partial(run, call))
     return _gather([call.key for call in calls], inbox, deadline, timeout, failed, answered)
 
 
@@ -103,7 +104,7 @@ def _gather(keys: list[str], inbox: queue.Queue[tuple[str, str, object]], deadli
             if key not in answered_any:
                 answered_any.add(key)
                 answered(key)
-            batch.append(payload)  # type: ignore[arg-type]
+            batch.append(cast(T, payload))  # an "item" carries one of the call's answers
             return
         pending.discard(key)
         if kind == "error":

@@ -72,6 +72,7 @@ class _Compiled:
             assert isinstance(statement, Insert)
             if dialect.insert_returning:
                 table = statement.table
+                # (Insert.table is typed as any TableClause; a model's is a Table)
                 statement = statement.returning(*table.primary_key.columns)  # type: ignore[attr-defined]
                 self.returning = True
         compiled = statement.compile(dialect=dialect)

@@ -167,9 +167,10 @@ class Ingest:
             # Framing checked before anything is trusted (structure.py): refusals are 0xC000.
             if peer.rules:
                 self._read(received, lambda: read_header(received, INDEX_TAGS))
-                coerced = self.incoming / f"{received.name}.coerced"
+                # (`target` for the lambda: a closure does not see `coerced` narrowed)
+                coerced = target = self.incoming / f"{received.name}.coerced"
                 header = self._read(received, lambda: rewrite_header(
-                    received, coerced, lambda ds: apply_rules(list(peer.rules), ds)))
+                    received, target, lambda ds: apply_rules(list(peer.rules), ds)))
                 attrs, transfer_syntax = extract(header), str(header.file_meta.TransferSyntaxUID)
                 source = coerced
                 size = coerced.stat().st_size
@@ -228,9 +229,9 @@ class Ingest:
         return extract(header), str(header.file_meta.TransferSyntaxUID)
 
     @staticmethod
-    def _read(path: Path, reader: object) -> Dataset:
+    def _read(path: Path, reader: Callable[[], Dataset]) -> Dataset:
         try:
-            ds = reader()  # type: ignore[operator]
+            ds = reader()
         except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError,
                 NotImplementedError, AttributeError, OverflowError) as exc:
             raise Refused(CANNOT_PARSE, f"cannot parse: {exc}") from exc

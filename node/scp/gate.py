@@ -185,7 +185,8 @@ class HandshakeGate:
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 4096)
                         continue
-                    entry = waiting.get(key.fileobj)  # type: ignore[call-overload]
+                    sock = key.fileobj  # (registered: the wake pipe's fd, else sockets)
+                    entry = waiting.get(sock) if isinstance(sock, socket.socket) else None
                     if entry is not None and self._read(entry):
                         selector.unregister(entry.sock)
                         del waiting[entry.sock]

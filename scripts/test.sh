@@ -50,6 +50,8 @@ VENV=${VENV:-.venv}
 "$VENV/bin/pip" install -q -e ".[test]"
 
 "$VENV/bin/ruff" check .
+# Types of node/ and hierarchy/ ([tool.mypy] in pyproject.toml; tests/unit/test_types.py too).
+"$VENV/bin/mypy"
 "$VENV/bin/lint-imports" --no-cache  # the import contract in pyproject.toml
 # The documentation site (mkdocs.yml): a broken link, anchor, snippet or nav entry fails here.
 docs_site=$(mktemp -d)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -173,10 +174,12 @@ def record_report(db: Database, report: Dataset) -> tuple[int, int]:
         why = ("the destination reported it not committed"
                + (f" (failure reason 0x{int(reason):04X})" if reason is not None else ""))
         failed.setdefault(why, []).append(str(item.ReferencedSOPInstanceUID))
-    changes = [(committed, {"commitment": "committed", "committed_at": utcnow(),
-                            "commitment_due_at": None, "last_error": ""}),
-               *((uids, {"commitment": "failed", "committed_at": None, "last_error": why})
-                 for why, uids in failed.items())]
+    # (SOP Instance UIDs, the values their jobs take)
+    changes: list[tuple[list[str], dict[str, Any]]] = [
+        (committed, {"commitment": "committed", "committed_at": utcnow(),
+                     "commitment_due_at": None, "last_error": ""}),
+        *((uids, {"commitment": "failed", "committed_at": None, "last_error": why})
+          for why, uids in failed.items())]
     with db.transaction() as session:
         for uids, values in changes:
             if not uids:

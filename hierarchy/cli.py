@@ -44,12 +44,14 @@ from node.config import Settings, split_address
 from node.db.models import DeviceChange, DirectoryNode, utcnow
 
 
-def serve(config: ConfigOption = None) -> None:
+def serve(config: ConfigOption = None, trace_dicom: node_serve.TraceOption = False,
+          trace_dicom_ae: node_serve.TraceAeOption = "") -> None:
     """Start the node: database, DICOM listeners and control plane; serve until stopped.
 
     With [hierarchy] parent set, the node registers with its parent and heartbeats it.
     """
-    node_serve.run(config, lambda s: [ControlPlane(s)] if s.hierarchy.enabled else [])
+    node_serve.run(config, lambda s: [ControlPlane(s)] if s.hierarchy.enabled else [],
+                   trace_dicom=trace_dicom, trace_dicom_ae=trace_dicom_ae)
 
 
 def refresh_ip(

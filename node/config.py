@@ -88,6 +88,14 @@ class NodeSettings:
         " transaction (statement, lock, commit): then a C-STORE is answered 0x0110 with"
         " nothing stored and a C-FIND 0xC000; associations are admitted from the partitions"
         " and devices last looked up.", see=("Database", "how-to/postgresql.md"), **_SECONDS)
+    trace_dicom: bool = setting(
+        False, "Log every association's A-ASSOCIATE, DIMSE messages, release and abort, one"
+        " line each, on the logger `pacsnode.dicom.trace` (at DEBUG, whatever `log_level`"
+        " says); `pacsnode serve --trace-dicom` turns it on too. Off, it costs nothing.",
+        see=("DICOM trace", "how-to/troubleshooting.md"))
+    trace_dicom_ae_titles: list[str] = field(default_factory=list, metadata=described(
+        "With the trace on, only associations with one of these as calling or called AE"
+        " title (`serve --trace-dicom-ae`).", shown_default="every association"))
 
 
 @dataclass
@@ -445,6 +453,10 @@ def validate(settings: Settings) -> None:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
     _validate_bootstrap_ports(settings)
+    for title in settings.node.trace_dicom_ae_titles:
+        if not isinstance(title, str) or not 0 < len(title.strip()) <= 16:
+            raise ConfigError(f"node.trace_dicom_ae_titles: {title!r} is not an AE title"
+                              " (1-16 characters)")
     _validate_hierarchy(settings)
     _validate_watermarks(settings.storage)
     _validate_notify(settings.notify)

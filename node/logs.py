@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from node import dicomtrace
 from node.config import Settings
 from node.redact import RedactingFilter, known_secrets
 
@@ -17,6 +18,7 @@ def configure_logging(settings: Settings, process: str = "") -> None:
         format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    dicomtrace.configure(settings.node.trace_dicom, settings.node.trace_dicom_ae_titles)
     # The node's own messages hide passwords; this also catches what libraries log.
     secrets = known_secrets(settings)
     for handler in logging.getLogger().handlers:

@@ -39,6 +39,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 
+from node import dicomtrace
 from node.scp.direct_store import command_pdu, implicit_element, padded_uid, pdv_pdu
 from node.statuses import PENDING
 
@@ -77,6 +78,7 @@ class FindAnswers:
         self.sop_class = str(event.request.AffectedSOPClassUID)
         self.implicit = str(event.context.transfer_syntax) == ImplicitVRLittleEndian
         self.maximum = maximum  # the peer's maximum PDU length, 0: unlimited
+        self.trace = dicomtrace.traced(self.assoc)
 
     @classmethod
     def for_event(cls, event: Any) -> FindAnswers | None:
@@ -105,6 +107,10 @@ class FindAnswers:
             return False  # (the command set, about 100 bytes, fits any maximum allowed here)
         self.assoc.dul.socket.send(find_response(self.context_id, self.message_id,
                                                  self.sop_class, PENDING, identifier))
+        if self.trace:
+            dicomtrace.emit(self.assoc, True, dicomtrace.dimse(
+                C_FIND_RSP, context_id=self.context_id, responded_to=self.message_id,
+                sop_class=self.sop_class, status=PENDING, data_set=len(identifier)))
         return True
 
 
@@ -137,6 +143,8 @@ class RetrieveAnswers:
         self.tls = isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
         self.thread = threading.get_ident()
         self.send_msg: Callable[[Any, int], None] = assoc.dimse.send_msg
+        self.assoc = assoc
+        self.trace = dicomtrace.traced(assoc)
 
     @classmethod
     def for_event(cls, event: Any) -> RetrieveAnswers | None:
@@ -164,13 +172,19 @@ class RetrieveAnswers:
                 or (self.tls and not getattr(self.dul, "lent", False))):
             self.send_msg(primitive, context_id)
             return
-        encoded = retrieve_response(
-            context_id, C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP,
-            primitive.MessageIDBeingRespondedTo, primitive.AffectedSOPClassUID,
-            PENDING, primitive.NumberOfRemainingSuboperations or 0,
-            primitive.NumberOfCompletedSuboperations or 0,
-            primitive.NumberOfFailedSuboperations or 0,
-            primitive.NumberOfWarningSuboperations or 0)
+        command = C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP
+        counts = (primitive.NumberOfRemainingSuboperations or 0,
+                  primitive.NumberOfCompletedSuboperations or 0,
+                  primitive.NumberOfFailedSuboperations or 0,
+                  primitive.NumberOfWarningSuboperations or 0)
+        encoded = retrieve_response(context_id, command, primitive.MessageIDBeingRespondedTo,
+                                    primitive.AffectedSOPClassUID, PENDING, *counts)
+        if self.trace:
+            dicomtrace.emit(self.assoc, True, dicomtrace.dimse(
+                command, context_id=context_id,
+                responded_to=primitive.MessageIDBeingRespondedTo,
+                sop_class=str(primitive.AffectedSOPClassUID), status=PENDING,
+                extra=dicomtrace.suboperations(*counts)))
         wire = getattr(self.dul, "borrower", None)
         if wire is not None and wire.thread == self.thread:
             wire.later(encoded)  # a C-GET: goes with the next sub-operation's request

@@ -47,6 +47,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from node import dicomtrace
 from node.scp.direct_store import (
     P_DATA_TF,
     ProtocolError,
@@ -239,6 +240,7 @@ class Wire:
         self.buffer = bytearray(max(self.piece, 64 * 1024))
         self.thread = threading.get_ident()
         self._later: list[bytes] = []  # written with the next message (see `later`)
+        self.trace = dicomtrace.traced(assoc)
 
     @classmethod
     def open(cls, assoc: Any, grant_timeout: float = 5.0) -> Wire | None:
@@ -276,6 +278,12 @@ class Wire:
         meta = stored.meta
         parts: list[bytes | memoryview] = [store_command(context_id, message_id, meta.sop_class,
                                                          meta.sop_instance, originator)]
+        if self.trace:
+            dicomtrace.emit(self.assoc, True, dicomtrace.dimse(
+                C_STORE_RQ, context_id=context_id, message_id=message_id,
+                sop_class=meta.sop_class, sop_instance=meta.sop_instance,
+                data_set=stored.size - meta.data_set_offset,
+                extra=f"move_originator={originator[0]}/{originator[1]}" if originator else ""))
         if meta.data_set_offset == stored.size:  # an empty data set: one empty last fragment
             self._write([*parts, pdv_header(context_id, True, 0)])
             return
@@ -356,6 +364,10 @@ class Wire:
             except ProtocolError:
                 answer = None
             if answer is not None:
+                if self.trace:
+                    dicomtrace.emit(self.assoc, False, dicomtrace.dimse(
+                        C_STORE_RSP, responded_to=message_id, status=answer.status,
+                        comment=answer.comment))
                 return answer
             self._hand_over(pending)  # a C-CANCEL, an N-EVENT-REPORT, ...
             pending, command = [], bytearray()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node import sop_classes
+from node import dicomtrace, sop_classes
 from node.implementation import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from node.storage import files
 from node.storage.dirsync import DirectorySyncs
@@ -234,6 +234,8 @@ class DirectStore:
         # The next store's temporary file, made while the peer prepares that store: creating
         # a file costs about 0.12 ms of (the kernel's) CPU here, off the path the peer waits on.
         self._spare: tuple[int, Path] | None = None
+        self.trace = dicomtrace.traced(assoc)  # (admitted: its AE titles are known)
+        self._meta_length = 0  # the file meta header's bytes, while tracing
 
     @property
     def busy(self) -> bool:
@@ -304,6 +306,8 @@ class DirectStore:
         self._size = 0
         self._head = file_meta(request.sop_class, request.sop_instance,
                                str(context.transfer_syntax[0]))
+        if self.trace:
+            self._meta_length = len(self._head)
         try:
             self._fd, self._path = spare or self._new_file()
         except OSError as exc:
@@ -362,6 +366,11 @@ class DirectStore:
                 except OSError as exc:
                     received = exc
             assert received is not None
+            if self.trace:
+                dicomtrace.emit(self.assoc, False, dicomtrace.dimse(
+                    C_STORE_RQ, context_id=request.context_id, message_id=request.message_id,
+                    sop_class=request.sop_class, sop_instance=request.sop_instance,
+                    data_set=self._size - self._meta_length if fd is not None else -1))
             try:
                 status, comment, deferred = self.persist(self.assoc, request, received)
             finally:
@@ -374,6 +383,11 @@ class DirectStore:
             # temporary file is of no more use. A crash in between leaves either to the
             # start-up check.
             self.assoc.dul.socket.send(store_response(request, status, comment))
+            if self.trace:
+                dicomtrace.emit(self.assoc, True, dicomtrace.dimse(
+                    C_STORE_RSP, context_id=request.context_id, responded_to=request.message_id,
+                    sop_class=request.sop_class, sop_instance=request.sop_instance,
+                    status=status, comment=comment))
         finally:
             if deferred is not None:
                 self.syncs.add(deferred)

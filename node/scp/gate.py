@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
+from node import dicomtrace
 from node.activity import ActivityLog, Event
 from node.policy.handshake import (
     REJECT_PROTOCOL_VERSION,
@@ -261,6 +262,8 @@ class HandshakeGate:
                 why: str) -> None:
         told = ("A-ASSOCIATE-RJ" if abort[:1] == b"\x03" else "A-ABORT") if abort \
             else "connection closed"
+        if dicomtrace.enabled():  # every one, where the log says only the first of a series
+            dicomtrace.refused(*address, told, why)
         with self._refusals_lock:
             first = self.refusals.add(address[0], kind, why)
         if first:  # (said before the peer sees the close)

@@ -15,6 +15,7 @@ from pynetdicom import AE, _config, dimse_messages, dsutils
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from node import dicomtrace
 from node.activity import ActivityLog
 from node.affinity import PROCESS_CPUS, ReceiverPinning, process_cpu
 from node.config import Settings
@@ -201,7 +202,7 @@ class DicomServer:
         server = self.ae.make_server(
             (self.settings.node.listen_host, listen.port),
             evt_handlers=[*self.handlers.for_port(listen.port, listen.tls), *pdu_guard.HANDLERS,
-                          *prompt.handlers(self.pinning)],
+                          *prompt.handlers(self.pinning), *dicomtrace.HANDLERS],
             server_class=server_class,
             ssl_context=self.ssl_context if listen.tls else None,
             gate=self.gate, connections=self.connections, backlog=self.backlog,

@@ -10,6 +10,7 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.events import EventHandlerType
 
+from node import dicomtrace
 from node.scp import pdu_guard
 from node.scp.timers import monotonic_timers
 
@@ -72,6 +73,7 @@ def monotonic_timers_on_open(event: evt.Event) -> None:
 
 
 CONNECTION_HANDLERS: list[EventHandlerType] = [
+    *dicomtrace.HANDLERS,
     (evt.EVT_CONN_OPEN, tcp_nodelay),
     (evt.EVT_CONN_OPEN, monotonic_timers_on_open),
     (evt.EVT_CONN_OPEN, responses_for_the_waiter),

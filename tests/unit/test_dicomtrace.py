@@ -8,7 +8,8 @@ from io import BytesIO
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import dimse_messages, dimse_primitives
+from pynetdicom import AE, dimse_messages, dimse_primitives, evt
+from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import (
     A_ABORT,
     A_ASSOCIATE,
@@ -206,6 +207,21 @@ def test_configure_sets_the_trace_logger_to_debug_and_back() -> None:
     dicomtrace.configure(False)
     assert not dicomtrace.enabled()
     assert logging.getLogger("pacsnode.dicom.trace").level == logging.NOTSET
+
+
+TRACED_EVENTS = (evt.EVT_ACSE_RECV, evt.EVT_ACSE_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_an_association_gets_trace_handlers_only_while_the_trace_is_on(on: bool) -> None:
+    """Off, nothing is bound: pynetdicom's events find no handler, as without the trace."""
+    dicomtrace.configure(on)
+    assoc = Association(AE(), "acceptor")
+    before = {event: list(assoc.get_handlers(event)) for event in TRACED_EVENTS}
+    dicomtrace.on_open(evt.Event(assoc, evt.EVT_CONN_OPEN, {}))
+    bound = [event for event in TRACED_EVENTS if assoc.get_handlers(event) != before[event]]
+    assert bound == (list(TRACED_EVENTS) if on else [])
+    assert dicomtrace.traced(assoc) is on
 
 
 def test_command_line_switches_the_settings_on() -> None:

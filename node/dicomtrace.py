@@ -161,7 +161,7 @@ def release(response: bool) -> str:
 
 def abort(source: int | None) -> str:
     """An A-ABORT and who ended the association."""
-    return f"A-ABORT source {ABORT_SOURCES.get(source, source)}"
+    return f"A-ABORT source {ABORT_SOURCES.get(source, source) if source is not None else None}"
 
 
 def provider_abort(reason: int | None) -> str:
@@ -332,7 +332,7 @@ def dimse_line(message: Any) -> str:
 
 
 def _on_acse(event: evt.Event, sent: bool) -> None:
-    primitive = event.primitive
+    primitive = getattr(event, "primitive", None)  # (set for the ACSE events only)
     assoc = event.assoc
     request = primitive if isinstance(primitive, A_ASSOCIATE) and primitive.result is None \
         else None

@@ -18,7 +18,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
 )
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import config, dicomtrace
 from node.cli.serve import trace
@@ -189,10 +189,10 @@ def test_dimse_line_of_pynetdicom_messages() -> None:
     response.NumberOfCompletedSuboperations = 4
     response.NumberOfFailedSuboperations = 0
     response.NumberOfWarningSuboperations = 0
-    message = dimse_messages.C_MOVE_RSP()
-    message.primitive_to_message(response)
-    message.context_id = 1
-    assert dicomtrace.dimse_line(message) == (
+    answer = dimse_messages.C_MOVE_RSP()
+    answer.primitive_to_message(response)
+    answer.context_id = 1
+    assert dicomtrace.dimse_line(answer) == (
         "C-MOVE-RSP answers=9 context=1 class=StudyRootQueryRetrieveInformationModelMove"
         " status=0x0000 Success remaining=0 completed=4 failed=0 warning=0")
 

@@ -18,7 +18,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
 )
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 
 from node import config, dicomtrace
 from node.cli.serve import trace

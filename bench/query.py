@@ -37,7 +37,7 @@ from sqlalchemy import func, select  # noqa: E402
 
 from node import config  # noqa: E402
 from node.db.models import Instance, Partition, Study  # noqa: E402
-from node.scu.tuning import CONNECTION_HANDLERS  # noqa: E402
+from node.internals.tuning import CONNECTION_HANDLERS  # noqa: E402
 from node.service import Node  # noqa: E402
 from tests.indexfill import FAMILIES, fill  # noqa: E402
 from tests.indexfill import ROOT as UID_ROOT  # noqa: E402

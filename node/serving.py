@@ -12,12 +12,13 @@ from node.activity import ActivityLog
 from node.config import Settings
 from node.db.database import Database
 from node.ingest.pipeline import Ingest
+from node.internals.configure import configure_pynetdicom
 from node.scp.commitment import StorageCommitment
 from node.scp.gate import Connections
 from node.scp.listener import Dispatcher
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
-from node.scp.server import DicomServer, configure_pynetdicom
+from node.scp.server import DicomServer
 from node.storage import files
 from node.storage.space import StorageGuard
 

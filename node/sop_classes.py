@@ -18,7 +18,6 @@ import functools
 import re
 from collections.abc import Container, Iterable
 
-from pydicom._uid_dict import UID_dictionary
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import NonPatientObjectStorageServiceClass, ServiceClass
@@ -34,6 +33,7 @@ from pynetdicom.sop_class import (
     uid_to_service_class,
 )
 
+from node.internals.uids import UID_dictionary
 from node.storage.paths import is_valid_uid
 
 # Named "... Storage ..." by pydicom but not storage objects sent by C-STORE: the DICOMDIR

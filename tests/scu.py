@@ -12,7 +12,7 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from node.scu.tuning import CONNECTION_HANDLERS
+from node.internals.tuning import CONNECTION_HANDLERS
 
 
 def associate(port: int, called: str = "PACSNODE", calling: str = "TESTSCU",

@@ -27,8 +27,8 @@ from node.cli.common import (
 )
 from node.importing.importer import FileResult, Importer, Result, Summary
 from node.importing.sources import collect
+from node.internals.configure import configure_pynetdicom
 from node.partitions import AdminError
-from node.scp.server import configure_pynetdicom
 
 Paths = Annotated[list[Path], typer.Argument(
     help="DICOM files, folders (searched recursively) and DICOMDIR files (what they "

@@ -26,6 +26,8 @@ from typing import Any
 
 import psycopg
 
+from node.internals.psycopg_wait import BoundedWaitConnection
+
 log = logging.getLogger(__name__)
 
 _local = threading.local()
@@ -123,29 +125,24 @@ class Health:
                 self.succeeded()
 
 
-class TimedConnection(psycopg.Connection[Any]):
+class TimedConnection(BoundedWaitConnection):
     """A psycopg connection whose every wait is bounded (see the module's docstring)."""
 
     limit: float | None = None  # seconds one operation may take; None: no limit
     health: Health | None = None
 
-    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-        if timeout is None:
-            timeout = time_left(self.limit)
-        if timeout is None:
-            return super().wait(gen, interval)
-        try:
-            result = super().wait(gen, interval, max(timeout, 0.0))
-        except psycopg.errors._WaitTimeout:
-            # Whatever was under way is in an unknown state: the connection cannot be reused.
-            self.pgconn.finish()
-            why = f"no answer within {max(timeout, 0.0):.3g} s"
-            if self.health is not None:
-                self.health.failed(why)
-            raise DatabaseTimeout(f"the database server gave {why}") from None
+    def wait_limit(self) -> float | None:
+        return time_left(self.limit)
+
+    def wait_expired(self, timeout: float) -> None:
+        why = f"no answer within {timeout:.3g} s"
+        if self.health is not None:
+            self.health.failed(why)
+        raise DatabaseTimeout(f"the database server gave {why}") from None
+
+    def wait_succeeded(self) -> None:
         if self.health is not None and self.health.down:
             self.health.succeeded()
-        return result
 
 
 def connect_args(query: dict[str, Any], connect_timeout: float, limit: float | None,

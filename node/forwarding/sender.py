@@ -18,10 +18,10 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from node.forwarding.commitment import WELL_KNOWN_INSTANCE, request_dataset
 from node.forwarding.queue import Job
 from node.implementation import identify
-from node.scp.prompt import prompt_requestor
+from node.internals.prompt import prompt_requestor
+from node.internals.tuning import CONNECTION_HANDLERS
 from node.scu.contexts import UNCOMPRESSED, sub_operation_contexts
 from node.scu.send import StoreSender
-from node.scu.tuning import CONNECTION_HANDLERS
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from node.db.models import Partition
 from node.importing.sources import Kind, Sniffed, sniff
 from node.ingest import lookup
 from node.ingest.pipeline import Ingest, Peer
+from node.internals.direct_store import file_meta
 from node.partitions import AdminError
-from node.scp.direct_store import file_meta
 from node.sop_classes import supported_contexts, unknown_storage_classes
 from node.statuses import CANNOT_PARSE, INVALID_UID, SOP_CLASS_NOT_SUPPORTED
 from node.storage import files

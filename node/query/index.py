@@ -21,6 +21,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from node.db.indexer import NAME_COMPONENT_COLUMNS
 from node.db.models import KEY_SUFFIX, Instance, Patient, PersonName, Series, Study
 from node.dicomtext import fold
+from node.internals.charsets import character_set
 from node.query.conditions import (
     LEVELS,
     Condition,
@@ -319,7 +320,7 @@ def identifier(pairs: list[tuple[str, Any]], *, implicit_vr: bool = False,
     ds = Dataset()
     for keyword, value in pairs:
         _set(ds, keyword, value, implicit_vr, little_endian)
-    ds.set_original_encoding(implicit_vr, little_endian, ds._character_set)
+    ds.set_original_encoding(implicit_vr, little_endian, character_set(ds))
     return ds
 
 

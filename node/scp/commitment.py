@@ -26,7 +26,7 @@ from node.forwarding.commitment import WELL_KNOWN_INSTANCE, on_report, reference
 from node.implementation import identify
 from node.ingest import lookup
 from node.ingest.pipeline import Peer
-from node.scu.tuning import CONNECTION_HANDLERS
+from node.internals.tuning import CONNECTION_HANDLERS
 from node.statuses import NO_SUCH_ACTION, NO_SUCH_OBJECT_INSTANCE, SUCCESS
 from node.tls import endpoint
 

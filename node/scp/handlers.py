@@ -24,12 +24,12 @@ from node.activity import ActivityLog, Event
 from node.db.database import Database
 from node.ingest import lookup
 from node.ingest.pipeline import Ingest, Outcome, Peer
+from node.internals.direct_store import DirectStore, StoreRequest
+from node.internals.pdu_guard import discard_partial_dataset
+from node.internals.prompt import PromptDUL
 from node.policy import admission
 from node.policy.contexts import requestor_first
 from node.scp.commitment import StorageCommitment
-from node.scp.direct_store import DirectStore, StoreRequest
-from node.scp.pdu_guard import discard_partial_dataset
-from node.scp.prompt import PromptDUL
 from node.scp.qr import QueryRetrieve
 from node.scp.registry import Admissions
 from node.sop_classes import unknown_storage_classes

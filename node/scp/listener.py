@@ -21,11 +21,10 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
-from node.scp import pdu_guard
+from node.internals.acceptor import RememberingRequestHandler
 from node.tls import tls_reason
 
 if TYPE_CHECKING:
@@ -88,25 +87,6 @@ class Dispatcher(Protocol):
     def finished(self, address: tuple[str, int]) -> None: ...
 
 
-class _RememberingRequestHandler(RequestHandler):
-    """pynetdicom's handler, keeping the association it started (it runs in its own thread),
-    whose DUL first reads the A-ASSOCIATE-RQ the gate already took off the socket."""
-
-    assoc: Association | None = None
-
-    def _create_association(self) -> Association:
-        self.assoc = super()._create_association()
-        request = getattr(self.server.connection, "request", b"")  # type: ignore[attr-defined]
-        if request and self.assoc.dul.socket is not None:
-            pdu_guard.guard(self.assoc.dul.socket, request)
-            # The whole request is in hand: its A-ASSOCIATE indication comes at once, or never
-            # (a peer gone before pynetdicom read it, a request its state machine drops).
-            # Waiting the whole ACSE timeout for it would hold a slot and the address's count;
-            # handlers.on_requested puts the ACSE timeout back.
-            self.assoc.acse_timeout = self.server.handshake_timeout  # type: ignore[attr-defined]
-        return self.assoc
-
-
 class ScreeningAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, plus a screen, TCP_NODELAY and timeouts on every
     connection, and TLS handshakes done in the connection's own thread.
@@ -140,7 +120,7 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         self.contexts = SharedContexts(self.contexts)
         self.listen = Listen(self.server_address[1], self.ssl_context is not None)
         self.dispatcher: Dispatcher | None = None
-        self.RequestHandlerClass = _RememberingRequestHandler
+        self.RequestHandlerClass = RememberingRequestHandler
         self._closing = False
         self._served = threading.Event()
 
@@ -206,7 +186,7 @@ class ScreeningAssociationServer(ThreadedAssociationServer):
         # an attribute of Callable type (python/mypy: "Self in Callable attribute").
         handler = self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
         if (self.dispatcher is not None or self.connections is not None) \
-                and isinstance(handler, _RememberingRequestHandler) and handler.assoc is not None:
+                and isinstance(handler, RememberingRequestHandler) and handler.assoc is not None:
             # The dispatcher and the connection counts count connections until they end, not
             # until the association's own thread has started.
             handler.assoc.join()

@@ -23,6 +23,10 @@ from node.db.database import Database
 from node.db.models import Device, Instance, Study, utcnow
 from node.ingest import lookup
 from node.ingest.pipeline import Peer
+from node.internals.direct_answers import FindAnswers, RetrieveAnswers
+from node.internals.direct_send import Sent, answers_sent, released_in_the_background
+from node.internals.prompt import prompt_requestor
+from node.internals.tuning import CONNECTION_HANDLERS
 from node.query.conditions import Match, Query, QueryError, parse_identifier
 from node.query.index import (
     MatchSettings,
@@ -31,13 +35,9 @@ from node.query.index import (
     identifier,
     statement,
 )
-from node.scp.direct_answers import FindAnswers, RetrieveAnswers
-from node.scp.direct_send import Sent, answers_sent, released_in_the_background
-from node.scp.prompt import prompt_requestor
 from node.scu.contexts import sub_operation_contexts
 from node.scu.failure import AssociationFailure
 from node.scu.send import StoreSender
-from node.scu.tuning import CONNECTION_HANDLERS
 from node.statuses import (
     ALL_SUB_OPERATIONS_FAILED,
     CANCELLED,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import threading
 import time
 from pathlib import Path
 
-from pydicom import config as pydicom_config
-from pydicom.uid import UID
-from pynetdicom import AE, _config, dimse_messages, dsutils
+from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,14 +19,13 @@ from node.config import Settings
 from node.db.database import Database
 from node.db.models import Partition
 from node.implementation import (
-    IMPLEMENTATION_CLASS_UID,
     identify,
-    implementation_version_name,
 )
 from node.ingest.pipeline import Ingest
+from node.internals import pdu_guard, prompt
+from node.internals.configure import use_supported_contexts
 from node.policy.handshake import listen_backlog
 from node.ports import bind_reason
-from node.scp import pdu_guard, prompt
 from node.scp.commitment import StorageCommitment
 from node.scp.gate import Connections, HandshakeGate
 from node.scp.handlers import ScpHandlers
@@ -45,31 +41,6 @@ from node.sop_classes import supported_contexts
 from node.tls import TlsError, server_context
 
 log = logging.getLogger(__name__)
-
-def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings the C-STORE hot path relies on."""
-    # Datasets are streamed to a temporary file as they arrive; we fsync and link it into place
-    # instead of decoding and re-encoding it.
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # And a stored file given to send_c_store by its path (forwarding) is sent from its bytes.
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    # The standard handlers log every PDU under a lock shared by the whole AE.
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    # pydicom checks every value set or read against its VR (regexes, UID parsing): for each
-    # C-STORE pynetdicom builds a file meta header and a response, ~0.5 ms of CPU per instance
-    # (measured: 5.8 -> 5.3 ms/img). What the node accepts is checked by its own rules instead
-    # (storage/structure.py, paths.is_valid_uid); coercion rules validate with mode 2 anyway.
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    # A C-STORE the direct receiver leaves to pynetdicom is written to its file behind a file
-    # meta header that names pynetdicom (a default argument, not the AE's implementation UID):
-    # the stored file names pacsnode, as the direct receiver's do, at no cost per store.
-    dimse_messages.create_file_meta = functools.partial(
-        dsutils.create_file_meta, implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
-        implementation_version=implementation_version_name())
-
 
 def build_ae(settings: Settings) -> AE:
     d = settings.dicom
@@ -87,10 +58,7 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_associations = 2 * d.maximum_associations
     # The C-MOVE sub-operation associations are requested by this AE too.
     identify(ae, version_name=d.send_implementation_version_name)
-    # pynetdicom's own supported-contexts dict, filled from the process's one built list.
-    ae._supported_contexts = {cx.abstract_syntax: cx for cx in
-                              supported_contexts(tuple(settings.accepted_transfer_syntaxes))
-                              if cx.abstract_syntax is not None}  # (each has one)
+    use_supported_contexts(ae, supported_contexts(tuple(settings.accepted_transfer_syntaxes)))
     return ae
 
 

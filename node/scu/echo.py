@@ -12,7 +12,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import Settings
 from node.implementation import identify
-from node.scu.tuning import CONNECTION_HANDLERS
+from node.internals.tuning import CONNECTION_HANDLERS
 from node.tls import Endpoint, tls_reason
 
 

@@ -3,7 +3,7 @@ C-STORE sub-operations of C-GET and C-MOVE, and forwarding).
 
 An instance goes as it is stored (the data set after its file meta, byte for byte) whenever
 the peer accepted a context with the file's own transfer syntax: written to the socket by
-scp/direct_send.py where it can, else by pynetdicom straight from the file (TLS), either way
+internals/direct_send.py where it can, else by pynetdicom straight from the file (TLS), either way
 read in pieces, never whole. Only otherwise is it decoded with pydicom, decompressed if the
 peer accepted it uncompressed only (which needs a decoder for that syntax), and sent by
 pynetdicom; an instance that cannot be sent either way fails with the reason, and the next
@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from node.scp.direct_send import Broken, StoredFile, Unreadable, Wire
+from node.internals.direct_send import Broken, StoredFile, Unreadable, Wire
 from node.scu.contexts import Accepted, as_stored, by_syntax, decodable
 
 log = logging.getLogger(__name__)

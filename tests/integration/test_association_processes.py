@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from node.affinity import PROCESS_CPUS
 from node.db.models import Instance
-from node.scp.prompt import PromptDUL
+from node.internals.prompt import PromptDUL
 from tests.conftest import RunningNode, dcmtk_env, stored_files, wait_for
 from tests.destination import CountingSCP
 from tests.dicomgen import make_instance, write_study

@@ -1,4 +1,4 @@
-"""C-STORE requests taken off the wire by the DUL (node/scp/direct_store.py): stored and
+"""C-STORE requests taken off the wire by the DUL (node/internals/direct_store.py): stored and
 answered as pynetdicom would, what it does not claim still served by pynetdicom, and a
 data set cut off or broken mid-transfer aborts only its own association and leaves nothing."""
 
@@ -17,7 +17,7 @@ from pynetdicom.association import Association
 from sqlalchemy import select
 
 from node.db.models import Instance
-from node.scp import direct_store, prompt
+from node.internals import direct_store, prompt
 from node.scp.handlers import ScpHandlers
 from node.storage import files
 from tests import hostile

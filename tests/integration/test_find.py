@@ -264,7 +264,7 @@ def test_dcmtk_findscu(node: RunningNode, archive: Archive, dcmtk: Path, tmp_pat
 @pytest.fixture
 def direct_answers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each pending answer was sent by FindAnswers (True) or left to pynetdicom."""
-    from node.scp.direct_answers import FindAnswers
+    from node.internals.direct_answers import FindAnswers
 
     sent: list[bool] = []
     original = FindAnswers.send_encoded

@@ -16,8 +16,8 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from node.forwarding.queue import Job
 from node.forwarding.sender import Connection, Target
-from node.scp import prompt
-from node.scp.prompt import PromptRequestorDUL
+from node.internals import prompt
+from node.internals.prompt import PromptRequestorDUL
 from node.scu.send import StoreSender
 from tests.conftest import wait_for
 from tests.destination import CountingSCP

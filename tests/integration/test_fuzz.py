@@ -45,8 +45,8 @@ from sqlalchemy import select
 
 from node.db.indexer import INDEX_TAGS
 from node.db.models import Instance
-from node.scp.pdu_guard import PDU_SLACK
-from node.scu.tuning import CONNECTION_HANDLERS
+from node.internals.pdu_guard import PDU_SLACK
+from node.internals.tuning import CONNECTION_HANDLERS
 from node.storage.structure import StructureError, decode_values, read_header
 from tests import hostile
 from tests.conftest import RunningNode, incoming_files, wait_for

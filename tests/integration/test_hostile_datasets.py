@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from node.db.models import Instance
-from node.scu.tuning import CONNECTION_HANDLERS
+from node.internals.tuning import CONNECTION_HANDLERS
 from tests import hostile
 from tests.conftest import RunningNode, incoming_files, wait_for
 from tests.dicomgen import make_instance

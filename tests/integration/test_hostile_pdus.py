@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from pynetdicom.association import Association
 
-from node.scp.pdu_guard import PDU_SLACK
+from node.internals.pdu_guard import PDU_SLACK
 from tests import hostile
 from tests.conftest import RunningNode, incoming_files, wait_for
 from tests.dicomgen import make_instance

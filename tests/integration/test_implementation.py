@@ -32,7 +32,7 @@ def test_associations_the_node_accepts_name_pacsnode(node: RunningNode) -> None:
 
 
 def test_files_the_node_stores_name_pacsnode_on_either_receive_path(node: RunningNode) -> None:
-    # The direct receiver (node/scp/direct_store.py) writes the file meta itself ...
+    # The direct receiver (node/internals/direct_store.py) writes the file meta itself ...
     assert statuses(store(node.port, [make_instance()])) == [0]
     # ... and pynetdicom writes it for a C-STORE the direct receiver leaves to it (a command
     # set in two fragments).

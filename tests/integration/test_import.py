@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from node import activity
 from node.db.models import Activity, Instance, IntegrityItem
-from node.scp.direct_store import file_meta
+from node.internals.direct_store import file_meta
 from tests.conftest import RunningNode, incoming_files
 from tests.dicomgen import make_instance, uid, write_study
 from tests.integration.test_find import find

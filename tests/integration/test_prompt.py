@@ -1,4 +1,4 @@
-"""Accepted associations wait for work instead of polling (node/scp/prompt.py), still end the
+"""Accepted associations wait for work instead of polling (node/internals/prompt.py), still end the
 ways pynetdicom's own loops end them, and do not get a deep copy of the server's contexts."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import pytest
 from pynetdicom.sop_class import Verification
 
-from node.scp import prompt
+from node.internals import prompt
+from node.internals.prompt import PromptAssociation, PromptDUL
 from node.scp.listener import Listen, ScreeningAssociationServer
-from node.scp.prompt import PromptAssociation, PromptDUL
 from tests.conftest import RunningNode, free_port, listening, wait_for
 from tests.dicomgen import make_instance
 from tests.scu import associate, statuses, store

@@ -160,7 +160,7 @@ def test_a_retired_class_is_stored_when_pynetdicom_decodes_the_request(
     meta = dcmread(path, stop_before_pixels=True).file_meta
     from pynetdicom import AE
 
-    from node.scu.tuning import CONNECTION_HANDLERS
+    from node.internals.tuning import CONNECTION_HANDLERS
     ae = AE(ae_title="TINYPDU")
     ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE", max_pdu=512,

@@ -15,7 +15,7 @@ from hierarchy.neighbours import shifted
 from node.clock import StepWatch, clamped
 from node.config import ForwardingSettings
 from node.forwarding.queue import backoff_seconds, longest_wait, wait_groups
-from node.scp.timers import MonotonicTimer, monotonic_timers
+from node.internals.timers import MonotonicTimer, monotonic_timers
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

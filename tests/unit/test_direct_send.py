@@ -26,17 +26,17 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.scp.direct_answers import C_GET_RSP as GET_RSP
-from node.scp.direct_answers import C_MOVE_RSP as MOVE_RSP
-from node.scp.direct_answers import retrieve_response
-from node.scp.direct_send import (
+from node.internals.direct_answers import C_GET_RSP as GET_RSP
+from node.internals.direct_answers import C_MOVE_RSP as MOVE_RSP
+from node.internals.direct_answers import retrieve_response
+from node.internals.direct_send import (
     Unreadable,
     file_meta,
     pdv_header,
     store_command,
     store_response,
 )
-from node.scp.direct_store import command_elements
+from node.internals.direct_store import command_elements
 from node.scu.contexts import as_stored, decodable
 from tests.unit.test_direct_store import pynetdicom_pdus
 

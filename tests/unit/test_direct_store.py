@@ -20,9 +20,9 @@ from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 
 from node.implementation import IMPLEMENTATION_CLASS_UID, implementation_version_name
-from node.scp import direct_store
-from node.scp.direct_answers import find_response
-from node.scp.direct_store import (
+from node.internals import direct_store
+from node.internals.direct_answers import find_response
+from node.internals.direct_store import (
     ProtocolError,
     StoreRequest,
     command_elements,

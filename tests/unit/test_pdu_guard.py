@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from pynetdicom.transport import AssociationSocket
 
-from node.scp.pdu_guard import (
+from node.internals.pdu_guard import (
     ABORT_INVALID_PARAMETER,
     MAX_ASSOCIATE_LENGTH,
     PDU_SLACK,

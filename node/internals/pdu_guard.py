@@ -44,7 +44,7 @@ from pynetdicom.fsm import TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
 from pynetdicom.transport import AssociationSocket
 
-from node.scp.prompt import wake_reactor
+from node.internals.prompt import wake_reactor
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ responses still go through pynetdicom.
 classes send after each sub-operation: while a retrieve's handler runs, its association's
 `dimse.send_msg` writes a pending C-GET-RSP or C-MOVE-RSP (counts, no identifier) to the
 socket itself when the handler's thread sends it, and leaves everything else to pynetdicom.
-A C-GET's own C-STOREs go on the same socket, from the same thread (scp/direct_send.py
+A C-GET's own C-STOREs go on the same socket, from the same thread (direct_send.py
 borrows it from the DUL), so nothing is ever written to it by two threads at once; there the
 pending response goes out with the next C-STORE request, in one write (the requestor reads
 both at once), and on TLS only so.
@@ -40,7 +40,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 
 from node import dicomtrace
-from node.scp.direct_store import command_pdu, implicit_element, padded_uid, pdv_pdu
+from node.internals.direct_store import command_pdu, implicit_element, padded_uid, pdv_pdu
 from node.statuses import PENDING
 
 C_FIND_RSP = 0x8020

@@ -48,7 +48,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from node import dicomtrace
-from node.scp.direct_store import (
+from node.internals.direct_store import (
     P_DATA_TF,
     ProtocolError,
     command_elements,
@@ -57,8 +57,8 @@ from node.scp.direct_store import (
     padded_uid,
     pdv_items,
 )
-from node.scp.pdu_guard import GuardedAssociationSocket
-from node.scp.prompt import _WaitsForWork
+from node.internals.pdu_guard import GuardedAssociationSocket
+from node.internals.prompt import _WaitsForWork
 from node.statuses import SUCCESS
 
 C_STORE_RQ = 0x0001

@@ -45,8 +45,8 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from node import sop_classes
 from node.affinity import ReceiverPinning
-from node.scp.direct_store import P_DATA_TF, DirectStore, ProtocolError
-from node.scp.timers import monotonic_timers
+from node.internals.direct_store import P_DATA_TF, DirectStore, ProtocolError
+from node.internals.timers import monotonic_timers
 
 log = logging.getLogger(__name__)
 

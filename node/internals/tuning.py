@@ -11,8 +11,8 @@ from pynetdicom import evt
 from pynetdicom.events import EventHandlerType
 
 from node import dicomtrace
-from node.scp import pdu_guard
-from node.scp.timers import monotonic_timers
+from node.internals import pdu_guard
+from node.internals.timers import monotonic_timers
 
 
 def tcp_nodelay(event: evt.Event) -> None:
@@ -68,7 +68,7 @@ def responses_for_the_waiter(event: evt.Event) -> None:
 # The node's peers on outbound associations are devices it was told about, but what they send
 # back gets the same PDU checks as inbound traffic.
 def monotonic_timers_on_open(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: the association's timers go by the monotonic clock (scp/timers.py)."""
+    """EVT_CONN_OPEN: the association's timers go by the monotonic clock (timers.py)."""
     monotonic_timers(event.assoc.dul)
 
 

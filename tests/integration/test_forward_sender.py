@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.association import Association
@@ -17,6 +18,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from node.forwarding.queue import Job
 from node.forwarding.sender import Connection, Target
 from node.internals import prompt
+from node.internals.direct_send import Wire
 from node.internals.prompt import PromptRequestorDUL
 from node.scu.send import StoreSender
 from tests.conftest import wait_for
@@ -143,6 +145,43 @@ def test_a_stray_response_between_requests_is_not_the_next_ones_answer(tmp_path:
         result = connection.send([second])
         assert result.done == [] and [why for _, why in result.retry] == [
             "destination answered 0xA700"], result
+    finally:
+        connection.close()
+        dest.stop()
+
+
+@pytest.mark.parametrize("through_pynetdicom", [False, True])
+def test_forwarded_stores_are_written_to_the_socket_by_the_sending_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, through_pynetdicom: bool) -> None:
+    """Stored as the destination accepts them, instances go out on the DUL's lent socket
+    (direct_send.Wire), written by the thread that sends them; pynetdicom's DIMSE layer sends
+    only what must be decoded first. A pynetdicom change that breaks the loan would send every
+    store the slow way without an error (node/internals/README.md)."""
+    by_wire: list[int] = []
+    by_pynetdicom: list[int] = []
+    wire_send, pynetdicom_send = Wire.send, Association.send_c_store
+
+    def counted_wire(self: Wire, *args: Any, **kwargs: Any) -> Any:
+        by_wire.append(threading.get_ident())
+        return wire_send(self, *args, **kwargs)
+
+    def counted_pynetdicom(self: Association, *args: Any, **kwargs: Any) -> Any:
+        by_pynetdicom.append(threading.get_ident())
+        return pynetdicom_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(Wire, "send", counted_wire)
+    monkeypatch.setattr(Association, "send_c_store", counted_pynetdicom)
+    dest = CountingSCP().start()
+    connection = Connection(target(dest.port, through_pynetdicom))
+    try:
+        jobs = [job(n, path) for n, path in enumerate(write_study(tmp_path, 3), 1)]
+        assert connection.send(jobs).done == [1, 2, 3]
+        assert sorted(dest.received) == sorted(j.sop_instance for j in jobs)
+        me = threading.get_ident()
+        if through_pynetdicom:
+            assert (by_wire, by_pynetdicom) == ([], [me, me, me])
+        else:
+            assert (by_wire, by_pynetdicom) == ([me, me, me], [])
     finally:
         connection.close()
         dest.stop()

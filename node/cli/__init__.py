@@ -17,6 +17,7 @@ from node.cli import (
     importing,
     integrity,
     partition,
+    query,
     queue,
     serve,
     status,
@@ -64,6 +65,7 @@ def build_app(serve_command: Callable[..., None] = serve.serve,
     app.add_typer(study.app, name="study")
     app.add_typer(deleted.app, name="deleted")
     app.command("import")(importing.import_)
+    app.command("query")(query.query)
     app.command("status")(status.status)
     app.command("refresh-ip")(refresh_ip_command)
     app.add_typer(configuration.app, name="config")

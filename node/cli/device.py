@@ -9,7 +9,7 @@ import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node import devices
+from node import devices, partitions
 from node.cli.common import (
     SWITCH,
     ConfigOption,
@@ -23,12 +23,14 @@ from node.cli.common import (
     table,
     transaction,
 )
+from node.config import Settings
 from node.db.models import DeviceType, Partition
 from node.forwarding import admin as queue_admin
 from node.hostnames import resolve, resolve_ip
+from node.partitions import AdminError
 from node.scu.echo import echo as send_echo
 from node.scu.ping import ping as ping_host
-from node.tls import TlsError, endpoint
+from node.tls import Endpoint, TlsError, endpoint
 
 app = typer.Typer(help="Device table: the DICOM peers this node knows.", no_args_is_help=True)
 
@@ -356,6 +358,26 @@ def delete(name: NameArg, config: ConfigOption = None) -> None:
     change(config, lambda s: devices.delete(s, name), f"deleted device {name}")
 
 
+def outbound(session: Session, settings: Settings, name: str, partition_ae: str | None = None
+             ) -> tuple[str, Endpoint, str]:
+    """(called AE title, endpoint, calling AE title) of an association with a device; the
+    calling AE is the partition asked for, else the device's partition, else the first one."""
+    try:
+        d = devices.get(session, name)
+        partition = (partitions.get(session, partition_ae) if partition_ae else
+                     d.partition or session.scalar(select(Partition).order_by(Partition.id)))
+    except AdminError as exc:
+        fail(str(exc))
+    address = d.ip or resolve_ip(d.host)
+    if not address:
+        fail(f"device {name} has no resolvable host ({d.host!r})")
+    try:
+        where = endpoint(settings, host=d.host, ip=address, port=d.port, tls_port=d.tls_port)
+    except TlsError as exc:
+        fail(str(exc))
+    return d.ae_title, where, partition.ae_title if partition else "PACSNODE"
+
+
 @app.command()
 def echo(
     name: NameArg,
@@ -367,22 +389,8 @@ def echo(
 ) -> None:
     """Send a real C-ECHO to the device and print the result and round-trip time."""
     with database(config) as (settings, db), db.session() as session:
-        try:
-            d = devices.get(session, name)
-        except devices.AdminError as exc:
-            fail(str(exc))
-        if calling_ae is None:
-            partition = d.partition or session.scalar(select(Partition).order_by(Partition.id))
-            calling_ae = partition.ae_title if partition else "PACSNODE"
-        address = d.ip or resolve_ip(d.host)
-        if not address:
-            fail(f"device {name} has no resolvable host ({d.host!r})")
-        try:
-            where = endpoint(settings, host=d.host, ip=address, port=d.port,
-                             tls_port=d.tls_port)
-        except TlsError as exc:
-            fail(str(exc))
-        called = d.ae_title
+        called, where, default_calling = outbound(session, settings, name)
+        calling_ae = calling_ae or default_calling
     result = send_echo(settings, endpoint=where, called_ae=called, calling_ae=calling_ae)
     if as_json:
         print_json({"device": name, "ok": result.ok, "status": result.status,

@@ -7,12 +7,11 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import Settings
-from node.implementation import identify
 from node.internals.tuning import CONNECTION_HANDLERS
+from node.scu.requestor import requestor
 from node.tls import Endpoint, tls_reason
 
 
@@ -27,12 +26,7 @@ class EchoResult:
 def echo(settings: Settings, *, endpoint: Endpoint, called_ae: str,
          calling_ae: str) -> EchoResult:
     d = settings.dicom
-    ae = identify(AE(ae_title=calling_ae))
-    ae.acse_timeout = d.acse_timeout
-    ae.dimse_timeout = d.dimse_timeout
-    ae.network_timeout = d.network_timeout
-    ae.connection_timeout = d.connection_timeout
-    ae.maximum_pdu_size = d.max_pdu_size
+    ae = requestor(settings, calling_ae)
     ae.add_requested_context(Verification)
     started = time.perf_counter()
     address, port = endpoint.address, endpoint.port

@@ -1,0 +1,113 @@
+"""`pacsnode query`: C-FIND to a device of the device table, against a real node on loopback
+(SQLite and PostgreSQL), and the ways it fails: each one line, exit 1, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import Result
+
+from tests.conftest import RunningNode, free_port
+from tests.dicomgen import Patient, make_instance, uid
+from tests.scu import statuses, store
+
+MULLER = Patient("PID7", "Müller^Jörg", "19500101", "M")
+SMITH = Patient("PID8", "SMITH^JOHN", "19600101", "M")
+
+
+def query(node: RunningNode, *args: str) -> Result:
+    result = node.cli("query", *args)
+    assert "Traceback" not in result.output
+    return result
+
+
+def add_self(node: RunningNode, name: str = "SELF", ae_title: str = "PACSNODE") -> None:
+    assert node.cli("device", "add", name, "--ae-title", ae_title, "--host", "127.0.0.1",
+                    "--port", str(node.port)).exit_code == 0
+
+
+def two_studies(node: RunningNode) -> dict[str, str]:
+    studies = {"muller": uid(), "smith": uid()}
+    series = uid()
+    datasets = [make_instance(study_uid=studies["muller"], series_uid=series, patient=MULLER,
+                              modality="CT", accession="ACC7", instance_number=n + 1)
+                for n in range(3)]
+    datasets.append(make_instance(study_uid=studies["smith"], patient=SMITH, modality="MR",
+                                  accession="ACC8"))
+    assert set(statuses(store(node.port, datasets))) == {0}
+    return studies
+
+
+def test_study_level_answers_with_the_usual_keys(node: RunningNode) -> None:
+    studies = two_studies(node)
+    add_self(node)
+    result = query(node, "SELF", "-k", "PatientID=PID7", "--json")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.output)
+    assert len(answers) == 1
+    (answer,) = answers
+    assert answer["StudyInstanceUID"] == studies["muller"]
+    assert answer["PatientName"] == "Müller^Jörg"  # UTF-8 both ways
+    assert answer["AccessionNumber"] == "ACC7" and answer["NumberOfStudyRelatedInstances"] == "3"
+    assert answer["ModalitiesInStudy"] == "CT"
+    assert answer["RetrieveAETitle"] == "PACSNODE"
+
+    # The table shows whole UIDs and a count line; a wildcard finds both studies.
+    table = query(node, "SELF", "-k", "PatientName=*")
+    assert table.exit_code == 0, table.output
+    assert studies["muller"] in table.output and studies["smith"] in table.output
+    assert table.output.rstrip().endswith("2 answer(s)")
+
+
+def test_series_and_image_levels_and_the_patient_root_model(node: RunningNode) -> None:
+    studies = two_studies(node)
+    add_self(node)
+    series = json.loads(query(node, "SELF", "--level", "SERIES", "-k",
+                              f"StudyInstanceUID={studies['muller']}", "--json").output)
+    assert [(s["Modality"], s["NumberOfSeriesRelatedInstances"]) for s in series] == [("CT", "3")]
+    images = json.loads(query(node, "SELF", "--level", "image", "-k",
+                              f"SeriesInstanceUID={series[0]['SeriesInstanceUID']}",
+                              "-k", "StudyInstanceUID", "--json").output)
+    assert sorted(int(i["InstanceNumber"]) for i in images) == [1, 2, 3]
+    assert {i["StudyInstanceUID"] for i in images} == {studies["muller"]}
+    patients = json.loads(query(node, "SELF", "--level", "PATIENT", "-k", "PatientID=PID8",
+                                "--json").output)
+    assert [p["PatientName"] for p in patients] == ["SMITH^JOHN"]
+    nothing = query(node, "SELF", "-k", "PatientID=NOBODY")
+    assert nothing.exit_code == 0 and nothing.output.rstrip().endswith("0 answer(s)")
+
+
+def test_errors_are_one_line_and_exit_1(node: RunningNode) -> None:
+    two_studies(node)
+    add_self(node)
+    unknown = query(node, "NOPE")
+    assert unknown.exit_code == 1 and "no device named 'NOPE'" in unknown.output
+
+    bad_key = query(node, "SELF", "-k", "Colour=blue")
+    assert bad_key.exit_code == 1 and "'Colour' is neither a DICOM keyword" in bad_key.output
+
+    assert node.cli("device", "add", "GONE", "--host", "127.0.0.1",
+                    "--port", str(free_port())).exit_code == 0
+    gone = query(node, "GONE")
+    assert gone.exit_code == 1 and "connection refused" in gone.output.lower()
+
+    add_self(node, "WRONGAE", "NOTTHERE")
+    wrong = query(node, "WRONGAE")
+    assert wrong.exit_code == 1
+    assert ("no association with NOTTHERE at 127.0.0.1:" in wrong.output and "rejected (Rejected"
+            " Permanent, Service User: Called AE title not recognised)" in wrong.output)
+    assert "answer(s)" not in wrong.output  # no empty table: nothing was asked
+
+    other = query(node, "SELF", "--partition", "NOSUCH")
+    assert other.exit_code == 1 and "NOSUCH" in other.output
+
+
+def test_a_failure_status_is_shown_with_its_comment(node: RunningNode) -> None:
+    two_studies(node)
+    add_self(node)
+    assert node.cli("partition", "edit", "PACSNODE", "--query-limit", "1").exit_code == 0
+    limited = query(node, "SELF", "-k", "PatientName=*")
+    assert limited.exit_code == 1
+    assert "status 0xA700 (Refused: Out of Resources): more than 1 matches" in limited.output
+    assert "1 answer(s)" in limited.output  # what came before the failure is shown
+    assert len(limited.output.strip().splitlines()[-1]) > 0

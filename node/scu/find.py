@@ -206,8 +206,8 @@ def _responses(assoc: Any, query: Dataset, sop_class: str
             _cancel(assoc, sop_class)
             raise FindCancelled("cancelled (C-CANCEL sent)") from None
         if "Status" not in status:
-            raise FindError("the association was aborted, or no answer came within"
-                            " [dicom] dimse_timeout")
+            raise FindError("the association was aborted (the peer may not know this calling"
+                            " AE title), or no answer came within dicom.dimse_timeout")
         yield int(status.Status), status, answer
 
 

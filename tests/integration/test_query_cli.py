@@ -4,10 +4,21 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from click.testing import Result
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from tests.conftest import RunningNode, free_port
+from tests.conftest import RunningNode, free_port, node_toml, run_cli, write_config
 from tests.dicomgen import Patient, make_instance, uid
 from tests.scu import statuses, store
 
@@ -111,3 +122,62 @@ def test_a_failure_status_is_shown_with_its_comment(node: RunningNode) -> None:
     assert "status 0xA700 (Refused: Out of Resources): more than 1 matches" in limited.output
     assert "1 answer(s)" in limited.output  # what came before the failure is shown
     assert len(limited.output.strip().splitlines()[-1]) > 0
+
+
+class SlowFinder:
+    """A Study Root C-FIND SCP on loopback that sends one answer every 0.2 s, up to 100, and
+    records whether the requestor cancelled."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.first_sent = threading.Event()
+        self.cancelled = threading.Event()
+        ae = AE(ae_title="SLOW")
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_FIND, self._find)])
+
+    def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        for n in range(100):
+            if event.is_cancelled:
+                self.cancelled.set()
+                yield 0xFE00, None
+                return
+            answer = Dataset()
+            answer.QueryRetrieveLevel = "STUDY"
+            answer.StudyInstanceUID = f"1.2.3.{n}"
+            yield 0xFF00, answer
+            self.first_sent.set()
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def slow_finder() -> Iterator[SlowFinder]:
+    finder = SlowFinder()
+    try:
+        yield finder
+    finally:
+        finder.server.shutdown()
+
+
+def test_ctrl_c_cancels_the_query_and_exits_130(tmp_path: Path,
+                                                 slow_finder: SlowFinder) -> None:
+    cfg = write_config(tmp_path / "node.toml", node_toml(
+        tmp_path / "data", f"sqlite:///{tmp_path / 'node.db'}", free_port()))
+    assert run_cli(cfg, "device", "add", "SLOW", "--host", "127.0.0.1",
+                   "--port", str(slow_finder.port)).exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "query", "SLOW", "--config",
+                             str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert slow_finder.first_sent.wait(30)
+        time.sleep(0.3)  # the command is waiting for the next answer
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in out + err
+    assert "cancelled (C-CANCEL sent)" in err and "1.2.3.0" in out
+    assert slow_finder.cancelled.wait(5)  # the peer saw the C-CANCEL, not only the abort

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +31,7 @@ from node.hostnames import resolve, resolve_ip
 from node.partitions import AdminError
 from node.scu.echo import echo as send_echo
 from node.scu.ping import ping as ping_host
+from node.scu.requestor import Own
 from node.tls import Endpoint, TlsError, endpoint
 
 app = typer.Typer(help="Device table: the DICOM peers this node knows.", no_args_is_help=True)
@@ -358,10 +360,21 @@ def delete(name: NameArg, config: ConfigOption = None) -> None:
     change(config, lambda s: devices.delete(s, name), f"deleted device {name}")
 
 
+@dataclass(frozen=True)
+class Outbound:
+    """An association the node requests to a device: whom it calls, where, as whom, and the
+    device's own timeouts and PDU size."""
+
+    called_ae: str
+    endpoint: Endpoint
+    calling_ae: str
+    own: Own
+
+
 def outbound(session: Session, settings: Settings, name: str, partition_ae: str | None = None
-             ) -> tuple[str, Endpoint, str]:
-    """(called AE title, endpoint, calling AE title) of an association with a device; the
-    calling AE is the partition asked for, else the device's partition, else the first one."""
+             ) -> Outbound:
+    """The calling AE is the partition asked for, else the device's partition, else the
+    first one."""
     try:
         d = devices.get(session, name)
         partition = (partitions.get(session, partition_ae) if partition_ae else
@@ -375,7 +388,8 @@ def outbound(session: Session, settings: Settings, name: str, partition_ae: str 
         where = endpoint(settings, host=d.host, ip=address, port=d.port, tls_port=d.tls_port)
     except TlsError as exc:
         fail(str(exc))
-    return d.ae_title, where, partition.ae_title if partition else "PACSNODE"
+    return Outbound(d.ae_title, where, partition.ae_title if partition else "PACSNODE",
+                    Own(d.acse_timeout, d.dimse_timeout, d.network_timeout, d.max_pdu_size))
 
 
 @app.command()
@@ -389,8 +403,8 @@ def echo(
 ) -> None:
     """Send a real C-ECHO to the device and print the result and round-trip time."""
     with database(config) as (settings, db), db.session() as session:
-        called, where, default_calling = outbound(session, settings, name)
-        calling_ae = calling_ae or default_calling
+        peer = outbound(session, settings, name)
+    called, where, calling_ae = peer.called_ae, peer.endpoint, calling_ae or peer.calling_ae
     result = send_echo(settings, endpoint=where, called_ae=called, calling_ae=calling_ae)
     if as_json:
         print_json({"device": name, "ok": result.ok, "status": result.status,

@@ -53,12 +53,13 @@ def query(
     except FindError as exc:
         fail(str(exc))
     with database(config) as (settings, db), db.session() as session:
-        called, where, calling = outbound(session, settings, device, partition)
+        peer = outbound(session, settings, device, partition)
+    called, where, calling = peer.called_ae, peer.endpoint, peer.calling_ae
     answers: list[dict[str, Any]] = []
     problem = ""
     try:
         for answer in find(settings, endpoint=where, called_ae=called, calling_ae=calling,
-                           query=ask, model=chosen):
+                           query=ask, model=chosen, own=peer.own):
             answers.append(flatten(answer))
     except FindError as exc:
         problem = str(exc)

@@ -25,7 +25,7 @@ from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS
 from node.config import Settings
 from node.internals.tuning import CONNECTION_HANDLERS
 from node.scu.failure import AssociationFailure
-from node.scu.requestor import requestor
+from node.scu.requestor import Own, requestor
 from node.statuses import CANCELLED, PENDING, SUCCESS
 from node.tls import Endpoint
 
@@ -164,11 +164,11 @@ def status_words(code: int, comment: str = "") -> str:
 
 
 def find(settings: Settings, *, endpoint: Endpoint, called_ae: str, calling_ae: str,
-         query: Dataset, model: str) -> Iterator[Dataset]:
+         query: Dataset, model: str, own: Own | None = None) -> Iterator[Dataset]:
     """Send one C-FIND and yield its answers (decoded on access, with their own character
     set). A Ctrl-C while waiting sends a C-CANCEL and raises FindCancelled."""
     sop_class = MODELS[model]
-    ae = requestor(settings, calling_ae)
+    ae = requestor(settings, calling_ae, own)
     ae.add_requested_context(sop_class)
     failure = AssociationFailure()
     assoc = ae.associate(endpoint.address, endpoint.port, ae_title=called_ae,
@@ -207,7 +207,8 @@ def _responses(assoc: Any, query: Dataset, sop_class: str
             raise FindCancelled("cancelled (C-CANCEL sent)") from None
         if "Status" not in status:
             raise FindError("the association was aborted (the peer may not know this calling"
-                            " AE title), or no answer came within dicom.dimse_timeout")
+                            " AE title), or no answer came within the DIMSE timeout (the"
+                            " device's --dimse-timeout, else dicom.dimse_timeout)")
         yield int(status.Status), status, answer
 
 

@@ -125,10 +125,11 @@ def test_a_failure_status_is_shown_with_its_comment(node: RunningNode) -> None:
 
 
 class SlowFinder:
-    """A Study Root C-FIND SCP on loopback that sends one answer every 0.2 s, up to 100, and
-    records whether the requestor cancelled."""
+    """A Study Root C-FIND SCP on loopback that sends one answer every `interval` seconds, up
+    to 100, and records whether the requestor cancelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self.port = free_port()
         self.first_sent = threading.Event()
         self.cancelled = threading.Event()
@@ -148,24 +149,30 @@ class SlowFinder:
             answer.StudyInstanceUID = f"1.2.3.{n}"
             yield 0xFF00, answer
             self.first_sent.set()
-            time.sleep(0.2)
+            time.sleep(self.interval)
 
 
 @pytest.fixture
-def slow_finder() -> Iterator[SlowFinder]:
-    finder = SlowFinder()
+def slow_finder(request: pytest.FixtureRequest) -> Iterator[SlowFinder]:
+    finder = SlowFinder(getattr(request, "param", 0.2))
     try:
         yield finder
     finally:
         finder.server.shutdown()
 
 
-def test_ctrl_c_cancels_the_query_and_exits_130(tmp_path: Path,
-                                                 slow_finder: SlowFinder) -> None:
+def slow_device(tmp_path: Path, finder: SlowFinder, *options: str) -> Path:
+    """A node's settings (not running: the query reads its device table) with device SLOW."""
     cfg = write_config(tmp_path / "node.toml", node_toml(
         tmp_path / "data", f"sqlite:///{tmp_path / 'node.db'}", free_port()))
     assert run_cli(cfg, "device", "add", "SLOW", "--host", "127.0.0.1",
-                   "--port", str(slow_finder.port)).exit_code == 0
+                   "--port", str(finder.port), *options).exit_code == 0
+    return cfg
+
+
+def test_ctrl_c_cancels_the_query_and_exits_130(tmp_path: Path,
+                                                 slow_finder: SlowFinder) -> None:
+    cfg = slow_device(tmp_path, slow_finder)
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "query", "SLOW", "--config",
                              str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -181,3 +188,16 @@ def test_ctrl_c_cancels_the_query_and_exits_130(tmp_path: Path,
     assert "Traceback" not in out + err
     assert "cancelled (C-CANCEL sent)" in err and "1.2.3.0" in out
     assert slow_finder.cancelled.wait(5)  # the peer saw the C-CANCEL, not only the abort
+
+
+@pytest.mark.parametrize("slow_finder", [3.0], indirect=True)
+def test_the_devices_dimse_timeout_bounds_the_wait_for_an_answer(
+        tmp_path: Path, slow_finder: SlowFinder) -> None:
+    cfg = slow_device(tmp_path, slow_finder, "--dimse-timeout", "0.5")
+    started = time.monotonic()
+    result = run_cli(cfg, "query", "SLOW")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no answer came within the DIMSE timeout" in result.output
+    assert "1.2.3.0" in result.output  # the answer before the silence is shown
+    assert 0.4 < elapsed < 2.5, elapsed  # the device's 0.5 s, not the node's 30 s nor 3 s

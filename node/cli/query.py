@@ -29,8 +29,8 @@ def query(
                                           " table).")],
     key: Annotated[list[str] | None, typer.Option(
         "--key", "-k", metavar="KEY[=VALUE]",
-        help="A matching key, Keyword=Value or gggg,eeee=Value (wildcards * and ?, ranges"
-             " 2024-2025 as DICOM has them); Keyword alone asks for a return key. Repeatable.")
+        help="A matching key, Keyword=Value or gggg,eeee=Value (wildcards * and ?, date ranges"
+             " 20240101-20241231); Keyword alone asks for a return key. Repeatable.")
     ] = None,
     level: Annotated[str, typer.Option(
         "--level", metavar="|".join(LEVELS), help="Query/Retrieve Level.")] = "STUDY",

@@ -1,1 +1,2 @@
-"""Outbound associations (echo today; forwarding will use the same helpers)."""
+"""Associations the node requests: sending stored instances (forwarding, C-MOVE and C-GET
+sub-operations), echo, ping and query (C-FIND)."""

@@ -61,6 +61,9 @@ class AssociationFailure:
         self.started = time.monotonic()
         self.rejected = ""
         self.assoc: Any = None
+        # The thread that requests the association: pynetdicom logs there what it finds wrong
+        # with the accept (e.g. no accepted presentation context) before it aborts.
+        self.requestor = threading.current_thread()
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [(evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted)]
@@ -78,7 +81,8 @@ class AssociationFailure:
         """Why it failed, as far as pynetdicom let it be known."""
         if self.rejected:
             return self.rejected
-        lines = (ERRORS.since(self.started, [self.assoc, getattr(self.assoc, "dul", None)])
+        lines = (ERRORS.since(self.started, [self.requestor, self.assoc,
+                                             getattr(self.assoc, "dul", None)])
                  if self.assoc is not None else [])
         for line in lines:
             if line.startswith(_TCP):

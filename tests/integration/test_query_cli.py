@@ -16,7 +16,10 @@ import pytest
 from click.testing import Result
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from tests.conftest import RunningNode, free_port, node_toml, run_cli, write_config
 from tests.dicomgen import Patient, make_instance, uid
@@ -125,27 +128,28 @@ def test_a_failure_status_is_shown_with_its_comment(node: RunningNode) -> None:
 
 
 class SlowFinder:
-    """A Study Root C-FIND SCP on loopback that sends one answer every `interval` seconds, up
-    to 100, and records whether the requestor cancelled."""
+    """A Study Root C-FIND SCP on loopback that sends one answer every `interval` seconds,
+    `count` of them, and records whether the requestor cancelled."""
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
+    def __init__(self, interval: float, count: int = 100,
+                 model: str = StudyRootQueryRetrieveInformationModelFind) -> None:
+        self.interval, self.count = interval, count
         self.port = free_port()
         self.first_sent = threading.Event()
         self.cancelled = threading.Event()
         ae = AE(ae_title="SLOW")
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(model)
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_FIND, self._find)])
 
     def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        for n in range(100):
+        for n in range(self.count):
             if event.is_cancelled:
                 self.cancelled.set()
                 yield 0xFE00, None
                 return
             answer = Dataset()
-            answer.QueryRetrieveLevel = "STUDY"
+            answer.QueryRetrieveLevel = event.identifier.QueryRetrieveLevel
             answer.StudyInstanceUID = f"1.2.3.{n}"
             yield 0xFF00, answer
             self.first_sent.set()
@@ -154,7 +158,7 @@ class SlowFinder:
 
 @pytest.fixture
 def slow_finder(request: pytest.FixtureRequest) -> Iterator[SlowFinder]:
-    finder = SlowFinder(getattr(request, "param", 0.2))
+    finder = SlowFinder(*getattr(request, "param", (0.2,)))
     try:
         yield finder
     finally:
@@ -190,7 +194,8 @@ def test_ctrl_c_cancels_the_query_and_exits_130(tmp_path: Path,
     assert slow_finder.cancelled.wait(5)  # the peer saw the C-CANCEL, not only the abort
 
 
-@pytest.mark.parametrize("slow_finder", [3.0], indirect=True)
+# Three answers 3 s apart: without the device's timeout the query would end well, in 6 s.
+@pytest.mark.parametrize("slow_finder", [(3.0, 3)], indirect=True)
 def test_the_devices_dimse_timeout_bounds_the_wait_for_an_answer(
         tmp_path: Path, slow_finder: SlowFinder) -> None:
     cfg = slow_device(tmp_path, slow_finder, "--dimse-timeout", "0.5")
@@ -201,3 +206,18 @@ def test_the_devices_dimse_timeout_bounds_the_wait_for_an_answer(
     assert "no answer came within the DIMSE timeout" in result.output
     assert "1.2.3.0" in result.output  # the answer before the silence is shown
     assert 0.4 < elapsed < 2.5, elapsed  # the device's 0.5 s, not the node's 30 s nor 3 s
+
+
+# An archive that has only the Patient Root model: PATIENT level and --model patient use it.
+@pytest.mark.parametrize("slow_finder", [(0, 1, PatientRootQueryRetrieveInformationModelFind)],
+                         indirect=True)
+def test_patient_level_goes_on_the_patient_root_model(tmp_path: Path,
+                                                      slow_finder: SlowFinder) -> None:
+    cfg = slow_device(tmp_path, slow_finder)
+    for args in (["--level", "PATIENT"], ["--model", "patient"]):
+        result = run_cli(cfg, "query", "SLOW", *args, "--json")
+        assert result.exit_code == 0, result.output
+        assert [a["StudyInstanceUID"] for a in json.loads(result.output)] == ["1.2.3.0"]
+    study_root = run_cli(cfg, "query", "SLOW")
+    assert study_root.exit_code == 1 and "Traceback" not in study_root.output
+    assert "it accepted none of the presentation contexts proposed" in study_root.output

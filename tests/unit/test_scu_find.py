@@ -16,10 +16,11 @@ def test_study_level_sends_the_usual_return_keys_and_the_keys_asked_for() -> Non
     assert ds.QueryRetrieveLevel == "STUDY" and ds.SpecificCharacterSet == "ISO_IR 192"
     assert ds.PatientID == "PID1" and ds.AccessionNumber == "ACC*"
     assert "ReferringPhysicianName" in ds and ds.ReferringPhysicianName in (None, "")
-    for keyword in ("PatientName", "StudyDate", "ModalitiesInStudy", "StudyInstanceUID",
-                    "NumberOfStudyRelatedInstances"):
-        assert keyword in ds and ds[keyword].value in (None, "")
-    assert "SeriesInstanceUID" not in ds
+    usual = {"PatientName", "PatientBirthDate", "StudyDate", "StudyTime", "StudyDescription",
+             "ModalitiesInStudy", "StudyInstanceUID", "NumberOfStudyRelatedInstances"}
+    assert set(ds.dir()) == usual | {"SpecificCharacterSet", "QueryRetrieveLevel", "PatientID",
+                                     "AccessionNumber", "ReferringPhysicianName"}
+    assert all(ds[keyword].value in (None, "") for keyword in usual)
 
 
 def test_image_level_carries_the_study_and_series_uids() -> None:
